@@ -1,0 +1,26 @@
+//! vmwatch-common: what both daemons share.
+//!
+//! - [`protocol`]: wire protocol v1 — payload types, the four-frame HMAC envelope, encoding and
+//!   authentication (pure functions, no sockets).
+//! - [`config`]: the strict `KEY=VALUE` configuration parser.
+//! - [`logging`]: a log file that is reopened on SIGHUP.
+//! - [`time`]: the one place that reads the wall clock as unix milliseconds.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod logging;
+pub mod protocol;
+
+/// Wall-clock helpers. Decision code takes `now` as an argument; only shells call these.
+pub mod time {
+    /// Unix time in milliseconds.
+    pub fn now_ms() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
+    }
+}
+
+/// The version both binaries report (`--version`, heartbeats).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

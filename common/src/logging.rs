@@ -1,0 +1,150 @@
+//! Logging to a file that is reopened on SIGHUP (logrotate's `postrotate`).
+//!
+//! `tracing-appender` cannot reopen its file, so this is a small writer of our own: every event
+//! is formatted by `tracing-subscriber` into one buffer and written with one `write_all` under a
+//! mutex, so lines never interleave and a reopen never splits a line.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use tracing_subscriber::fmt::MakeWriter;
+
+/// Where log lines go: a file (reopenable) or standard error (`log_file=-`).
+#[derive(Clone)]
+pub struct LogFile {
+    inner: Arc<Mutex<Target>>,
+}
+
+enum Target {
+    Stderr,
+    File { path: PathBuf, file: File },
+}
+
+fn open_append(path: &Path) -> io::Result<File> {
+    OpenOptions::new().create(true).append(true).open(path)
+}
+
+impl LogFile {
+    /// Opens `path` for appending; `-` means standard error.
+    pub fn open(path: &Path) -> io::Result<LogFile> {
+        let target = if path == Path::new("-") {
+            Target::Stderr
+        } else {
+            Target::File {
+                path: path.to_owned(),
+                file: open_append(path)?,
+            }
+        };
+        Ok(LogFile {
+            inner: Arc::new(Mutex::new(target)),
+        })
+    }
+
+    /// Standard error only.
+    pub fn stderr() -> LogFile {
+        LogFile {
+            inner: Arc::new(Mutex::new(Target::Stderr)),
+        }
+    }
+
+    /// Reopens the file by path (after logrotate moved it). On failure the old handle is kept,
+    /// so no line is lost, and the error is returned for the caller to log.
+    pub fn reopen(&self) -> io::Result<()> {
+        let mut target = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if let Target::File { path, file } = &mut *target {
+            let new = open_append(path)?;
+            // Lines already written went through write_all on the old handle; nothing is buffered.
+            *file = new;
+        }
+        Ok(())
+    }
+}
+
+/// One write of one formatted event.
+pub struct LogWriter<'a> {
+    log: &'a LogFile,
+}
+
+impl Write for LogWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.write_all(buf)?;
+        Ok(buf.len())
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        let mut target = self.log.inner.lock().unwrap_or_else(|p| p.into_inner());
+        match &mut *target {
+            Target::Stderr => io::stderr().write_all(buf),
+            Target::File { file, .. } => file.write_all(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> MakeWriter<'a> for LogFile {
+    type Writer = LogWriter<'a>;
+    fn make_writer(&'a self) -> Self::Writer {
+        LogWriter { log: self }
+    }
+}
+
+/// Installs the global subscriber writing to `log` at `level` (`error` … `trace`, or a filter
+/// directive). Returns an error message naming the bad level.
+pub fn init(log: LogFile, level: &str) -> Result<(), String> {
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .map_err(|e| format!("log_level `{level}`: {e}"))?;
+    tracing_subscriber::fmt()
+        .with_writer(log)
+        .with_ansi(false)
+        .with_target(false)
+        .with_env_filter(filter)
+        .try_init()
+        .map_err(|e| format!("cannot install logger: {e}"))
+}
+
+/// Checks a `log_level` value without installing anything.
+pub fn check_level(level: &str) -> Result<(), String> {
+    match level {
+        "error" | "warn" | "info" | "debug" | "trace" => Ok(()),
+        _ => Err(format!(
+            "`{level}` is not one of error, warn, info, debug, trace"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reopen_after_rename_loses_no_line() {
+        let dir = std::env::temp_dir().join(format!("vmwatch-log-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("x.log");
+        let log = LogFile::open(&path).unwrap();
+        log.make_writer().write_all(b"one\n").unwrap();
+        std::fs::rename(&path, dir.join("x.log.1")).unwrap();
+        log.make_writer().write_all(b"two\n").unwrap();
+        log.reopen().unwrap();
+        log.make_writer().write_all(b"three\n").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.join("x.log.1")).unwrap(),
+            "one\ntwo\n"
+        );
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "three\n");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+/// Appends one line to a log file, best effort (used before logging is set up, e.g. to record
+/// a configuration error in the log as well as on stderr).
+pub fn append_line(path: &Path, line: &str) {
+    if let Ok(mut f) = open_append(path) {
+        let ts = crate::time::now_ms();
+        let _ = writeln!(f, "{}.{:03} {line}", ts / 1000, ts % 1000);
+    }
+}

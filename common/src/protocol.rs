@@ -1,0 +1,515 @@
+//! Wire protocol v1: the four-frame HMAC envelope and the JSON payloads (docs/PROTOCOL.md).
+//!
+//! Encoding and authentication are pure functions. [`authenticate`] is the only way to obtain an
+//! [`Authenticated`] message, so code holding one knows the frames, the node id and the HMAC were
+//! checked, in the order the spec gives, before any JSON was parsed. The stateful checks (clock
+//! skew, boot, sequence) belong to the master's rules.
+
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+use std::fmt;
+
+/// Frame 1 of every message.
+pub const TAG: &[u8] = b"vmwatch/1";
+/// Length of frame 4, the raw HMAC-SHA256.
+pub const MAC_LEN: usize = 32;
+/// Upper bound on the domains one message may list (a bounded-everything guard).
+pub const MAX_DOMAINS_PER_MESSAGE: usize = 20_000;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// A node id: 1–64 characters of `A-Za-z0-9._-`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct NodeId(String);
+
+impl NodeId {
+    /// Validates the syntax.
+    pub fn parse(s: &str) -> Result<NodeId, String> {
+        if s.is_empty() || s.len() > 64 {
+            return Err(format!(
+                "node id must be 1 to 64 characters long, got {}",
+                s.len()
+            ));
+        }
+        if let Some(c) = s
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+        {
+            return Err(format!(
+                "node id may only contain A-Z a-z 0-9 . _ -, found {c:?}"
+            ));
+        }
+        Ok(NodeId(s.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Fields common to every payload, plus the kind-specific body.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Payload {
+    /// Random id of this agent process (a UUID).
+    pub boot: String,
+    /// Unix ms when the agent process started.
+    pub boot_ts: u64,
+    /// 1, 2, 3 … per boot, one per message.
+    pub seq: u64,
+    /// Unix ms when sent.
+    pub ts: u64,
+    #[serde(flatten)]
+    pub body: Body,
+}
+
+/// The kind-specific part of a payload; `kind` on the wire.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Body {
+    Snapshot(Snapshot),
+    Event(DomainEvent),
+    Stats(Stats),
+    Heartbeat(Heartbeat),
+    Bye(Bye),
+}
+
+impl Body {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Body::Snapshot(_) => "snapshot",
+            Body::Event(_) => "event",
+            Body::Stats(_) => "stats",
+            Body::Heartbeat(_) => "heartbeat",
+            Body::Bye(_) => "bye",
+        }
+    }
+}
+
+/// One domain as the snapshot lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DomainState {
+    pub uuid: String,
+    pub name: String,
+    pub state: String,
+    pub reason: String,
+}
+
+/// Every domain libvirt knows on the host, active or not. Authoritative for its node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub domains: Vec<DomainState>,
+    pub hostname: String,
+    pub libvirt_version: String,
+}
+
+/// A lifecycle (or reboot) event, with the state re-read from libvirt after it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DomainEvent {
+    pub uuid: String,
+    pub name: String,
+    pub event: String,
+    pub detail: String,
+    pub state: String,
+    pub reason: String,
+    /// Unix ms when libvirt reported the event.
+    pub event_ts: u64,
+}
+
+/// Cumulative counters of one domain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct DomainStats {
+    pub uuid: String,
+    pub name: String,
+    pub state: String,
+    pub tx_pkts: u64,
+    pub rx_pkts: u64,
+    pub tx_bytes: u64,
+    pub rx_bytes: u64,
+    pub wr_reqs: u64,
+    pub rd_reqs: u64,
+    pub wr_bytes: u64,
+    pub rd_bytes: u64,
+    pub cpu_time_ns: u64,
+    pub nics: u32,
+    pub disks: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Stats {
+    pub interval_s: u64,
+    pub domains: Vec<DomainStats>,
+}
+
+/// `libvirt` is `up` or `down`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub libvirt: String,
+    pub domains: u64,
+    pub version: String,
+    pub uptime_s: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bye {
+    pub reason: String,
+}
+
+/// HMAC-SHA256 over `TAG ‖ 0x00 ‖ node_id ‖ 0x00 ‖ payload`.
+pub fn sign(key: &[u8], node_id: &[u8], payload: &[u8]) -> [u8; MAC_LEN] {
+    mac_over(key, node_id, payload)
+        .finalize()
+        .into_bytes()
+        .into()
+}
+
+fn mac_over(key: &[u8], node_id: &[u8], payload: &[u8]) -> HmacSha256 {
+    // HMAC accepts keys of any length; `new_from_slice` cannot fail for it.
+    let mut mac = <HmacSha256 as Mac>::new_from_slice(key).expect("HMAC takes keys of any length");
+    mac.update(TAG);
+    mac.update(&[0]);
+    mac.update(node_id);
+    mac.update(&[0]);
+    mac.update(payload);
+    mac
+}
+
+/// Encodes and signs one message: the four frames to send as one ZeroMQ multipart message.
+pub fn encode(key: &[u8], node_id: &NodeId, payload: &Payload) -> [Vec<u8>; 4] {
+    // Serialising these plain structs to JSON cannot fail (no maps with non-string keys).
+    let json = serde_json::to_vec(payload).expect("payload serialises");
+    let mac = sign(key, node_id.as_str().as_bytes(), &json);
+    [
+        TAG.to_vec(),
+        node_id.as_str().as_bytes().to_vec(),
+        json,
+        mac.to_vec(),
+    ]
+}
+
+/// Why a message was rejected; each has its own metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Reject {
+    /// Not exactly four frames.
+    FrameCount,
+    /// Frame 1 is not `vmwatch/1`.
+    Tag,
+    /// Frame 2 is not a valid node id.
+    NodeId,
+    /// No secret is configured for this node.
+    UnknownNode,
+    /// The HMAC does not match.
+    Signature,
+    /// Authenticated, but the payload is not valid JSON of a known kind, or breaks a bound.
+    Malformed,
+    /// `ts` is further than `max_clock_skew` from the master's clock.
+    ClockSkew,
+    /// `boot_ts` is older than the node's current boot.
+    StaleBoot,
+    /// `seq` not greater than the last seen in this boot.
+    Replay,
+}
+
+impl Reject {
+    pub const ALL: [Reject; 9] = [
+        Reject::FrameCount,
+        Reject::Tag,
+        Reject::NodeId,
+        Reject::UnknownNode,
+        Reject::Signature,
+        Reject::Malformed,
+        Reject::ClockSkew,
+        Reject::StaleBoot,
+        Reject::Replay,
+    ];
+
+    /// The label used in metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reject::FrameCount => "frame_count",
+            Reject::Tag => "bad_tag",
+            Reject::NodeId => "bad_node_id",
+            Reject::UnknownNode => "unknown_node",
+            Reject::Signature => "bad_signature",
+            Reject::Malformed => "malformed",
+            Reject::ClockSkew => "clock_skew",
+            Reject::StaleBoot => "stale_boot",
+            Reject::Replay => "replay",
+        }
+    }
+}
+
+impl fmt::Display for Reject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A message whose envelope and HMAC were verified. Only [`authenticate`] builds one.
+#[derive(Debug, Clone)]
+pub struct Authenticated {
+    node_id: NodeId,
+    payload: Payload,
+}
+
+impl Authenticated {
+    pub fn node_id(&self) -> &NodeId {
+        &self.node_id
+    }
+    pub fn payload(&self) -> &Payload {
+        &self.payload
+    }
+    pub fn into_parts(self) -> (NodeId, Payload) {
+        (self.node_id, self.payload)
+    }
+}
+
+/// A rejection, with the node id when frame 2 was readable (for logs and metrics).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    pub reason: Reject,
+    pub node_id: Option<String>,
+    pub detail: String,
+}
+
+/// Checks frame count, tag, node id syntax, then the HMAC with the node's key (constant time),
+/// then parses the payload. `key_for` returns the node's secret, or `None` if it has none.
+pub fn authenticate<'k>(
+    frames: &[impl AsRef<[u8]>],
+    key_for: impl FnOnce(&NodeId) -> Option<&'k [u8]>,
+) -> Result<Authenticated, Rejected> {
+    let reject = |reason, node_id: Option<&NodeId>, detail: String| Rejected {
+        reason,
+        node_id: node_id.map(|n| n.as_str().to_owned()),
+        detail,
+    };
+    if frames.len() != 4 {
+        return Err(reject(
+            Reject::FrameCount,
+            None,
+            format!("expected 4 frames, got {}", frames.len()),
+        ));
+    }
+    if frames[0].as_ref() != TAG {
+        return Err(reject(Reject::Tag, None, "frame 1 is not vmwatch/1".into()));
+    }
+    let node_id = std::str::from_utf8(frames[1].as_ref())
+        .map_err(|_| "node id is not UTF-8".to_owned())
+        .and_then(NodeId::parse)
+        .map_err(|e| reject(Reject::NodeId, None, e))?;
+    let Some(key) = key_for(&node_id) else {
+        return Err(reject(
+            Reject::UnknownNode,
+            Some(&node_id),
+            "no secret configured for this node".into(),
+        ));
+    };
+    let payload = frames[2].as_ref();
+    let mac = mac_over(key, node_id.as_str().as_bytes(), payload);
+    if mac.verify_slice(frames[3].as_ref()).is_err() {
+        return Err(reject(
+            Reject::Signature,
+            Some(&node_id),
+            "HMAC does not match".into(),
+        ));
+    }
+    let payload: Payload = serde_json::from_slice(payload)
+        .map_err(|e| reject(Reject::Malformed, Some(&node_id), format!("payload: {e}")))?;
+    let count = match &payload.body {
+        Body::Snapshot(s) => s.domains.len(),
+        Body::Stats(s) => s.domains.len(),
+        _ => 0,
+    };
+    if count > MAX_DOMAINS_PER_MESSAGE {
+        return Err(reject(
+            Reject::Malformed,
+            Some(&node_id),
+            format!("{count} domains in one message, limit {MAX_DOMAINS_PER_MESSAGE}"),
+        ));
+    }
+    Ok(Authenticated { node_id, payload })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &[u8] = b"0123456789abcdef";
+
+    fn node() -> NodeId {
+        NodeId::parse("hv-01.example").unwrap()
+    }
+
+    fn payload(seq: u64) -> Payload {
+        Payload {
+            boot: "5f0c9e9e-1b1a-4c1e-9d7e-1f2e3d4c5b6a".into(),
+            boot_ts: 1_700_000_000_000,
+            seq,
+            ts: 1_700_000_000_500,
+            body: Body::Event(DomainEvent {
+                uuid: "6b1e0c7e-0000-4000-8000-000000000001".into(),
+                name: "vm1".into(),
+                event: "started".into(),
+                detail: "booted".into(),
+                state: "running".into(),
+                reason: "booted".into(),
+                event_ts: 1_700_000_000_400,
+            }),
+        }
+    }
+
+    fn auth(frames: &[Vec<u8>]) -> Result<Authenticated, Reject> {
+        authenticate(frames, |n| (n.as_str() == "hv-01.example").then_some(KEY))
+            .map_err(|r| r.reason)
+    }
+
+    #[test]
+    fn round_trip_every_kind() {
+        let bodies = vec![
+            Body::Snapshot(Snapshot {
+                domains: vec![DomainState {
+                    uuid: "u".into(),
+                    name: "n".into(),
+                    state: "shutoff".into(),
+                    reason: "unknown".into(),
+                }],
+                hostname: "h".into(),
+                libvirt_version: "9.0.0".into(),
+            }),
+            payload(1).body,
+            Body::Stats(Stats {
+                interval_s: 600,
+                domains: vec![DomainStats {
+                    tx_pkts: 3,
+                    ..Default::default()
+                }],
+            }),
+            Body::Heartbeat(Heartbeat {
+                libvirt: "up".into(),
+                domains: 3,
+                version: "0.1.0".into(),
+                uptime_s: 9,
+            }),
+            Body::Bye(Bye {
+                reason: "sigterm".into(),
+            }),
+        ];
+        for body in bodies {
+            let p = Payload { body, ..payload(7) };
+            let frames = encode(KEY, &node(), &p);
+            let got = auth(&frames.to_vec()).expect("authentic");
+            assert_eq!(got.node_id(), &node());
+            assert_eq!(got.payload(), &p);
+        }
+    }
+
+    #[test]
+    fn kind_is_on_the_wire() {
+        let frames = encode(KEY, &node(), &payload(1));
+        let v: serde_json::Value = serde_json::from_slice(&frames[2]).unwrap();
+        assert_eq!(v["kind"], "event");
+        assert_eq!(v["seq"], 1);
+    }
+
+    #[test]
+    fn unknown_fields_are_accepted() {
+        let json =
+            br#"{"boot":"b","boot_ts":1,"seq":1,"ts":2,"kind":"bye","reason":"x","new_field":[1]}"#;
+        let mac = sign(KEY, b"hv-01.example", json);
+        let frames = vec![
+            TAG.to_vec(),
+            b"hv-01.example".to_vec(),
+            json.to_vec(),
+            mac.to_vec(),
+        ];
+        assert!(auth(&frames).is_ok());
+    }
+
+    #[test]
+    fn each_tampering_has_its_reason() {
+        let good = encode(KEY, &node(), &payload(1)).to_vec();
+        let mut tampered = good.clone();
+        tampered[2][10] ^= 1;
+        assert_eq!(auth(&tampered).unwrap_err(), Reject::Signature);
+
+        let wrong_key = encode(b"another-secret-of-16", &node(), &payload(1)).to_vec();
+        assert_eq!(auth(&wrong_key).unwrap_err(), Reject::Signature);
+
+        let mut wrong_tag = good.clone();
+        wrong_tag[0] = b"vmwatch/2".to_vec();
+        assert_eq!(auth(&wrong_tag).unwrap_err(), Reject::Tag);
+
+        assert_eq!(auth(&good[..3]).unwrap_err(), Reject::FrameCount);
+        let mut five = good.clone();
+        five.push(vec![]);
+        assert_eq!(auth(&five).unwrap_err(), Reject::FrameCount);
+
+        let mut bad_id = good.clone();
+        bad_id[1] = b"hv 01".to_vec();
+        assert_eq!(auth(&bad_id).unwrap_err(), Reject::NodeId);
+        bad_id[1] = vec![0xff, 0xfe];
+        assert_eq!(auth(&bad_id).unwrap_err(), Reject::NodeId);
+
+        let other = NodeId::parse("hv-02").unwrap();
+        let unknown = encode(KEY, &other, &payload(1)).to_vec();
+        assert_eq!(auth(&unknown).unwrap_err(), Reject::UnknownNode);
+
+        // Another node's id on this node's payload: the HMAC covers frame 2.
+        let mut swapped = good.clone();
+        swapped[1] = b"hv-01.examplf".to_vec();
+        assert!(auth(&swapped).is_err());
+
+        let mut short_mac = good;
+        short_mac[3].truncate(31);
+        assert_eq!(auth(&short_mac).unwrap_err(), Reject::Signature);
+    }
+
+    #[test]
+    fn authentic_garbage_is_malformed() {
+        for json in [
+            &b"not json"[..],
+            br#"{"boot":"b","boot_ts":1,"seq":1,"ts":2,"kind":"nope"}"#,
+            b"[]",
+        ] {
+            let mac = sign(KEY, b"hv-01.example", json);
+            let frames = vec![
+                TAG.to_vec(),
+                b"hv-01.example".to_vec(),
+                json.to_vec(),
+                mac.to_vec(),
+            ];
+            assert_eq!(auth(&frames).unwrap_err(), Reject::Malformed);
+        }
+    }
+
+    #[test]
+    fn node_id_rules() {
+        assert!(NodeId::parse("a").is_ok());
+        assert!(NodeId::parse(&"a".repeat(64)).is_ok());
+        assert!(NodeId::parse(&"a".repeat(65)).is_err());
+        assert!(NodeId::parse("").is_err());
+        assert!(NodeId::parse("a/b").is_err());
+        assert!(NodeId::parse("ä").is_err());
+    }
+
+    #[test]
+    fn known_answer() {
+        // The worked example of docs/PROTOCOL.md.
+        let mac = sign(
+            b"correct horse battery staple",
+            b"hv-01",
+            br#"{"boot":"b","boot_ts":1,"seq":1,"ts":2,"kind":"bye","reason":"sigterm"}"#,
+        );
+        assert_eq!(
+            hex::encode(mac),
+            "53603164486921e23f6f061968c4c174337962157e87a5c81b778f63ba41b254"
+        );
+    }
+}

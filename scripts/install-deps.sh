@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs every Debian package that building, running the demo and running the tests need.
+# Safe to run again: apt-get skips what is already installed. Needs root (Debian 12).
+set -euo pipefail
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "install-deps.sh: must run as root (it calls apt-get)" >&2
+  exit 1
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+
+# A fresh machine may carry qemu-utils 10.x from a backports source that is no longer listed;
+# qemu-system-x86 7.2 conflicts with it, so pin qemu-utils to the version bookworm lists
+# (see shared/libvirt-testing.md).
+qemu_utils=$(apt-cache policy qemu-utils | awk '/^ +(\*\*\* )?1:7\.2/ {print ($1=="***") ? $2 : $1; exit}')
+pin=()
+if [ -n "$qemu_utils" ]; then
+  pin=("qemu-utils=$qemu_utils")
+fi
+
+apt-get install -y -qq --no-install-recommends --allow-downgrades \
+  libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 libvirt-dev \
+  pkg-config iproute2 procps curl python3 cmake g++ make sqlite3 "${pin[@]}" >/dev/null
+
+# libvirtd looks up this user before it reads qemu.conf and dies without it.
+getent group libvirt-qemu >/dev/null || groupadd --system libvirt-qemu
+getent passwd libvirt-qemu >/dev/null || useradd --system -g libvirt-qemu --no-create-home libvirt-qemu
+
+echo "install-deps.sh: system packages ready"

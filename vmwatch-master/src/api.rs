@@ -1,0 +1,254 @@
+//! The HTTP shell: JSON API, `/metrics`, `/healthz` and the status page (docs/API.md).
+//!
+//! Handlers read committed state through a small pool of read-only SQLite connections on
+//! tokio's blocking threads; they never touch the writer.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::core::Shared;
+use crate::metrics::Metrics;
+use crate::store::{EventFilter, Reader, StoreError, VmFilter};
+
+pub const MAX_PAGE: u32 = 1000;
+const DEFAULT_PAGE: u32 = 100;
+
+/// Read-only connections, handed out round robin.
+pub struct ReaderPool {
+    readers: Vec<Mutex<Reader>>,
+    next: AtomicUsize,
+}
+
+impl ReaderPool {
+    pub fn open(path: &std::path::Path, size: usize) -> Result<ReaderPool, StoreError> {
+        let readers = (0..size.max(1))
+            .map(|_| Reader::open(path).map(Mutex::new))
+            .collect::<Result<_, _>>()?;
+        Ok(ReaderPool {
+            readers,
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&Reader) -> T) -> T {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.readers.len();
+        let reader = self.readers[i].lock().unwrap_or_else(|p| p.into_inner());
+        f(&reader)
+    }
+}
+
+#[derive(Clone)]
+pub struct AppState {
+    pub readers: Arc<ReaderPool>,
+    pub metrics: Arc<Metrics>,
+    pub shared: Arc<Shared>,
+    pub api_token: Option<Arc<String>>,
+}
+
+/// An API error: a status and a message, as JSON `{"error": "..."}`.
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        tracing::error!(error = %e, "API read failed");
+        ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("database: {e}"))
+    }
+}
+
+fn bad_request(msg: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, msg.into())
+}
+
+async fn read<T: Send + 'static>(
+    state: &AppState,
+    f: impl FnOnce(&Reader) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let readers = state.readers.clone();
+    tokio::task::spawn_blocking(move || readers.with(f))
+        .await
+        .map_err(|e| {
+            ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("reader task failed: {e}"),
+            )
+        })?
+        .map_err(ApiError::from)
+}
+
+pub fn router(state: AppState) -> Router {
+    let protected = Router::new()
+        .route("/api/v1/vms", get(list_vms))
+        .route("/api/v1/vms/{uuid}", get(get_vm))
+        .route("/api/v1/nodes", get(list_nodes))
+        .route("/api/v1/events", get(list_events))
+        .route("/metrics", get(metrics))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .route("/", get(status_page))
+        .route("/healthz", get(healthz))
+        .merge(protected)
+        .with_state(state)
+}
+
+async fn require_token(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    req: Request,
+    next: Next,
+) -> Response {
+    if let Some(token) = &state.api_token {
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        let ok = given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes()));
+        if !ok {
+            return (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                Json(json!({ "error": "missing or wrong bearer token" })),
+            )
+                .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VmsQuery {
+    node: Option<String>,
+    state: Option<String>,
+    limit: Option<u32>,
+    offset: Option<u64>,
+}
+
+fn page(limit: Option<u32>) -> Result<u32, ApiError> {
+    match limit {
+        None => Ok(DEFAULT_PAGE),
+        Some(n) if (1..=MAX_PAGE).contains(&n) => Ok(n),
+        Some(n) => Err(bad_request(format!(
+            "limit {n} is out of range 1..={MAX_PAGE}"
+        ))),
+    }
+}
+
+async fn list_vms(
+    State(state): State<AppState>,
+    q: Result<Query<VmsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Query(q) = q.map_err(|e| bad_request(e.body_text()))?;
+    let filter = VmFilter {
+        node: q.node,
+        state: q.state,
+        limit: page(q.limit)?,
+        offset: q.offset.unwrap_or(0),
+    };
+    let (limit, offset) = (filter.limit, filter.offset);
+    let (vms, total) = read(&state, move |r| r.vms(&filter)).await?;
+    let next_offset = (offset + (vms.len() as u64) < total).then_some(offset + vms.len() as u64);
+    Ok(Json(
+        json!({ "vms": vms, "total": total, "limit": limit, "offset": offset, "next_offset": next_offset }),
+    ))
+}
+
+async fn get_vm(
+    State(state): State<AppState>,
+    Path(uuid): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let key = uuid.clone();
+    let rows = read(&state, move |r| r.vm(&key)).await?;
+    if rows.is_empty() {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no VM with uuid {uuid}"),
+        ));
+    }
+    Ok(Json(json!({ "uuid": uuid, "rows": rows })))
+}
+
+async fn list_nodes(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    let nodes = read(&state, |r| r.nodes()).await?;
+    Ok(Json(json!({ "nodes": nodes })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsQuery {
+    after: Option<i64>,
+    node: Option<String>,
+    uuid: Option<String>,
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    limit: Option<u32>,
+}
+
+async fn list_events(
+    State(state): State<AppState>,
+    q: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Query(q) = q.map_err(|e| bad_request(e.body_text()))?;
+    if let Some(k) = &q.kind {
+        if crate::rules::EntryType::parse(k).is_none() {
+            return Err(bad_request(format!("unknown type `{k}`")));
+        }
+    }
+    let after = q.after.unwrap_or(0);
+    let filter = EventFilter {
+        after,
+        node: q.node,
+        uuid: q.uuid,
+        kind: q.kind,
+        limit: page(q.limit)?,
+    };
+    let events = read(&state, move |r| r.events(&filter)).await?;
+    let last_id = events.last().map(|e| e.id).unwrap_or(after);
+    Ok(Json(json!({ "events": events, "last_id": last_id })))
+}
+
+async fn healthz(State(state): State<AppState>) -> Response {
+    let db_ok = state.shared.db_ok.load(Ordering::Relaxed);
+    let core_age_ms = vmwatch_common::time::now_ms()
+        .saturating_sub(state.shared.last_turn_ms.load(Ordering::Relaxed));
+    let ok = db_ok && core_age_ms < 10_000;
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(json!({ "status": if ok { "ok" } else { "degraded" }, "db": if db_ok { "ok" } else { "failing" }, "core_loop_age_ms": core_age_ms }))).into_response()
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.encode(),
+    )
+        .into_response()
+}
+
+async fn status_page() -> Html<&'static str> {
+    Html(include_str!("status.html"))
+}

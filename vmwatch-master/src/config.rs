@@ -1,0 +1,280 @@
+//! The master's configuration (`/etc/vmwatch/vmwatch-master.conf`), validated completely before
+//! any socket is bound.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use vmwatch_common::config::{parse_tcp_endpoint, ConfigError, RawConfig, Secret};
+use vmwatch_common::logging;
+use vmwatch_common::protocol::NodeId;
+
+pub const DEFAULT_PATH: &str = "/etc/vmwatch/vmwatch-master.conf";
+
+#[derive(Debug, Clone)]
+pub struct MasterConfig {
+    pub disabled: bool,
+    pub listen: String,
+    pub secret: Option<Secret>,
+    pub node_secrets_file: Option<PathBuf>,
+    /// Per-node secrets read from `node_secrets_file`.
+    pub node_secrets: HashMap<String, Secret>,
+    pub db_path: PathBuf,
+    pub http_listen: SocketAddr,
+    pub api_token: Option<Secret>,
+    pub panel_url: Option<String>,
+    pub panel_secret: Option<Secret>,
+    pub node_timeout: u64,
+    pub max_clock_skew: u64,
+    pub idle_windows: u32,
+    pub duplicate_grace: u64,
+    pub event_retention_days: u64,
+    pub max_message_bytes: i64,
+    pub log_file: PathBuf,
+    pub log_level: String,
+}
+
+impl MasterConfig {
+    pub fn load(path: &Path) -> Result<MasterConfig, ConfigError> {
+        Self::from_raw(RawConfig::load(path)?)
+    }
+
+    pub fn from_raw(mut raw: RawConfig) -> Result<MasterConfig, ConfigError> {
+        let disabled = raw.take_bool("disabled")?.unwrap_or(false);
+        let listen = raw
+            .take_with("listen", |v| parse_tcp_endpoint(v, Some(1515)))?
+            .unwrap_or_else(|| "tcp://0.0.0.0:1515".into());
+        let secret = raw.take_with("secret", |v| Secret::new(v.to_owned()))?;
+        let node_secrets_file = raw
+            .take_str("node_secrets_file")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from);
+        let db_path = raw
+            .take_str("db_path")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| "/var/lib/vmwatch/master.db".into());
+        let http_listen = raw
+            .take_with("http_listen", |v| {
+                v.parse::<SocketAddr>()
+                    .map_err(|_| format!("`{v}` is not an address of the form IP:PORT"))
+            })?
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 1516)));
+        let api_token = raw.take_with("api_token", |v| Secret::new(v.to_owned()))?;
+        let panel_url = raw.take_with("panel_url", |v| {
+            if v.starts_with("http://") || v.starts_with("https://") {
+                Ok(v.to_owned())
+            } else {
+                Err(format!("`{v}` is not an http:// or https:// URL"))
+            }
+        })?;
+        let panel_secret = raw.take_with("panel_secret", |v| Secret::new(v.to_owned()))?;
+        let node_timeout = raw.take_seconds("node_timeout", 1, 86_400)?.unwrap_or(90);
+        let max_clock_skew = raw
+            .take_seconds("max_clock_skew", 1, 86_400)?
+            .unwrap_or(300);
+        let idle_windows = raw
+            .take_parsed::<u32>("idle_windows", "a whole number")?
+            .unwrap_or(1);
+        let duplicate_grace = raw
+            .take_seconds("duplicate_grace", 0, 86_400)?
+            .unwrap_or(60);
+        let event_retention_days = raw
+            .take_seconds("event_retention_days", 0, 36_500)?
+            .unwrap_or(90);
+        let max_message_bytes = raw
+            .take_with("max_message_bytes", |v| match v.parse::<i64>() {
+                Ok(n) if (1024..=(1 << 30)).contains(&n) => Ok(n),
+                _ => Err(format!("`{v}` is not a size in bytes in 1024..=1073741824")),
+            })?
+            .unwrap_or(1_048_576);
+        let log_file = raw
+            .take_str("log_file")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| "/var/log/vmwatch-master.log".into());
+        let log_level = raw
+            .take_with("log_level", |v| {
+                logging::check_level(v).map(|_| v.to_owned())
+            })?
+            .unwrap_or_else(|| "info".into());
+        let path = raw.path().to_owned();
+        raw.finish()?;
+        let err = |key: &str, message: String| ConfigError {
+            path: path.clone(),
+            line: None,
+            key: Some(key.to_owned()),
+            message,
+        };
+        let node_secrets = match &node_secrets_file {
+            Some(file) => load_node_secrets(file)?,
+            None => HashMap::new(),
+        };
+        if secret.is_none() && node_secrets.is_empty() && !disabled {
+            return Err(err(
+                "secret",
+                "is required unless node_secrets_file lists every node".into(),
+            ));
+        }
+        if idle_windows == 0 {
+            return Err(err("idle_windows", "must be at least 1".into()));
+        }
+        if !http_listen.ip().is_loopback() && api_token.is_none() {
+            return Err(err(
+                "api_token",
+                format!("is required when http_listen ({http_listen}) is not a loopback address"),
+            ));
+        }
+        Ok(MasterConfig {
+            disabled,
+            listen,
+            secret,
+            node_secrets_file,
+            node_secrets,
+            db_path,
+            http_listen,
+            api_token,
+            panel_url,
+            panel_secret,
+            node_timeout,
+            max_clock_skew,
+            idle_windows,
+            duplicate_grace,
+            event_retention_days,
+            max_message_bytes,
+            log_file,
+            log_level,
+        })
+    }
+
+    /// The secret for a node: its own if listed, else the shared one.
+    pub fn key_for(&self, node_id: &NodeId) -> Option<&[u8]> {
+        self.node_secrets
+            .get(node_id.as_str())
+            .or(self.secret.as_ref())
+            .map(Secret::expose)
+    }
+
+    /// The effective configuration as `KEY=VALUE` lines, secrets masked.
+    pub fn describe(&self) -> String {
+        let opt = |o: &Option<Secret>| o.as_ref().map(|s| s.to_string()).unwrap_or_default();
+        format!(
+            "disabled={}\nlisten={}\nsecret={}\nnode_secrets_file={} ({} nodes)\ndb_path={}\nhttp_listen={}\napi_token={}\n\
+             panel_url={}\npanel_secret={}\nnode_timeout={}\nmax_clock_skew={}\nidle_windows={}\nduplicate_grace={}\n\
+             event_retention_days={}\nmax_message_bytes={}\nlog_file={}\nlog_level={}\n",
+            if self.disabled { "yes" } else { "no" },
+            self.listen,
+            opt(&self.secret),
+            self.node_secrets_file.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+            self.node_secrets.len(),
+            self.db_path.display(),
+            self.http_listen,
+            opt(&self.api_token),
+            self.panel_url.clone().unwrap_or_default(),
+            opt(&self.panel_secret),
+            self.node_timeout,
+            self.max_clock_skew,
+            self.idle_windows,
+            self.duplicate_grace,
+            self.event_retention_days,
+            self.max_message_bytes,
+            self.log_file.display(),
+            self.log_level
+        )
+    }
+}
+
+/// `node_id=secret` lines, same syntax rules as the main file.
+fn load_node_secrets(path: &Path) -> Result<HashMap<String, Secret>, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        path: path.to_owned(),
+        line: None,
+        key: None,
+        message: format!("cannot read: {e}"),
+    })?;
+    let mut out = HashMap::new();
+    for (i, line) in text.lines().enumerate() {
+        let t = line.trim();
+        if t.is_empty() || t.starts_with('#') {
+            continue;
+        }
+        let err = |key: Option<&str>, message: String| ConfigError {
+            path: path.to_owned(),
+            line: Some(i + 1),
+            key: key.map(str::to_owned),
+            message,
+        };
+        let Some((node, secret)) = t.split_once('=') else {
+            return Err(err(None, "malformed line: expected NODE_ID=SECRET".into()));
+        };
+        let node = node.trim();
+        NodeId::parse(node).map_err(|e| err(Some(node), e))?;
+        let secret = Secret::new(secret.trim().to_owned()).map_err(|e| err(Some(node), e))?;
+        if out.insert(node.to_owned(), secret).is_some() {
+            return Err(err(Some(node), "duplicate node".into()));
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<MasterConfig, String> {
+        RawConfig::parse(Path::new("master.conf"), text)
+            .and_then(MasterConfig::from_raw)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults() {
+        let c = load("secret=0123456789abcdef\n").unwrap();
+        assert_eq!(c.listen, "tcp://0.0.0.0:1515");
+        assert_eq!(c.http_listen.to_string(), "127.0.0.1:1516");
+        assert_eq!(
+            (
+                c.node_timeout,
+                c.max_clock_skew,
+                c.idle_windows,
+                c.max_message_bytes
+            ),
+            (90, 300, 1, 1_048_576)
+        );
+        assert!(!c.describe().contains("0123456789abcdef"));
+    }
+
+    #[test]
+    fn rules_across_keys() {
+        assert_eq!(
+            load("listen=tcp://0.0.0.0:1\n").unwrap_err(),
+            "master.conf: key `secret`: is required unless node_secrets_file lists every node"
+        );
+        assert!(load("disabled=yes\n").unwrap().disabled);
+        assert_eq!(
+            load("secret=0123456789abcdef\nhttp_listen=0.0.0.0:1516\n").unwrap_err(),
+            "master.conf: key `api_token`: is required when http_listen (0.0.0.0:1516) is not a loopback address"
+        );
+        assert_eq!(
+            load("secret=0123456789abcdef\nidle_windows=0\n").unwrap_err(),
+            "master.conf: key `idle_windows`: must be at least 1"
+        );
+    }
+
+    #[test]
+    fn node_secrets_file() {
+        let dir = std::env::temp_dir().join(format!("vmwatch-master-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("nodes");
+        std::fs::write(&f, "# per node\nhv1=aaaaaaaaaaaaaaaa$x\n").unwrap();
+        let c = load(&format!("node_secrets_file={}\n", f.display())).unwrap();
+        let hv1 = NodeId::parse("hv1").unwrap();
+        assert_eq!(c.key_for(&hv1), Some(&b"aaaaaaaaaaaaaaaa$x"[..]));
+        assert_eq!(c.key_for(&NodeId::parse("hv2").unwrap()), None);
+        std::fs::write(&f, "hv1=short\n").unwrap();
+        let e = load(&format!("node_secrets_file={}\n", f.display())).unwrap_err();
+        assert!(
+            e.ends_with(":1: key `hv1`: must be at least 16 characters long"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,202 @@
+//! The core thread: the one writer. Feeds authenticated messages to the rules in batches,
+//! writes the effects in one transaction per batch, then updates metrics and wakes waiters.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use vmwatch_common::protocol::Rejected;
+use vmwatch_common::time::now_ms;
+
+use crate::ingest::Received;
+use crate::metrics::{KindLabel, Metrics, NodeLabel, RejectLog, StateLabel};
+use crate::rules::{self, Effect, Inventory, Rules};
+use crate::store::{self, Store};
+
+/// Most messages applied in one transaction.
+const MAX_BATCH: usize = 4096;
+
+/// Shared signals between the core and the HTTP side.
+pub struct Shared {
+    /// Bumped after every commit; long-polls wait on it.
+    pub committed: tokio::sync::watch::Sender<u64>,
+    /// Unix ms of the core loop's last turn (the watchdog checks it).
+    pub last_turn_ms: AtomicU64,
+    /// Whether the last commit succeeded (`/healthz`).
+    pub db_ok: AtomicBool,
+}
+
+pub struct Core {
+    pub store: Store,
+    pub inventory: Inventory,
+    pub rules: Rules,
+    pub metrics: Arc<Metrics>,
+    pub reject_log: Arc<RejectLog>,
+    pub started_at: u64,
+    pub shared: Arc<Shared>,
+}
+
+impl Core {
+    pub fn spawn(self, rx: Receiver<Received>) -> std::io::Result<JoinHandle<()>> {
+        std::thread::Builder::new()
+            .name("core".into())
+            .spawn(move || self.run(rx))
+    }
+
+    fn run(mut self, rx: Receiver<Received>) {
+        let mut next_liveness = Instant::now();
+        let mut next_gauges = Instant::now();
+        loop {
+            self.shared.last_turn_ms.store(now_ms(), Ordering::Relaxed);
+            let mut batch = Vec::new();
+            let mut closed = false;
+            match rx.recv_timeout(Duration::from_millis(250)) {
+                Ok(first) => {
+                    batch.push(first);
+                    while batch.len() < MAX_BATCH {
+                        match rx.try_recv() {
+                            Ok(m) => batch.push(m),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => closed = true,
+            }
+            let liveness_due = Instant::now() >= next_liveness;
+            if !batch.is_empty() || liveness_due {
+                self.process(batch, liveness_due);
+                if liveness_due {
+                    next_liveness = Instant::now() + Duration::from_secs(1);
+                }
+            }
+            if Instant::now() >= next_gauges {
+                self.update_gauges();
+                next_gauges = Instant::now() + Duration::from_secs(1);
+            }
+            if closed {
+                self.update_gauges();
+                return;
+            }
+        }
+    }
+
+    fn process(&mut self, batch: Vec<Received>, liveness: bool) {
+        let now = now_ms();
+        let mut effects: Vec<Effect> = Vec::new();
+        let mut accepted: Vec<(&'static str, u64)> = Vec::with_capacity(batch.len());
+        let mut gaps = Vec::new();
+        for received in batch {
+            let node_id = received.message.node_id().as_str().to_owned();
+            let kind = received.message.payload().body.kind();
+            let ts = received.message.payload().ts;
+            match rules::handle(&mut self.inventory, &self.rules, now, received.message) {
+                Ok(outcome) => {
+                    effects.extend(outcome.effects);
+                    accepted.push((kind, ts));
+                    if let Some(lost) = outcome.gap {
+                        gaps.push((node_id, lost));
+                    }
+                }
+                Err(reason) => {
+                    self.metrics.count_reject(reason);
+                    self.reject_log.log(&Rejected {
+                        reason,
+                        node_id: Some(node_id),
+                        detail: format!("{kind} message"),
+                    });
+                }
+            }
+        }
+        if liveness {
+            effects.extend(rules::check_liveness(
+                &mut self.inventory,
+                &self.rules,
+                now,
+                self.started_at,
+            ));
+        }
+        if effects.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        let result = self.store.begin().and_then(|tx| {
+            let ids = store::apply(&tx, &effects)?;
+            tx.commit()
+                .map_err(|e| store::StoreError(format!("commit: {e}")))?;
+            Ok(ids)
+        });
+        match result {
+            Ok(ids) => {
+                self.shared.db_ok.store(true, Ordering::Relaxed);
+                self.metrics
+                    .commit_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                self.metrics.journal_entries.inc_by(ids.len() as u64);
+                let committed = now_ms();
+                for (kind, ts) in accepted {
+                    self.metrics
+                        .accepted
+                        .get_or_create(&KindLabel { kind: kind.into() })
+                        .inc();
+                    self.metrics
+                        .ingest_latency
+                        .observe(committed.saturating_sub(ts) as f64 / 1000.0);
+                }
+                for (node_id, lost) in gaps {
+                    self.metrics.gaps.inc();
+                    self.metrics.lost.inc_by(lost);
+                    tracing::warn!(node_id = %node_id, lost, "sequence gap: messages lost; the next snapshot repairs the state");
+                }
+                for e in &effects {
+                    if let Effect::Journal(j) = e {
+                        tracing::info!(node_id = %j.node_id, uuid = %j.uuid, name = %j.name, r#type = j.kind.as_str(), event = %j.event, detail = %j.detail, state = %j.state, "journal");
+                    }
+                }
+                self.shared.committed.send_modify(|n| *n += 1);
+            }
+            Err(e) => {
+                self.metrics.db_errors.inc();
+                self.shared.db_ok.store(false, Ordering::Relaxed);
+                tracing::error!(error = %e, "database write failed; this batch is lost and the inventory is reloaded (the next snapshots repair it)");
+                match self.store.load_inventory() {
+                    Ok(inv) => self.inventory = inv,
+                    Err(e) => tracing::error!(error = %e, "cannot reload the inventory"),
+                }
+            }
+        }
+    }
+
+    fn update_gauges(&self) {
+        let up = self.inventory.nodes.values().filter(|n| n.up).count() as i64;
+        self.metrics.nodes_up.set(up);
+        self.metrics
+            .nodes_down
+            .set(self.inventory.nodes.len() as i64 - up);
+        for n in self.inventory.nodes.values() {
+            let label = NodeLabel {
+                node: n.node_id.clone(),
+            };
+            self.metrics.node_up.get_or_create(&label).set(n.up as i64);
+            self.metrics
+                .node_libvirt_up
+                .get_or_create(&label)
+                .set(n.libvirt_up as i64);
+        }
+        let mut by_state: std::collections::HashMap<&str, i64> = std::collections::HashMap::new();
+        for vm in self.inventory.vms.values().flat_map(|m| m.values()) {
+            *by_state.entry(vm.state.as_str()).or_default() += 1;
+        }
+        self.metrics.vms.clear();
+        for (state, n) in by_state {
+            self.metrics
+                .vms
+                .get_or_create(&StateLabel {
+                    state: state.into(),
+                })
+                .set(n);
+        }
+    }
+}

@@ -1,0 +1,205 @@
+//! vmwatch-master: authenticates node messages, keeps the inventory and journal, serves the API.
+//!
+//! config → run → drain: the configuration is validated completely before any socket is bound
+//! (a bad one exits with status 78); the database, the ZeroMQ port and the HTTP port are all
+//! opened before READY=1; SIGTERM stops intake, lets the core commit what it holds, and exits.
+#![forbid(unsafe_code)]
+
+mod api;
+mod config;
+mod core;
+mod ingest;
+mod metrics;
+mod rules;
+mod store;
+
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use vmwatch_common::config::{is_world_readable, Cli, EX_CONFIG};
+use vmwatch_common::logging::{self, LogFile};
+use vmwatch_common::time::now_ms;
+
+const DEFAULT_LOG: &str = "/var/log/vmwatch-master.log";
+
+fn main() -> ExitCode {
+    let cli = match Cli::parse(std::env::args().skip(1), config::DEFAULT_PATH) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("vmwatch-master: {e}");
+            return ExitCode::from(64);
+        }
+    };
+    if cli.help {
+        print!("{}", Cli::usage("vmwatch-master", config::DEFAULT_PATH));
+        return ExitCode::SUCCESS;
+    }
+    if cli.version {
+        println!("vmwatch-master {}", vmwatch_common::VERSION);
+        return ExitCode::SUCCESS;
+    }
+    let config = match config::MasterConfig::load(&cli.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("vmwatch-master: bad configuration: {e}");
+            logging::append_line(
+                std::path::Path::new(DEFAULT_LOG),
+                &format!("ERROR bad configuration: {e}"),
+            );
+            return ExitCode::from(EX_CONFIG as u8);
+        }
+    };
+    if cli.check_config {
+        print!("{}", config.describe());
+        return ExitCode::SUCCESS;
+    }
+    let log = match LogFile::open(&config.log_file) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!(
+                "vmwatch-master: cannot open log file {}: {e}; logging to stderr",
+                config.log_file.display()
+            );
+            LogFile::stderr()
+        }
+    };
+    if let Err(e) = logging::init(log.clone(), &config.log_level) {
+        eprintln!("vmwatch-master: {e}");
+        return ExitCode::from(EX_CONFIG as u8);
+    }
+    if config.disabled {
+        tracing::info!("vmwatch-master is disabled (disabled=yes); exiting");
+        return ExitCode::SUCCESS;
+    }
+    if is_world_readable(&cli.config) {
+        tracing::warn!(path = %cli.config.display(), "configuration file holding secrets is world-readable; chmod 0640 it");
+    }
+    match run(config, log) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("vmwatch-master: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(config: config::MasterConfig, log: LogFile) -> Result<(), String> {
+    let config = Arc::new(config);
+    let store = store::Store::open(&config.db_path).map_err(|e| e.to_string())?;
+    let inventory = store.load_inventory().map_err(|e| e.to_string())?;
+    tracing::info!(nodes = inventory.nodes.len(), vms = inventory.vm_count(), db = %config.db_path.display(), "inventory loaded");
+    let readers = Arc::new(api::ReaderPool::open(&config.db_path, 4).map_err(|e| e.to_string())?);
+    let (zmq_ctx, socket) = ingest::bind(&config)?;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind(config.http_listen))
+        .map_err(|e| format!("cannot listen for HTTP on {}: {e}", config.http_listen))?;
+
+    let metrics = Arc::new(metrics::Metrics::new());
+    let reject_log = Arc::new(metrics::RejectLog::new(Duration::from_secs(10)));
+    let (committed, _) = tokio::sync::watch::channel(0u64);
+    let shared = Arc::new(core::Shared {
+        committed,
+        last_turn_ms: AtomicU64::new(now_ms()),
+        db_ok: AtomicBool::new(true),
+    });
+    let (to_core, from_ingest) = std::sync::mpsc::sync_channel(16_384);
+    let core = core::Core {
+        store,
+        inventory,
+        rules: rules::Rules {
+            max_clock_skew_ms: config.max_clock_skew * 1000,
+            node_timeout_ms: config.node_timeout * 1000,
+        },
+        metrics: metrics.clone(),
+        reject_log: reject_log.clone(),
+        started_at: now_ms(),
+        shared: shared.clone(),
+    };
+    let core_thread = core
+        .spawn(from_ingest)
+        .map_err(|e| format!("cannot spawn the core thread: {e}"))?;
+    let stop_ingest = Arc::new(AtomicBool::new(false));
+    let ingest_thread = ingest::spawn(
+        zmq_ctx,
+        socket,
+        config.clone(),
+        to_core,
+        metrics.clone(),
+        reject_log,
+        stop_ingest.clone(),
+    )
+    .map_err(|e| format!("cannot spawn the ingest thread: {e}"))?;
+
+    let state = api::AppState {
+        readers,
+        metrics,
+        shared: shared.clone(),
+        api_token: config
+            .api_token
+            .as_ref()
+            .map(|t| Arc::new(String::from_utf8_lossy(t.expose()).into_owned())),
+    };
+    tracing::info!(listen = %config.listen, http = %config.http_listen, version = vmwatch_common::VERSION, "vmwatch-master started");
+    runtime.block_on(async move {
+        let server = axum::serve(listener, api::router(state))
+            .with_graceful_shutdown(shutdown_signal(log, shared.clone()));
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+        if let Err(e) = server.await {
+            tracing::error!(error = %e, "HTTP server failed");
+        }
+    });
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    tracing::info!("stopping: draining ingest and committing");
+    stop_ingest.store(true, Ordering::Relaxed);
+    let _ = ingest_thread.join();
+    // The ingest thread held the only sender: the core commits what it has, then returns.
+    let _ = core_thread.join();
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    tracing::info!("vmwatch-master stopped");
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT; reopens the log on SIGHUP; pings the systemd watchdog while
+/// the core loop is turning.
+async fn shutdown_signal(log: LogFile, shared: Arc<core::Shared>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    let mut usec = 0u64;
+    let watchdog =
+        sd_notify::watchdog_enabled(false, &mut usec).then(|| Duration::from_micros(usec / 2));
+    let mut tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
+    loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM received"); return; }
+            _ = int.recv() => { tracing::info!("SIGINT received"); return; }
+            _ = hup.recv() => {
+                match log.reopen() {
+                    Ok(()) => tracing::info!("log file reopened (SIGHUP)"),
+                    Err(e) => tracing::error!(error = %e, "cannot reopen the log file; still writing to the old one"),
+                }
+            }
+            _ = tick.tick() => {
+                let age = now_ms().saturating_sub(shared.last_turn_ms.load(Ordering::Relaxed));
+                if watchdog.is_some() && age < 10_000 {
+                    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,717 @@
+//! The master's decisions, without I/O: admit a message (clock skew, boot, sequence), apply it
+//! to the inventory, derive liveness, and say what to write as [`Effect`]s.
+//!
+//! The caller (the core thread) owns an [`Inventory`] loaded from the database, feeds every
+//! authenticated message to [`handle`] with the current time, and writes the returned effects
+//! in one transaction. Nothing here reads a clock, a socket or a file, so the tests below drive
+//! it directly.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::Serialize;
+use vmwatch_common::protocol::{Authenticated, Body, DomainEvent, Heartbeat, Reject, Snapshot};
+
+/// Parameters of the rules, from the configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct Rules {
+    pub max_clock_skew_ms: u64,
+    pub node_timeout_ms: u64,
+}
+
+/// What the master knows of one node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Node {
+    pub node_id: String,
+    /// `up` while messages arrive; `down` after `node_timeout` of silence or a `bye`.
+    pub up: bool,
+    pub libvirt_up: bool,
+    pub first_seen: u64,
+    pub last_seen: u64,
+    pub boot: String,
+    pub boot_ts: u64,
+    pub last_seq: u64,
+    pub version: String,
+    pub hostname: String,
+    pub libvirt_version: String,
+    pub domains: u64,
+    /// Number of sequence gaps seen, and messages lost in them.
+    pub gaps: u64,
+    pub lost: u64,
+}
+
+/// One VM row: one domain on one node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Vm {
+    pub node_id: String,
+    pub uuid: String,
+    pub name: String,
+    pub state: String,
+    pub reason: String,
+    pub state_since: u64,
+    pub updated_at: u64,
+}
+
+/// The kinds of journal entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EntryType {
+    Lifecycle,
+    Vanished,
+    Idle,
+    Active,
+    Duplicate,
+    Node,
+    Gap,
+}
+
+impl EntryType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EntryType::Lifecycle => "lifecycle",
+            EntryType::Vanished => "vanished",
+            EntryType::Idle => "idle",
+            EntryType::Active => "active",
+            EntryType::Duplicate => "duplicate",
+            EntryType::Node => "node",
+            EntryType::Gap => "gap",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<EntryType> {
+        [
+            EntryType::Lifecycle,
+            EntryType::Vanished,
+            EntryType::Idle,
+            EntryType::Active,
+            EntryType::Duplicate,
+            EntryType::Node,
+            EntryType::Gap,
+        ]
+        .into_iter()
+        .find(|t| t.as_str() == s)
+    }
+}
+
+/// A journal entry before the database gives it an id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub received_at: u64,
+    pub event_ts: u64,
+    pub node_id: String,
+    pub uuid: String,
+    pub name: String,
+    pub kind: EntryType,
+    pub event: String,
+    pub detail: String,
+    pub state: String,
+}
+
+/// A write the shell must perform.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    UpsertNode(Node),
+    UpsertVm(Vm),
+    RemoveVm { node_id: String, uuid: String },
+    Journal(Entry),
+}
+
+/// The inventory the rules decide over (a cache of the database).
+#[derive(Debug, Default, Clone)]
+pub struct Inventory {
+    pub nodes: HashMap<String, Node>,
+    pub vms: HashMap<String, BTreeMap<String, Vm>>,
+}
+
+impl Inventory {
+    pub fn vm_count(&self) -> usize {
+        self.vms.values().map(BTreeMap::len).sum()
+    }
+}
+
+/// What an accepted message did.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub effects: Vec<Effect>,
+    /// Messages lost before this one (a `seq` jump), if any.
+    pub gap: Option<u64>,
+}
+
+/// How a message relates to what we know of its node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// The first message ever seen from this node.
+    NewNode,
+    /// A new agent process (boot) of a known node.
+    NewBoot,
+    /// The next message of the current boot, after `lost` missing ones.
+    Next { lost: u64 },
+}
+
+/// Checks `ts` against the clock, `boot_ts` against the node's current boot and `seq` against
+/// the last one seen, in that order.
+pub fn admit(
+    node: Option<&Node>,
+    boot: &str,
+    boot_ts: u64,
+    seq: u64,
+    ts: u64,
+    now: u64,
+    rules: &Rules,
+) -> Result<Admission, Reject> {
+    if ts.abs_diff(now) > rules.max_clock_skew_ms {
+        return Err(Reject::ClockSkew);
+    }
+    let Some(node) = node else {
+        return Ok(Admission::NewNode);
+    };
+    if boot_ts < node.boot_ts {
+        return Err(Reject::StaleBoot);
+    }
+    if boot != node.boot {
+        // A boot with the same start time but another id is a new process too (the clock is
+        // only millisecond-precise); a forged one would need the key.
+        return Ok(Admission::NewBoot);
+    }
+    if seq <= node.last_seq {
+        return Err(Reject::Replay);
+    }
+    Ok(Admission::Next {
+        lost: seq - node.last_seq - 1,
+    })
+}
+
+fn entry(now: u64, node_id: &str, kind: EntryType, event: &str) -> Entry {
+    Entry {
+        received_at: now,
+        event_ts: now,
+        node_id: node_id.to_owned(),
+        uuid: String::new(),
+        name: String::new(),
+        kind,
+        event: event.to_owned(),
+        detail: String::new(),
+        state: String::new(),
+    }
+}
+
+/// Applies one authenticated message at time `now`.
+pub fn handle(
+    inv: &mut Inventory,
+    rules: &Rules,
+    now: u64,
+    msg: Authenticated,
+) -> Result<Outcome, Reject> {
+    let (node_id, payload) = msg.into_parts();
+    let node_id = node_id.as_str().to_owned();
+    let admission = admit(
+        inv.nodes.get(&node_id),
+        &payload.boot,
+        payload.boot_ts,
+        payload.seq,
+        payload.ts,
+        now,
+        rules,
+    )?;
+    let mut out = Outcome::default();
+    let node = inv.nodes.entry(node_id.clone()).or_insert_with(|| Node {
+        node_id: node_id.clone(),
+        up: false,
+        libvirt_up: false,
+        first_seen: now,
+        last_seen: now,
+        boot: String::new(),
+        boot_ts: 0,
+        last_seq: 0,
+        version: String::new(),
+        hostname: String::new(),
+        libvirt_version: String::new(),
+        domains: 0,
+        gaps: 0,
+        lost: 0,
+    });
+    let lost = match admission {
+        Admission::NewNode | Admission::NewBoot => {
+            if admission == Admission::NewBoot {
+                let mut e = entry(now, &node_id, EntryType::Node, "restarted");
+                e.detail = format!("boot {}", payload.boot);
+                out.effects.push(Effect::Journal(e));
+            }
+            node.boot = payload.boot.clone();
+            node.boot_ts = payload.boot_ts;
+            // Messages 1..seq of a new boot that never arrived are lost too.
+            payload.seq.saturating_sub(1)
+        }
+        Admission::Next { lost } => lost,
+    };
+    node.last_seq = payload.seq;
+    node.last_seen = now;
+    if lost > 0 {
+        node.gaps += 1;
+        node.lost += lost;
+        let mut e = entry(now, &node_id, EntryType::Gap, "gap");
+        e.detail = lost.to_string();
+        out.effects.push(Effect::Journal(e));
+        out.gap = Some(lost);
+    }
+    if !node.up && !matches!(payload.body, Body::Bye(_)) {
+        node.up = true;
+        out.effects
+            .push(Effect::Journal(entry(now, &node_id, EntryType::Node, "up")));
+    }
+    match payload.body {
+        Body::Heartbeat(Heartbeat {
+            libvirt,
+            domains,
+            version,
+            ..
+        }) => {
+            set_libvirt(node, &mut out, now, libvirt == "up");
+            node.domains = domains;
+            node.version = version;
+        }
+        Body::Bye(bye) => {
+            if node.up {
+                node.up = false;
+                let mut e = entry(now, &node_id, EntryType::Node, "down");
+                e.detail = format!("bye: {}", bye.reason);
+                out.effects.push(Effect::Journal(e));
+            }
+        }
+        Body::Snapshot(s) => {
+            set_libvirt(node, &mut out, now, true);
+            node.domains = s.domains.len() as u64;
+            node.hostname = s.hostname.clone();
+            node.libvirt_version = s.libvirt_version.clone();
+            let node_copy = node.clone();
+            out.effects.push(Effect::UpsertNode(node_copy));
+            apply_snapshot(
+                inv.vms.entry(node_id.clone()).or_default(),
+                &node_id,
+                s,
+                now,
+                &mut out,
+            );
+            return Ok(out);
+        }
+        Body::Event(e) => {
+            set_libvirt(node, &mut out, now, true);
+            let node_copy = node.clone();
+            out.effects.push(Effect::UpsertNode(node_copy));
+            apply_event(
+                inv.vms.entry(node_id.clone()).or_default(),
+                &node_id,
+                e,
+                now,
+                &mut out,
+            );
+            return Ok(out);
+        }
+        Body::Stats(_) => {}
+    }
+    out.effects.push(Effect::UpsertNode(node.clone()));
+    Ok(out)
+}
+
+fn set_libvirt(node: &mut Node, out: &mut Outcome, now: u64, up: bool) {
+    if node.libvirt_up != up {
+        node.libvirt_up = up;
+        let event = if up { "libvirt-up" } else { "libvirt-down" };
+        out.effects.push(Effect::Journal(entry(
+            now,
+            &node.node_id,
+            EntryType::Node,
+            event,
+        )));
+    }
+}
+
+fn apply_snapshot(
+    vms: &mut BTreeMap<String, Vm>,
+    node_id: &str,
+    s: Snapshot,
+    now: u64,
+    out: &mut Outcome,
+) {
+    let listed: std::collections::HashSet<&str> =
+        s.domains.iter().map(|d| d.uuid.as_str()).collect();
+    let gone: Vec<String> = vms
+        .keys()
+        .filter(|u| !listed.contains(u.as_str()))
+        .cloned()
+        .collect();
+    for uuid in gone {
+        if let Some(vm) = vms.remove(&uuid) {
+            out.effects.push(Effect::RemoveVm {
+                node_id: node_id.to_owned(),
+                uuid: uuid.clone(),
+            });
+            out.effects.push(Effect::Journal(Entry {
+                uuid,
+                name: vm.name,
+                state: vm.state,
+                ..entry(now, node_id, EntryType::Vanished, "vanished")
+            }));
+        }
+    }
+    for d in s.domains {
+        let (detail, changed_state) = match vms.get(&d.uuid) {
+            None => ("new", true),
+            Some(vm) if vm.state != d.state => ("changed", true),
+            Some(vm) if vm.name != d.name || vm.reason != d.reason => ("", false),
+            Some(_) => continue,
+        };
+        let state_since = match vms.get(&d.uuid) {
+            Some(vm) if !changed_state => vm.state_since,
+            _ => now,
+        };
+        let vm = Vm {
+            node_id: node_id.to_owned(),
+            uuid: d.uuid.clone(),
+            name: d.name.clone(),
+            state: d.state.clone(),
+            reason: d.reason.clone(),
+            state_since,
+            updated_at: now,
+        };
+        if changed_state {
+            // The snapshot found a change no event told us about (or a domain not seen before).
+            out.effects.push(Effect::Journal(Entry {
+                uuid: d.uuid.clone(),
+                name: d.name.clone(),
+                detail: detail.to_owned(),
+                state: d.state.clone(),
+                ..entry(now, node_id, EntryType::Lifecycle, "snapshot")
+            }));
+        }
+        out.effects.push(Effect::UpsertVm(vm.clone()));
+        vms.insert(d.uuid, vm);
+    }
+}
+
+fn apply_event(
+    vms: &mut BTreeMap<String, Vm>,
+    node_id: &str,
+    e: DomainEvent,
+    now: u64,
+    out: &mut Outcome,
+) {
+    out.effects.push(Effect::Journal(Entry {
+        received_at: now,
+        event_ts: e.event_ts,
+        node_id: node_id.to_owned(),
+        uuid: e.uuid.clone(),
+        name: e.name.clone(),
+        kind: EntryType::Lifecycle,
+        event: e.event.clone(),
+        detail: e.detail.clone(),
+        state: e.state.clone(),
+    }));
+    // Undefining a running domain only makes it transient: the row goes only when inactive.
+    if e.event == "undefined" && e.state == "shutoff" {
+        if vms.remove(&e.uuid).is_some() {
+            out.effects.push(Effect::RemoveVm {
+                node_id: node_id.to_owned(),
+                uuid: e.uuid,
+            });
+        }
+        return;
+    }
+    let state_since = match vms.get(&e.uuid) {
+        Some(vm) if vm.state == e.state => vm.state_since,
+        _ => e.event_ts,
+    };
+    let vm = Vm {
+        node_id: node_id.to_owned(),
+        uuid: e.uuid.clone(),
+        name: e.name,
+        state: e.state,
+        reason: e.reason,
+        state_since,
+        updated_at: now,
+    };
+    out.effects.push(Effect::UpsertVm(vm.clone()));
+    vms.insert(e.uuid, vm);
+}
+
+/// Marks down every node silent for longer than `node_timeout`. `started_at` is when this
+/// master started: a node is given a full timeout after a master restart before it is judged.
+pub fn check_liveness(
+    inv: &mut Inventory,
+    rules: &Rules,
+    now: u64,
+    started_at: u64,
+) -> Vec<Effect> {
+    let mut effects = Vec::new();
+    for node in inv.nodes.values_mut() {
+        if node.up && now.saturating_sub(node.last_seen.max(started_at)) > rules.node_timeout_ms {
+            node.up = false;
+            let mut e = entry(now, &node.node_id, EntryType::Node, "down");
+            e.detail = "timeout".into();
+            effects.push(Effect::Journal(e));
+            effects.push(Effect::UpsertNode(node.clone()));
+        }
+    }
+    effects
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmwatch_common::protocol::{authenticate, encode, Bye, DomainState, NodeId, Payload};
+
+    const KEY: &[u8] = b"0123456789abcdef";
+    const RULES: Rules = Rules {
+        max_clock_skew_ms: 300_000,
+        node_timeout_ms: 90_000,
+    };
+    const NOW: u64 = 1_800_000_000_000;
+
+    fn msg(node: &str, boot: &str, boot_ts: u64, seq: u64, ts: u64, body: Body) -> Authenticated {
+        let frames = encode(
+            KEY,
+            &NodeId::parse(node).unwrap(),
+            &Payload {
+                boot: boot.into(),
+                boot_ts,
+                seq,
+                ts,
+                body,
+            },
+        );
+        authenticate(&frames, |_| Some(KEY)).unwrap()
+    }
+
+    fn hb(up: &str) -> Body {
+        Body::Heartbeat(Heartbeat {
+            libvirt: up.into(),
+            domains: 0,
+            version: "0.1.0".into(),
+            uptime_s: 1,
+        })
+    }
+
+    fn snap(domains: &[(&str, &str)]) -> Body {
+        Body::Snapshot(Snapshot {
+            domains: domains
+                .iter()
+                .map(|(u, s)| DomainState {
+                    uuid: u.to_string(),
+                    name: format!("vm-{u}"),
+                    state: s.to_string(),
+                    reason: "unknown".into(),
+                })
+                .collect(),
+            hostname: "h".into(),
+            libvirt_version: "9.0.0".into(),
+        })
+    }
+
+    fn ev(uuid: &str, event: &str, state: &str) -> Body {
+        Body::Event(DomainEvent {
+            uuid: uuid.into(),
+            name: format!("vm-{uuid}"),
+            event: event.into(),
+            detail: "x".into(),
+            state: state.into(),
+            reason: "unknown".into(),
+            event_ts: NOW - 5,
+        })
+    }
+
+    fn journal(o: &Outcome) -> Vec<(EntryType, String, String)> {
+        o.effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Journal(j) => Some((j.kind, j.event.clone(), j.detail.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn feed(inv: &mut Inventory, seq: u64, body: Body) -> Result<Outcome, Reject> {
+        handle(inv, &RULES, NOW, msg("hv1", "b1", 100, seq, NOW, body))
+    }
+
+    #[test]
+    fn admission_order_and_reasons() {
+        let mut inv = Inventory::default();
+        feed(&mut inv, 1, hb("up")).unwrap();
+        // Skewed clock, either direction.
+        assert_eq!(
+            handle(
+                &mut inv,
+                &RULES,
+                NOW,
+                msg("hv1", "b1", 100, 2, NOW - 300_001, hb("up"))
+            )
+            .unwrap_err(),
+            Reject::ClockSkew
+        );
+        assert_eq!(
+            handle(
+                &mut inv,
+                &RULES,
+                NOW,
+                msg("hv1", "b1", 100, 2, NOW + 300_001, hb("up"))
+            )
+            .unwrap_err(),
+            Reject::ClockSkew
+        );
+        // Replay of seq 1 and a duplicate.
+        assert_eq!(feed(&mut inv, 1, hb("up")).unwrap_err(), Reject::Replay);
+        feed(&mut inv, 2, hb("up")).unwrap();
+        assert_eq!(feed(&mut inv, 2, hb("up")).unwrap_err(), Reject::Replay);
+        // A new boot is accepted; then the old boot is stale.
+        handle(
+            &mut inv,
+            &RULES,
+            NOW,
+            msg("hv1", "b2", 200, 1, NOW, hb("up")),
+        )
+        .unwrap();
+        assert_eq!(feed(&mut inv, 3, hb("up")).unwrap_err(), Reject::StaleBoot);
+        // A rejected message changed nothing.
+        assert_eq!(inv.nodes["hv1"].boot, "b2");
+        assert_eq!(inv.nodes["hv1"].last_seq, 1);
+    }
+
+    #[test]
+    fn seq_jump_is_a_gap() {
+        let mut inv = Inventory::default();
+        feed(&mut inv, 1, hb("up")).unwrap();
+        let o = feed(&mut inv, 5, hb("up")).unwrap();
+        assert_eq!(o.gap, Some(3));
+        assert!(journal(&o).contains(&(EntryType::Gap, "gap".into(), "3".into())));
+        assert_eq!((inv.nodes["hv1"].gaps, inv.nodes["hv1"].lost), (1, 3));
+        assert_eq!(feed(&mut inv, 6, hb("up")).unwrap().gap, None);
+    }
+
+    #[test]
+    fn first_message_of_a_late_joiner_counts_lost_messages() {
+        let mut inv = Inventory::default();
+        assert_eq!(feed(&mut inv, 4, hb("up")).unwrap().gap, Some(3));
+    }
+
+    #[test]
+    fn snapshot_is_authoritative() {
+        let mut inv = Inventory::default();
+        let o = feed(&mut inv, 1, snap(&[("a", "running"), ("b", "shutoff")])).unwrap();
+        assert_eq!(
+            journal(&o),
+            vec![
+                (EntryType::Node, "up".into(), "".into()),
+                (EntryType::Node, "libvirt-up".into(), "".into()),
+                (EntryType::Lifecycle, "snapshot".into(), "new".into()),
+                (EntryType::Lifecycle, "snapshot".into(), "new".into()),
+            ]
+        );
+        // Same snapshot again: nothing to journal.
+        assert!(
+            journal(&feed(&mut inv, 2, snap(&[("a", "running"), ("b", "shutoff")])).unwrap())
+                .is_empty()
+        );
+        // b vanished, a changed, c appeared.
+        let o = feed(&mut inv, 3, snap(&[("a", "paused"), ("c", "running")])).unwrap();
+        let j = journal(&o);
+        assert!(j.contains(&(EntryType::Vanished, "vanished".into(), "".into())));
+        assert!(j.contains(&(EntryType::Lifecycle, "snapshot".into(), "changed".into())));
+        assert!(o.effects.contains(&Effect::RemoveVm {
+            node_id: "hv1".into(),
+            uuid: "b".into()
+        }));
+        let vms = &inv.vms["hv1"];
+        assert_eq!(vms.keys().collect::<Vec<_>>(), ["a", "c"]);
+        assert_eq!(vms["a"].state, "paused");
+    }
+
+    #[test]
+    fn events_update_rows_and_undefine_removes() {
+        let mut inv = Inventory::default();
+        feed(&mut inv, 1, ev("a", "defined", "shutoff")).unwrap();
+        feed(&mut inv, 2, ev("a", "started", "running")).unwrap();
+        assert_eq!(inv.vms["hv1"]["a"].state, "running");
+        assert_eq!(inv.vms["hv1"]["a"].state_since, NOW - 5);
+        // Undefining a running domain leaves it (transient) in place.
+        feed(&mut inv, 3, ev("a", "undefined", "running")).unwrap();
+        assert!(inv.vms["hv1"].contains_key("a"));
+        feed(&mut inv, 4, ev("a", "stopped", "shutoff")).unwrap();
+        let o = feed(&mut inv, 5, ev("a", "undefined", "shutoff")).unwrap();
+        assert!(o.effects.contains(&Effect::RemoveVm {
+            node_id: "hv1".into(),
+            uuid: "a".into()
+        }));
+        assert!(inv.vms["hv1"].is_empty());
+    }
+
+    #[test]
+    fn libvirt_down_and_up_are_journaled_once() {
+        let mut inv = Inventory::default();
+        feed(&mut inv, 1, hb("up")).unwrap();
+        let o = feed(&mut inv, 2, hb("down")).unwrap();
+        assert_eq!(
+            journal(&o),
+            vec![(EntryType::Node, "libvirt-down".into(), "".into())]
+        );
+        assert!(!inv.nodes["hv1"].libvirt_up);
+        assert!(journal(&feed(&mut inv, 3, hb("down")).unwrap()).is_empty());
+        let o = feed(&mut inv, 4, snap(&[])).unwrap();
+        assert_eq!(
+            journal(&o),
+            vec![(EntryType::Node, "libvirt-up".into(), "".into())]
+        );
+    }
+
+    #[test]
+    fn liveness_timeout_bye_and_return() {
+        let mut inv = Inventory::default();
+        feed(&mut inv, 1, hb("up")).unwrap();
+        assert!(check_liveness(&mut inv, &RULES, NOW + 90_000, 0).is_empty());
+        let e = check_liveness(&mut inv, &RULES, NOW + 90_001, 0);
+        assert!(matches!(&e[0], Effect::Journal(j) if j.event == "down" && j.detail == "timeout"));
+        assert!(!inv.nodes["hv1"].up);
+        assert!(
+            check_liveness(&mut inv, &RULES, NOW + 200_000, 0).is_empty(),
+            "down only once"
+        );
+        let o = handle(
+            &mut inv,
+            &RULES,
+            NOW + 100_000,
+            msg("hv1", "b1", 100, 2, NOW + 100_000, hb("up")),
+        )
+        .unwrap();
+        assert_eq!(journal(&o), vec![(EntryType::Node, "up".into(), "".into())]);
+        let o = handle(
+            &mut inv,
+            &RULES,
+            NOW + 100_000,
+            msg(
+                "hv1",
+                "b1",
+                100,
+                3,
+                NOW + 100_000,
+                Body::Bye(Bye {
+                    reason: "shutdown".into(),
+                }),
+            ),
+        )
+        .unwrap();
+        assert_eq!(
+            journal(&o),
+            vec![(EntryType::Node, "down".into(), "bye: shutdown".into())]
+        );
+    }
+
+    #[test]
+    fn master_restart_gives_nodes_a_full_timeout() {
+        let mut inv = Inventory::default();
+        feed(&mut inv, 1, hb("up")).unwrap();
+        let restarted = NOW + 500_000;
+        assert!(check_liveness(&mut inv, &RULES, restarted + 1_000, restarted).is_empty());
+        assert_eq!(
+            check_liveness(&mut inv, &RULES, restarted + 90_001, restarted).len(),
+            2
+        );
+    }
+}

@@ -1,0 +1,493 @@
+//! The embedded database (SQLite, WAL): the only module that contains SQL.
+//!
+//! The core thread owns the one writing [`Store`]; API handlers use [`Reader`]s on their own
+//! connections, which see every committed transaction and never block the writer (WAL).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use rusqlite::{params, Connection, OpenFlags, Row, Transaction};
+use serde::Serialize;
+
+use crate::rules::{Effect, Inventory, Node, Vm};
+
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS nodes (
+    node_id TEXT PRIMARY KEY,
+    up INTEGER NOT NULL,
+    libvirt_up INTEGER NOT NULL,
+    first_seen INTEGER NOT NULL,
+    last_seen INTEGER NOT NULL,
+    boot TEXT NOT NULL,
+    boot_ts INTEGER NOT NULL,
+    last_seq INTEGER NOT NULL,
+    version TEXT NOT NULL,
+    hostname TEXT NOT NULL,
+    libvirt_version TEXT NOT NULL,
+    domains INTEGER NOT NULL,
+    gaps INTEGER NOT NULL,
+    lost INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS vms (
+    node_id TEXT NOT NULL,
+    uuid TEXT NOT NULL,
+    name TEXT NOT NULL,
+    state TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    state_since INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    PRIMARY KEY (node_id, uuid)
+);
+CREATE INDEX IF NOT EXISTS vms_uuid ON vms(uuid);
+CREATE TABLE IF NOT EXISTS journal (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    received_at INTEGER NOT NULL,
+    event_ts INTEGER NOT NULL,
+    node_id TEXT NOT NULL,
+    uuid TEXT NOT NULL,
+    name TEXT NOT NULL,
+    type TEXT NOT NULL,
+    event TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    state TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS journal_uuid ON journal(uuid, id);
+CREATE INDEX IF NOT EXISTS journal_node ON journal(node_id, id);
+";
+
+/// A database error with what we were doing.
+#[derive(Debug)]
+pub struct StoreError(pub String);
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+fn ctx(what: &'static str) -> impl Fn(rusqlite::Error) -> StoreError {
+    move |e| StoreError(format!("{what}: {e}"))
+}
+
+/// The writing side.
+pub struct Store {
+    conn: Connection,
+}
+
+impl Store {
+    /// Opens (creating if needed) the database and brings its schema up to date.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let conn = Connection::open(path)
+            .map_err(|e| StoreError(format!("cannot open database {}: {e}", path.display())))?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(ctx("enable WAL"))?;
+        // FULL: a commit is on disk before the batch is acknowledged (batches keep it cheap).
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(ctx("set synchronous"))?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(ctx("set busy timeout"))?;
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(ctx("read schema version"))?;
+        if version > SCHEMA_VERSION {
+            return Err(StoreError(format!(
+                "database {} has schema version {version}, newer than this master understands ({SCHEMA_VERSION})",
+                path.display()
+            )));
+        }
+        conn.execute_batch(SCHEMA).map_err(ctx("create schema"))?;
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)
+            .map_err(ctx("set schema version"))?;
+        Ok(Store { conn })
+    }
+
+    /// Loads the inventory the rules decide over.
+    pub fn load_inventory(&self) -> Result<Inventory, StoreError> {
+        let mut inv = Inventory::default();
+        let mut stmt = self
+            .conn
+            .prepare("SELECT * FROM nodes")
+            .map_err(ctx("load nodes"))?;
+        let nodes = stmt
+            .query_map([], node_from_row)
+            .map_err(ctx("load nodes"))?;
+        for n in nodes {
+            let n = n.map_err(ctx("load nodes"))?;
+            inv.nodes.insert(n.node_id.clone(), n);
+        }
+        let mut stmt = self
+            .conn
+            .prepare("SELECT * FROM vms")
+            .map_err(ctx("load vms"))?;
+        let vms = stmt.query_map([], vm_from_row).map_err(ctx("load vms"))?;
+        for vm in vms {
+            let vm = vm.map_err(ctx("load vms"))?;
+            inv.vms
+                .entry(vm.node_id.clone())
+                .or_insert_with(BTreeMap::new)
+                .insert(vm.uuid.clone(), vm);
+        }
+        Ok(inv)
+    }
+
+    /// Starts a batch; effects are written with [`apply`] and made durable by `commit`.
+    pub fn begin(&mut self) -> Result<Transaction<'_>, StoreError> {
+        self.conn.transaction().map_err(ctx("begin transaction"))
+    }
+}
+
+/// Writes effects inside a transaction; returns the ids given to journal entries.
+pub fn apply(tx: &Transaction<'_>, effects: &[Effect]) -> Result<Vec<i64>, StoreError> {
+    let mut ids = Vec::new();
+    for effect in effects {
+        match effect {
+            Effect::UpsertNode(n) => {
+                let mut stmt = tx
+                    .prepare_cached(
+                        "INSERT OR REPLACE INTO nodes (node_id, up, libvirt_up, first_seen, last_seen, boot, boot_ts, \
+                         last_seq, version, hostname, libvirt_version, domains, gaps, lost) \
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                    )
+                    .map_err(ctx("write node"))?;
+                stmt.execute(params![
+                    n.node_id,
+                    n.up,
+                    n.libvirt_up,
+                    n.first_seen as i64,
+                    n.last_seen as i64,
+                    n.boot,
+                    n.boot_ts as i64,
+                    n.last_seq as i64,
+                    n.version,
+                    n.hostname,
+                    n.libvirt_version,
+                    n.domains as i64,
+                    n.gaps as i64,
+                    n.lost as i64
+                ])
+                .map_err(ctx("write node"))?;
+            }
+            Effect::UpsertVm(vm) => {
+                let mut stmt = tx
+                    .prepare_cached(
+                        "INSERT OR REPLACE INTO vms (node_id, uuid, name, state, reason, state_since, updated_at) \
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    )
+                    .map_err(ctx("write vm"))?;
+                stmt.execute(params![
+                    vm.node_id,
+                    vm.uuid,
+                    vm.name,
+                    vm.state,
+                    vm.reason,
+                    vm.state_since as i64,
+                    vm.updated_at as i64
+                ])
+                .map_err(ctx("write vm"))?;
+            }
+            Effect::RemoveVm { node_id, uuid } => {
+                let mut stmt = tx
+                    .prepare_cached("DELETE FROM vms WHERE node_id = ?1 AND uuid = ?2")
+                    .map_err(ctx("remove vm"))?;
+                stmt.execute(params![node_id, uuid])
+                    .map_err(ctx("remove vm"))?;
+            }
+            Effect::Journal(e) => {
+                let mut stmt = tx
+                    .prepare_cached(
+                        "INSERT INTO journal (received_at, event_ts, node_id, uuid, name, type, event, detail, state) \
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                    )
+                    .map_err(ctx("write journal"))?;
+                stmt.execute(params![
+                    e.received_at as i64,
+                    e.event_ts as i64,
+                    e.node_id,
+                    e.uuid,
+                    e.name,
+                    e.kind.as_str(),
+                    e.event,
+                    e.detail,
+                    e.state
+                ])
+                .map_err(ctx("write journal"))?;
+                ids.push(tx.last_insert_rowid());
+            }
+        }
+    }
+    Ok(ids)
+}
+
+fn get_u64(row: &Row<'_>, col: &str) -> rusqlite::Result<u64> {
+    row.get::<_, i64>(col).map(|v| v.max(0) as u64)
+}
+
+fn node_from_row(row: &Row<'_>) -> rusqlite::Result<Node> {
+    Ok(Node {
+        node_id: row.get("node_id")?,
+        up: row.get("up")?,
+        libvirt_up: row.get("libvirt_up")?,
+        first_seen: get_u64(row, "first_seen")?,
+        last_seen: get_u64(row, "last_seen")?,
+        boot: row.get("boot")?,
+        boot_ts: get_u64(row, "boot_ts")?,
+        last_seq: get_u64(row, "last_seq")?,
+        version: row.get("version")?,
+        hostname: row.get("hostname")?,
+        libvirt_version: row.get("libvirt_version")?,
+        domains: get_u64(row, "domains")?,
+        gaps: get_u64(row, "gaps")?,
+        lost: get_u64(row, "lost")?,
+    })
+}
+
+fn vm_from_row(row: &Row<'_>) -> rusqlite::Result<Vm> {
+    Ok(Vm {
+        node_id: row.get("node_id")?,
+        uuid: row.get("uuid")?,
+        name: row.get("name")?,
+        state: row.get("state")?,
+        reason: row.get("reason")?,
+        state_since: get_u64(row, "state_since")?,
+        updated_at: get_u64(row, "updated_at")?,
+    })
+}
+
+/// A journal entry as the API shows it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct JournalRow {
+    pub id: i64,
+    pub received_at: u64,
+    pub event_ts: u64,
+    pub node_id: String,
+    pub uuid: String,
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub event: String,
+    pub detail: String,
+    pub state: String,
+}
+
+fn journal_from_row(row: &Row<'_>) -> rusqlite::Result<JournalRow> {
+    Ok(JournalRow {
+        id: row.get("id")?,
+        received_at: get_u64(row, "received_at")?,
+        event_ts: get_u64(row, "event_ts")?,
+        node_id: row.get("node_id")?,
+        uuid: row.get("uuid")?,
+        name: row.get("name")?,
+        kind: row.get("type")?,
+        event: row.get("event")?,
+        detail: row.get("detail")?,
+        state: row.get("state")?,
+    })
+}
+
+/// Filters of `GET /api/v1/vms`.
+#[derive(Debug, Default, Clone)]
+pub struct VmFilter {
+    pub node: Option<String>,
+    pub state: Option<String>,
+    pub limit: u32,
+    pub offset: u64,
+}
+
+/// Filters of `GET /api/v1/events`.
+#[derive(Debug, Default, Clone)]
+pub struct EventFilter {
+    pub after: i64,
+    pub node: Option<String>,
+    pub uuid: Option<String>,
+    pub kind: Option<String>,
+    pub limit: u32,
+}
+
+/// A read-only connection for the API.
+pub struct Reader {
+    conn: Connection,
+}
+
+impl Reader {
+    pub fn open(path: &Path) -> Result<Reader, StoreError> {
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| {
+            StoreError(format!(
+                "cannot open database {} for reading: {e}",
+                path.display()
+            ))
+        })?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(ctx("set busy timeout"))?;
+        Ok(Reader { conn })
+    }
+
+    /// A page of VM rows and the total count matching the filter.
+    pub fn vms(&self, f: &VmFilter) -> Result<(Vec<Vm>, u64), StoreError> {
+        let where_sql = "WHERE (?1 IS NULL OR node_id = ?1) AND (?2 IS NULL OR state = ?2)";
+        let total: i64 = self
+            .conn
+            .query_row(
+                &format!("SELECT count(*) FROM vms {where_sql}"),
+                params![f.node, f.state],
+                |r| r.get(0),
+            )
+            .map_err(ctx("count vms"))?;
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT * FROM vms {where_sql} ORDER BY name, node_id, uuid LIMIT ?3 OFFSET ?4"
+            ))
+            .map_err(ctx("list vms"))?;
+        let rows = stmt
+            .query_map(
+                params![f.node, f.state, f.limit, f.offset as i64],
+                vm_from_row,
+            )
+            .map_err(ctx("list vms"))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(ctx("list vms"))?;
+        Ok((rows, total.max(0) as u64))
+    }
+
+    /// Every row of one uuid (one per node).
+    pub fn vm(&self, uuid: &str) -> Result<Vec<Vm>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT * FROM vms WHERE uuid = ?1 ORDER BY node_id")
+            .map_err(ctx("read vm"))?;
+        let rows = stmt
+            .query_map(params![uuid], vm_from_row)
+            .map_err(ctx("read vm"))?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(ctx("read vm"))
+    }
+
+    pub fn nodes(&self) -> Result<Vec<Node>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT * FROM nodes ORDER BY node_id")
+            .map_err(ctx("list nodes"))?;
+        let rows = stmt
+            .query_map([], node_from_row)
+            .map_err(ctx("list nodes"))?;
+        rows.collect::<Result<Vec<_>, _>>()
+            .map_err(ctx("list nodes"))
+    }
+
+    pub fn events(&self, f: &EventFilter) -> Result<Vec<JournalRow>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT * FROM journal WHERE id > ?1 AND (?2 IS NULL OR node_id = ?2) AND (?3 IS NULL OR uuid = ?3) \
+                 AND (?4 IS NULL OR type = ?4) ORDER BY id LIMIT ?5",
+            )
+            .map_err(ctx("list events"))?;
+        let rows = stmt
+            .query_map(
+                params![f.after, f.node, f.uuid, f.kind, f.limit],
+                journal_from_row,
+            )
+            .map_err(ctx("list events"))?;
+        rows.collect::<Result<Vec<_>, _>>()
+            .map_err(ctx("list events"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::{Entry, EntryType};
+
+    fn temp_db(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("vmwatch-store-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join("master.db")
+    }
+
+    #[test]
+    fn effects_survive_reopen_and_are_readable() {
+        let path = temp_db("reopen");
+        let vm = Vm {
+            node_id: "hv1".into(),
+            uuid: "u1".into(),
+            name: "vm1".into(),
+            state: "running".into(),
+            reason: "booted".into(),
+            state_since: 5,
+            updated_at: 6,
+        };
+        let entry = Entry {
+            received_at: 1,
+            event_ts: 2,
+            node_id: "hv1".into(),
+            uuid: "u1".into(),
+            name: "vm1".into(),
+            kind: EntryType::Lifecycle,
+            event: "started".into(),
+            detail: "booted".into(),
+            state: "running".into(),
+        };
+        {
+            let mut store = Store::open(&path).unwrap();
+            let tx = store.begin().unwrap();
+            let ids = apply(
+                &tx,
+                &[
+                    Effect::UpsertVm(vm.clone()),
+                    Effect::Journal(entry.clone()),
+                    Effect::Journal(entry),
+                ],
+            )
+            .unwrap();
+            tx.commit().unwrap();
+            assert_eq!(ids, [1, 2]);
+        }
+        let store = Store::open(&path).unwrap();
+        let inv = store.load_inventory().unwrap();
+        assert_eq!(inv.vms["hv1"]["u1"], vm);
+        let reader = Reader::open(&path).unwrap();
+        assert_eq!(reader.vm("u1").unwrap(), vec![vm]);
+        let f = EventFilter {
+            after: 1,
+            limit: 10,
+            ..Default::default()
+        };
+        assert_eq!(
+            reader
+                .events(&f)
+                .unwrap()
+                .iter()
+                .map(|e| e.id)
+                .collect::<Vec<_>>(),
+            [2]
+        );
+        let (rows, total) = reader
+            .vms(&VmFilter {
+                state: Some("shutoff".into()),
+                limit: 10,
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!((rows.len(), total), (0, 0));
+    }
+
+    #[test]
+    fn newer_schema_is_refused() {
+        let path = temp_db("schema");
+        Store::open(&path)
+            .unwrap()
+            .conn
+            .pragma_update(None, "user_version", 99)
+            .unwrap();
+        let err = Store::open(&path).err().unwrap();
+        assert!(err.0.contains("schema version 99"), "{err}");
+    }
+}

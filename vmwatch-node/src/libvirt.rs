@@ -1,0 +1,346 @@
+//! The libvirt adapter: the only module of the workspace that calls `virt::sys`.
+//!
+//! The safe `virt` crate lacks lifecycle-event registration, the close callback and a
+//! non-leaking stats call, so this module wraps those raw calls in a small safe API:
+//!
+//! - [`start_event_loop`] registers libvirt's default event implementation (it must happen
+//!   before any connection is opened) and keeps a thread running it.
+//! - [`open`] opens a connection with keepalive.
+//! - [`Watch`] registers the lifecycle, reboot and close callbacks; they only copy what they
+//!   are given into a [`Signal`] and send it on a channel, so the event thread never blocks.
+//!   Dropping the `Watch` deregisters them.
+//! - [`list_domains`] and [`domain_facts`] read the inventory, returning raw libvirt codes that
+//!   `facts.rs` turns into the wire vocabulary.
+//!
+//! Every callback's `opaque` is a `Box<Sender<Signal>>` freed by libvirt through `free_sender`
+//! when the registration goes away, so nothing leaks and nothing is freed twice.
+#![allow(unsafe_code)]
+
+use std::ffi::{c_int, c_void, CStr};
+use std::sync::mpsc::Sender;
+use std::sync::Once;
+
+use virt::connect::Connect;
+use virt::domain::Domain;
+use virt::sys;
+
+/// Something libvirt told us, as plain data.
+#[derive(Debug)]
+pub enum Signal {
+    /// A lifecycle (`reboot == false`) or reboot event. `domain` is a new reference.
+    Event {
+        domain: Domain,
+        event: i32,
+        detail: i32,
+        reboot: bool,
+        event_ts: u64,
+    },
+    /// The connection closed (`reason`: 0 error, 1 EOF, 2 keepalive, 3 client).
+    Closed { reason: i32 },
+}
+
+/// Raw facts of one domain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainFacts {
+    pub uuid: String,
+    pub name: String,
+    pub state: i32,
+    pub reason: i32,
+}
+
+/// An error from libvirt with its message.
+#[derive(Debug, Clone)]
+pub struct LibvirtError(pub String);
+
+impl std::fmt::Display for LibvirtError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for LibvirtError {}
+
+impl From<virt::error::Error> for LibvirtError {
+    fn from(e: virt::error::Error) -> Self {
+        LibvirtError(e.message().to_owned())
+    }
+}
+
+fn last_error(what: &str) -> LibvirtError {
+    // SAFETY: virGetLastErrorMessage returns a thread-local string owned by libvirt, never NULL
+    // (it returns "no error" when there is none); we copy it at once.
+    let msg = unsafe {
+        let p = sys::virGetLastErrorMessage();
+        if p.is_null() {
+            "unknown error".to_owned()
+        } else {
+            CStr::from_ptr(p).to_string_lossy().into_owned()
+        }
+    };
+    LibvirtError(format!("{what}: {msg}"))
+}
+
+static EVENT_LOOP: Once = Once::new();
+
+/// Registers the default event implementation and starts the thread that runs it. Idempotent;
+/// must be called before the first connection is opened.
+pub fn start_event_loop() -> Result<(), LibvirtError> {
+    let mut result = Ok(());
+    EVENT_LOOP.call_once(|| {
+        // SAFETY: plain libvirt call without arguments, made once before any connection.
+        if unsafe { sys::virEventRegisterDefaultImpl() } < 0 {
+            result = Err(last_error("virEventRegisterDefaultImpl"));
+            return;
+        }
+        let spawned = std::thread::Builder::new().name("libvirt-events".into()).spawn(|| loop {
+            // SAFETY: runs one iteration of the default loop registered above.
+            if unsafe { sys::virEventRunDefaultImpl() } < 0 {
+                tracing::error!(error = %last_error("virEventRunDefaultImpl"), "libvirt event loop iteration failed");
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        });
+        if let Err(e) = spawned {
+            result = Err(LibvirtError(format!("cannot spawn the libvirt event thread: {e}")));
+        }
+    });
+    result
+}
+
+/// Opens `uri` read-write with keepalive (`interval` s, `count` missed replies).
+pub fn open(
+    uri: &str,
+    keepalive_interval: i32,
+    keepalive_count: u32,
+) -> Result<Connect, LibvirtError> {
+    let conn = Connect::open(Some(uri))
+        .map_err(|e| LibvirtError(format!("cannot connect to {uri}: {}", e.message())))?;
+    conn.set_keep_alive(keepalive_interval, keepalive_count)
+        .map_err(|e| LibvirtError(format!("cannot enable keepalive on {uri}: {}", e.message())))?;
+    Ok(conn)
+}
+
+/// Registered callbacks; dropping this deregisters them.
+pub struct Watch {
+    conn: Connect,
+    callback_ids: Vec<c_int>,
+    close_registered: bool,
+}
+
+unsafe extern "C" fn free_sender(opaque: *mut c_void) {
+    if !opaque.is_null() {
+        // SAFETY: every opaque handed to libvirt is a Box<Sender<Signal>> from `boxed_sender`,
+        // and libvirt calls the free callback exactly once per registration.
+        drop(unsafe { Box::from_raw(opaque as *mut Sender<Signal>) });
+    }
+}
+
+fn boxed_sender(tx: &Sender<Signal>) -> *mut c_void {
+    Box::into_raw(Box::new(tx.clone())) as *mut c_void
+}
+
+fn now_ms() -> u64 {
+    vmwatch_common::time::now_ms()
+}
+
+/// Takes a new reference on a domain handed to a callback (libvirt frees its own after return).
+unsafe fn own_domain(dom: sys::virDomainPtr) -> Option<Domain> {
+    if dom.is_null() {
+        return None;
+    }
+    // SAFETY: `dom` is valid for the duration of the callback; virDomainRef adds a reference
+    // that the returned `Domain` owns and frees on drop.
+    if unsafe { sys::virDomainRef(dom) } < 0 {
+        return None;
+    }
+    Some(unsafe { Domain::from_ptr(dom) })
+}
+
+unsafe extern "C" fn on_lifecycle(
+    _conn: sys::virConnectPtr,
+    dom: sys::virDomainPtr,
+    event: c_int,
+    detail: c_int,
+    opaque: *mut c_void,
+) -> c_int {
+    let event_ts = now_ms();
+    // SAFETY: opaque is the Box<Sender<Signal>> registered with this callback, alive until
+    // free_sender runs; dom is valid during the callback.
+    let tx = unsafe { &*(opaque as *const Sender<Signal>) };
+    if let Some(domain) = unsafe { own_domain(dom) } {
+        let _ = tx.send(Signal::Event {
+            domain,
+            event,
+            detail,
+            reboot: false,
+            event_ts,
+        });
+    }
+    0
+}
+
+unsafe extern "C" fn on_reboot(
+    _conn: sys::virConnectPtr,
+    dom: sys::virDomainPtr,
+    opaque: *mut c_void,
+) {
+    let event_ts = now_ms();
+    // SAFETY: as in on_lifecycle.
+    let tx = unsafe { &*(opaque as *const Sender<Signal>) };
+    if let Some(domain) = unsafe { own_domain(dom) } {
+        let _ = tx.send(Signal::Event {
+            domain,
+            event: 0,
+            detail: 0,
+            reboot: true,
+            event_ts,
+        });
+    }
+}
+
+unsafe extern "C" fn on_close(_conn: sys::virConnectPtr, reason: c_int, opaque: *mut c_void) {
+    // SAFETY: as in on_lifecycle.
+    let tx = unsafe { &*(opaque as *const Sender<Signal>) };
+    let _ = tx.send(Signal::Closed { reason });
+}
+
+impl Watch {
+    /// Registers lifecycle, reboot and close callbacks on `conn`, all reporting to `tx`.
+    pub fn register(conn: &Connect, tx: &Sender<Signal>) -> Result<Watch, LibvirtError> {
+        let mut watch = Watch {
+            conn: conn.clone(),
+            callback_ids: Vec::new(),
+            close_registered: false,
+        };
+        // SAFETY: libvirt passes the lifecycle callback as the generic type and calls it with
+        // the lifecycle signature; transmuting between these fn-pointer types is how the C API
+        // is meant to be used (VIR_DOMAIN_EVENT_CALLBACK).
+        let lifecycle: sys::virConnectDomainEventGenericCallback = unsafe {
+            Some(std::mem::transmute::<
+                unsafe extern "C" fn(
+                    sys::virConnectPtr,
+                    sys::virDomainPtr,
+                    c_int,
+                    c_int,
+                    *mut c_void,
+                ) -> c_int,
+                unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, *mut c_void),
+            >(on_lifecycle))
+        };
+        let reboot: sys::virConnectDomainEventGenericCallback = Some(on_reboot);
+        for (event_id, cb, what) in [
+            (sys::VIR_DOMAIN_EVENT_ID_LIFECYCLE, lifecycle, "lifecycle"),
+            (sys::VIR_DOMAIN_EVENT_ID_REBOOT, reboot, "reboot"),
+        ] {
+            let opaque = boxed_sender(tx);
+            // SAFETY: conn is a live connection; libvirt owns opaque from here and frees it
+            // through free_sender when the callback is deregistered.
+            let id = unsafe {
+                sys::virConnectDomainEventRegisterAny(
+                    conn.as_ptr(),
+                    std::ptr::null_mut(),
+                    event_id as c_int,
+                    cb,
+                    opaque,
+                    Some(free_sender),
+                )
+            };
+            if id < 0 {
+                // Whether libvirt already ran the free callback on failure differs between
+                // versions; leaking one Sender on this rare path is safer than a double free.
+                return Err(last_error(&format!("cannot register the {what} callback")));
+            }
+            watch.callback_ids.push(id);
+        }
+        let opaque = boxed_sender(tx);
+        // SAFETY: as above; the close callback's opaque is freed by free_sender on unregister.
+        let rc = unsafe {
+            sys::virConnectRegisterCloseCallback(
+                conn.as_ptr(),
+                Some(on_close),
+                opaque,
+                Some(free_sender),
+            )
+        };
+        if rc < 0 {
+            // Leaked on purpose, as above.
+            return Err(last_error("cannot register the close callback"));
+        }
+        watch.close_registered = true;
+        Ok(watch)
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        for id in self.callback_ids.drain(..) {
+            // SAFETY: id came from a successful registration on this connection. Failure (for
+            // example on a dead connection) is harmless: libvirt frees the callback with the
+            // connection.
+            unsafe { sys::virConnectDomainEventDeregisterAny(self.conn.as_ptr(), id) };
+        }
+        if self.close_registered {
+            // SAFETY: on_close was registered on this connection.
+            unsafe { sys::virConnectUnregisterCloseCallback(self.conn.as_ptr(), Some(on_close)) };
+        }
+    }
+}
+
+/// The current state and reason of a domain (`virDomainGetState`), as raw codes.
+pub fn domain_state(domain: &Domain) -> Result<(i32, i32), LibvirtError> {
+    let mut state: c_int = -1;
+    let mut reason: c_int = -1;
+    // SAFETY: domain is a live reference; the out-pointers are valid locals.
+    let rc = unsafe { sys::virDomainGetState(domain.as_ptr(), &mut state, &mut reason, 0) };
+    if rc < 0 {
+        return Err(last_error("virDomainGetState"));
+    }
+    Ok((state, reason))
+}
+
+/// Uuid and name of a domain (local, no round trip to libvirtd).
+pub fn domain_identity(domain: &Domain) -> Result<(String, String), LibvirtError> {
+    let uuid = domain.uuid_string().map_err(LibvirtError::from)?;
+    let name = domain.name().map_err(LibvirtError::from)?;
+    Ok((uuid, name))
+}
+
+/// All facts of one domain, re-read from libvirt.
+pub fn domain_facts(domain: &Domain) -> Result<DomainFacts, LibvirtError> {
+    let (uuid, name) = domain_identity(domain)?;
+    let (state, reason) = domain_state(domain)?;
+    Ok(DomainFacts {
+        uuid,
+        name,
+        state,
+        reason,
+    })
+}
+
+/// Every domain libvirt knows, active or not. A domain that disappears between the listing
+/// and the state read is left out (the next snapshot or its event will tell).
+pub fn list_domains(conn: &Connect) -> Result<Vec<DomainFacts>, LibvirtError> {
+    let domains = conn
+        .list_all_domains(0)
+        .map_err(|e| LibvirtError(format!("virConnectListAllDomains: {}", e.message())))?;
+    let mut out = Vec::with_capacity(domains.len());
+    for d in &domains {
+        match domain_facts(d) {
+            Ok(f) => out.push(f),
+            Err(e) => tracing::debug!(error = %e, "domain vanished while listing"),
+        }
+    }
+    Ok(out)
+}
+
+/// libvirt's library version as `major.minor.micro`.
+pub fn libvirt_version(conn: &Connect) -> String {
+    match conn.lib_version() {
+        Ok(v) => format!("{}.{}.{}", v / 1_000_000, (v / 1000) % 1000, v % 1000),
+        Err(_) => "unknown".into(),
+    }
+}
+
+/// True while the connection is open and alive.
+pub fn is_alive(conn: &Connect) -> bool {
+    conn.is_alive().unwrap_or(false)
+}
