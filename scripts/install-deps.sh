@@ -22,7 +22,7 @@ fi
 
 apt-get install -y -qq --no-install-recommends --allow-downgrades \
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 libvirt-dev \
-  pkg-config iproute2 procps curl python3 cmake g++ make sqlite3 "${pin[@]}" >/dev/null
+  pkg-config iproute2 procps curl python3 python3-zmq cmake g++ make sqlite3 "${pin[@]}" >/dev/null
 
 # libvirtd looks up this user before it reads qemu.conf and dies without it.
 getent group libvirt-qemu >/dev/null || groupadd --system libvirt-qemu

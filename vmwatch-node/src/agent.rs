@@ -123,6 +123,12 @@ impl Agent {
 
     /// Runs until `flags.terminate`; then sends `bye` and drains with a bounded linger.
     pub fn run(mut self, flags: &Flags) {
+        let stats_thread = spawn_stats_collector(
+            self.config.libvirt_uri.clone(),
+            Duration::from_secs(self.config.stats_interval),
+            self.signals_tx.clone(),
+            flags.terminate.clone(),
+        );
         tracing::info!(
             node_id = %self.config.node_id,
             connect = %self.config.connect,
@@ -159,6 +165,9 @@ impl Agent {
             self.on_timers();
         }
         tracing::info!("stopping: sending bye");
+        if let Ok(t) = stats_thread {
+            let _ = t.join();
+        }
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
         let bye = self.builder.build(now_ms(), builder::bye("shutdown"));
         self.sender.send(bye);
@@ -203,6 +212,14 @@ impl Agent {
                 let m = self.builder.build(now_ms(), body);
                 tracing::debug!(uuid = %facts.uuid, name = %facts.name, seq = m.seq, "event sent");
                 self.sender.send(m);
+            }
+            Signal::Counters(counters) => {
+                let interval = self.config.stats_interval;
+                for body in builder::stats(&counters, interval) {
+                    let m = self.builder.build(now_ms(), body);
+                    tracing::debug!(domains = counters.len(), seq = m.seq, "stats sent");
+                    self.sender.send(m);
+                }
             }
             Signal::Closed { reason } => {
                 let Some(c) = &self.connection else { return };
@@ -322,6 +339,75 @@ impl Agent {
         if !self.ready_sent {
             let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
             self.ready_sent = true;
+        }
+    }
+}
+
+/// Collects counters on a connection and thread of its own, right after start and then every
+/// `interval` (fixed rate), so a slow stats call never delays lifecycle events. Each collection
+/// goes to the agent as one [`Signal::Counters`].
+fn spawn_stats_collector(
+    uri: String,
+    interval: Duration,
+    tx: ChannelSender<Signal>,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("stats".into())
+        .spawn(move || {
+            let mut conn: Option<Connect> = None;
+            let mut next = Instant::now();
+            while !stop.load(Ordering::Relaxed) {
+                if Instant::now() < next {
+                    std::thread::sleep(TICK.min(next.saturating_duration_since(Instant::now())));
+                    continue;
+                }
+                if conn.is_none() {
+                    match libvirt::open(&uri, KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT) {
+                        Ok(c) => conn = Some(c),
+                        Err(e) => {
+                            tracing::debug!(error = %e, "stats: libvirt unavailable");
+                            next = Instant::now() + interval.min(Duration::from_secs(5));
+                            continue;
+                        }
+                    }
+                }
+                let Some(c) = &conn else { continue };
+                let started = Instant::now();
+                match libvirt::all_domain_counters(c) {
+                    Ok(counters) => {
+                        tracing::debug!(
+                            domains = counters.len(),
+                            took_ms = started.elapsed().as_millis() as u64,
+                            "stats collected"
+                        );
+                        if tx.send(Signal::Counters(counters)).is_err() {
+                            return;
+                        }
+                        next += interval;
+                        if next < Instant::now() {
+                            // Missed windows (a very slow call): start counting from now.
+                            next = Instant::now() + interval;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "stats collection failed");
+                        if !libvirt::is_alive(c) {
+                            release(conn.take());
+                        }
+                        next = Instant::now() + interval.min(Duration::from_secs(5));
+                    }
+                }
+            }
+            release(conn);
+        })
+}
+
+/// Releases a stats connection (see [`drop_connection`]).
+fn release(c: Option<Connect>) {
+    if let Some(c) = c {
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(c))).is_err() {
+            tracing::warn!("releasing the dead libvirt stats connection failed");
         }
     }
 }

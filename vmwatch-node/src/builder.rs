@@ -6,11 +6,12 @@
 
 use vmwatch_common::config::Secret;
 use vmwatch_common::protocol::{
-    encode, Body, Bye, DomainEvent, DomainState, Heartbeat, NodeId, Payload, Snapshot,
+    encode, Body, Bye, DomainEvent, DomainState, DomainStats, Heartbeat, NodeId, Payload, Snapshot,
+    Stats,
 };
 
 use crate::facts;
-use crate::libvirt::DomainFacts;
+use crate::libvirt::{DomainCounters, DomainFacts};
 
 /// How the sender treats a message when its queue is full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -148,6 +149,61 @@ pub fn heartbeat(libvirt_up: bool, domains: u64, uptime_s: u64) -> Body {
     })
 }
 
+/// Domains per `stats` message: one domain is ≈ 300 bytes of JSON (names are bounded by
+/// libvirt), so 500 stay far below the master's default 1 MiB limit.
+pub const STATS_PER_MESSAGE: usize = 500;
+
+/// Sums one domain's counters over all its interfaces and disks.
+pub fn domain_stats(c: &DomainCounters) -> DomainStats {
+    let get = |key: &str| c.fields.iter().find(|(k, _)| k == key).map(|(_, v)| *v);
+    let nics = get("net.count").unwrap_or(0);
+    let disks = get("block.count").unwrap_or(0);
+    let sum = |prefix: &str, count: u64, suffix: &str| -> u64 {
+        (0..count)
+            .filter_map(|i| get(&format!("{prefix}.{i}.{suffix}")))
+            .fold(0u64, u64::wrapping_add)
+    };
+    let state = get("state.state")
+        .and_then(|s| i32::try_from(s).ok())
+        .unwrap_or(0);
+    DomainStats {
+        uuid: c.uuid.clone(),
+        name: c.name.clone(),
+        state: facts::state_name(state).into_owned(),
+        tx_pkts: sum("net", nics, "tx.pkts"),
+        rx_pkts: sum("net", nics, "rx.pkts"),
+        tx_bytes: sum("net", nics, "tx.bytes"),
+        rx_bytes: sum("net", nics, "rx.bytes"),
+        wr_reqs: sum("block", disks, "wr.reqs"),
+        rd_reqs: sum("block", disks, "rd.reqs"),
+        wr_bytes: sum("block", disks, "wr.bytes"),
+        rd_bytes: sum("block", disks, "rd.bytes"),
+        cpu_time_ns: get("cpu.time").unwrap_or(0),
+        nics: u32::try_from(nics).unwrap_or(u32::MAX),
+        disks: u32::try_from(disks).unwrap_or(u32::MAX),
+    }
+}
+
+/// `stats` bodies for one collection, split so that no message lists more than
+/// [`STATS_PER_MESSAGE`] domains. An empty host still yields one (empty) message.
+pub fn stats(counters: &[DomainCounters], interval_s: u64) -> Vec<Body> {
+    let all: Vec<DomainStats> = counters.iter().map(domain_stats).collect();
+    if all.is_empty() {
+        return vec![Body::Stats(Stats {
+            interval_s,
+            domains: Vec::new(),
+        })];
+    }
+    all.chunks(STATS_PER_MESSAGE)
+        .map(|c| {
+            Body::Stats(Stats {
+                interval_s,
+                domains: c.to_vec(),
+            })
+        })
+        .collect()
+}
+
 /// A `bye` body.
 pub fn bye(reason: &str) -> Body {
     Body::Bye(Bye {
@@ -240,6 +296,61 @@ mod tests {
             (e.event.as_str(), e.detail.as_str(), e.state.as_str()),
             ("reboot", "", "running")
         );
+    }
+
+    fn counters(fields: &[(&str, u64)]) -> DomainCounters {
+        DomainCounters {
+            uuid: "u".into(),
+            name: "n".into(),
+            fields: fields.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+        }
+    }
+
+    #[test]
+    fn stats_sum_over_nics_and_disks() {
+        let c = counters(&[
+            ("state.state", 1),
+            ("net.count", 2),
+            ("net.0.tx.pkts", 3),
+            ("net.1.tx.pkts", 4),
+            ("net.1.rx.bytes", 9),
+            ("block.count", 2),
+            ("block.0.wr.reqs", 10),
+            ("block.1.wr.reqs", 5),
+            ("block.1.rd.bytes", 512),
+            ("cpu.time", 77),
+            ("net.5.tx.pkts", 1000),
+        ]);
+        let s = domain_stats(&c);
+        assert_eq!((s.state.as_str(), s.nics, s.disks), ("running", 2, 2));
+        assert_eq!(
+            (s.tx_pkts, s.rx_bytes, s.wr_reqs, s.rd_bytes, s.cpu_time_ns),
+            (7, 9, 15, 512, 77)
+        );
+    }
+
+    #[test]
+    fn stats_of_a_domain_without_devices() {
+        let s = domain_stats(&counters(&[("state.state", 5)]));
+        assert_eq!(
+            (s.state.as_str(), s.nics, s.disks, s.tx_pkts, s.wr_reqs),
+            ("shutoff", 0, 0, 0, 0)
+        );
+    }
+
+    #[test]
+    fn stats_split_into_bounded_messages() {
+        let many: Vec<DomainCounters> = (0..1201).map(|_| counters(&[])).collect();
+        let bodies = stats(&many, 600);
+        let sizes: Vec<usize> = bodies
+            .iter()
+            .map(|b| match b {
+                Body::Stats(s) => s.domains.len(),
+                _ => 0,
+            })
+            .collect();
+        assert_eq!(sizes, [500, 500, 201]);
+        assert_eq!(stats(&[], 600).len(), 1);
     }
 
     #[test]

@@ -37,6 +37,8 @@ pub enum Signal {
     },
     /// The connection closed (`reason`: 0 error, 1 EOF, 2 keepalive, 3 client).
     Closed { reason: i32 },
+    /// One stats collection (from the stats thread's own connection).
+    Counters(Vec<DomainCounters>),
 }
 
 /// Raw facts of one domain.
@@ -351,4 +353,103 @@ pub fn libvirt_version(conn: &Connect) -> String {
 /// True while the connection is open and alive.
 pub fn is_alive(conn: &Connect) -> bool {
     conn.is_alive().unwrap_or(false)
+}
+
+/// The numeric counters libvirt reported for one domain, by field name (`net.0.tx.pkts`, …).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainCounters {
+    pub uuid: String,
+    pub name: String,
+    pub fields: Vec<(String, u64)>,
+}
+
+/// One `virConnectGetAllDomainStats` call for the groups we use (state, cpu total, interface,
+/// block) with `NOWAIT`, so a domain stuck in a job is skipped rather than waited for. The
+/// records are always freed with `virDomainStatsRecordListFree` (the `virt` crate's own
+/// wrapper leaks them). Only integer fields are kept.
+pub fn all_domain_counters(conn: &Connect) -> Result<Vec<DomainCounters>, LibvirtError> {
+    let groups = sys::VIR_DOMAIN_STATS_STATE
+        | sys::VIR_DOMAIN_STATS_CPU_TOTAL
+        | sys::VIR_DOMAIN_STATS_INTERFACE
+        | sys::VIR_DOMAIN_STATS_BLOCK;
+    let mut records: *mut sys::virDomainStatsRecordPtr = std::ptr::null_mut();
+    // SAFETY: conn is live; records receives a NULL-terminated array that we free below.
+    let n = unsafe {
+        sys::virConnectGetAllDomainStats(
+            conn.as_ptr(),
+            groups,
+            &mut records,
+            sys::VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT,
+        )
+    };
+    if n < 0 {
+        return Err(last_error("virConnectGetAllDomainStats"));
+    }
+    /// Frees the record list on every path out of this function.
+    struct Records(*mut sys::virDomainStatsRecordPtr);
+    impl Drop for Records {
+        fn drop(&mut self) {
+            if !self.0.is_null() {
+                // SAFETY: the list came from virConnectGetAllDomainStats and is freed once.
+                unsafe { sys::virDomainStatsRecordListFree(self.0) };
+            }
+        }
+    }
+    let records = Records(records);
+    let mut out = Vec::with_capacity(n as usize);
+    for i in 0..n as usize {
+        // SAFETY: the array holds n valid record pointers (followed by NULL).
+        let rec = unsafe { *records.0.add(i) };
+        if rec.is_null() {
+            break;
+        }
+        // SAFETY: rec points to a record owned by the list, valid until the list is freed.
+        let rec = unsafe { &*rec };
+        if rec.dom.is_null() {
+            continue;
+        }
+        // SAFETY: rec.dom is valid while the list lives; the names are copied out.
+        let (uuid, name) = unsafe {
+            let name_ptr = sys::virDomainGetName(rec.dom);
+            let name = if name_ptr.is_null() {
+                String::new()
+            } else {
+                CStr::from_ptr(name_ptr).to_string_lossy().into_owned()
+            };
+            let mut buf = [0 as std::ffi::c_char; 37];
+            let uuid = if sys::virDomainGetUUIDString(rec.dom, buf.as_mut_ptr()) == 0 {
+                CStr::from_ptr(buf.as_ptr()).to_string_lossy().into_owned()
+            } else {
+                continue;
+            };
+            (uuid, name)
+        };
+        let mut fields = Vec::new();
+        if !rec.params.is_null() && rec.nparams > 0 {
+            for j in 0..rec.nparams as usize {
+                // SAFETY: params holds nparams entries.
+                let p = unsafe { &*rec.params.add(j) };
+                // SAFETY: field is a NUL-terminated name of at most 80 bytes; the union is read
+                // according to its declared type.
+                let (key, value) = unsafe {
+                    let key = CStr::from_ptr(p.field.as_ptr())
+                        .to_string_lossy()
+                        .into_owned();
+                    let value = match p.type_ as u32 {
+                        sys::VIR_TYPED_PARAM_INT => u64::try_from(p.value.i).ok(),
+                        sys::VIR_TYPED_PARAM_UINT => Some(u64::from(p.value.ui)),
+                        sys::VIR_TYPED_PARAM_LLONG => u64::try_from(p.value.l).ok(),
+                        sys::VIR_TYPED_PARAM_ULLONG => Some(p.value.ul),
+                        _ => None,
+                    };
+                    (key, value)
+                };
+                if let Some(v) = value {
+                    fields.push((key, v));
+                }
+            }
+        }
+        out.push(DomainCounters { uuid, name, fields });
+    }
+    Ok(out)
 }
