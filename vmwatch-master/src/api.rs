@@ -138,6 +138,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 struct VmsQuery {
     node: Option<String>,
     state: Option<String>,
+    idle: Option<bool>,
     limit: Option<u32>,
     offset: Option<u64>,
 }
@@ -160,6 +161,7 @@ async fn list_vms(
     let filter = VmFilter {
         node: q.node,
         state: q.state,
+        idle: q.idle.unwrap_or(false),
         limit: page(q.limit)?,
         offset: q.offset.unwrap_or(0),
     };

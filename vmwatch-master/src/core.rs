@@ -11,7 +11,7 @@ use vmwatch_common::protocol::Rejected;
 use vmwatch_common::time::now_ms;
 
 use crate::ingest::Received;
-use crate::metrics::{KindLabel, Metrics, NodeLabel, RejectLog, StateLabel};
+use crate::metrics::{KindLabel, Metrics, NodeLabel, RejectLog, ResourceLabel, StateLabel};
 use crate::rules::{self, Effect, Inventory, Rules};
 use crate::store::{self, Store};
 
@@ -186,9 +186,24 @@ impl Core {
                 .set(n.libvirt_up as i64);
         }
         let mut by_state: std::collections::HashMap<&str, i64> = std::collections::HashMap::new();
+        let (mut idle_net, mut idle_disk) = (0, 0);
         for vm in self.inventory.vms.values().flat_map(|m| m.values()) {
             *by_state.entry(vm.state.as_str()).or_default() += 1;
+            idle_net += i64::from(vm.usage.net.idle);
+            idle_disk += i64::from(vm.usage.disk.idle);
         }
+        self.metrics
+            .vms_idle
+            .get_or_create(&ResourceLabel {
+                resource: "net".into(),
+            })
+            .set(idle_net);
+        self.metrics
+            .vms_idle
+            .get_or_create(&ResourceLabel {
+                resource: "disk".into(),
+            })
+            .set(idle_disk);
         self.metrics.vms.clear();
         for (state, n) in by_state {
             self.metrics

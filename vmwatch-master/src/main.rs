@@ -8,6 +8,7 @@
 mod api;
 mod config;
 mod core;
+mod idle;
 mod ingest;
 mod metrics;
 mod rules;
@@ -118,6 +119,7 @@ fn run(config: config::MasterConfig, log: LogFile) -> Result<(), String> {
         rules: rules::Rules {
             max_clock_skew_ms: config.max_clock_skew * 1000,
             node_timeout_ms: config.node_timeout * 1000,
+            idle_windows: config.idle_windows,
         },
         metrics: metrics.clone(),
         reject_log: reject_log.clone(),

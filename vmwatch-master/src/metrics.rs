@@ -47,7 +47,13 @@ pub struct Metrics {
     pub node_up: Family<NodeLabel, Gauge>,
     pub node_libvirt_up: Family<NodeLabel, Gauge>,
     pub vms: Family<StateLabel, Gauge>,
+    pub vms_idle: Family<ResourceLabel, Gauge>,
     pub db_errors: Counter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResourceLabel {
+    pub resource: String,
 }
 
 impl Metrics {
@@ -115,6 +121,12 @@ impl Metrics {
         );
         let vms = Family::<StateLabel, Gauge>::default();
         registry.register("vms", "VM rows by state", vms.clone());
+        let vms_idle = Family::<ResourceLabel, Gauge>::default();
+        registry.register(
+            "vms_idle",
+            "VM rows flagged idle, by resource (net, disk)",
+            vms_idle.clone(),
+        );
         let db_errors = Counter::default();
         registry.register("db_errors", "Failed database batches", db_errors.clone());
         Metrics {
@@ -131,6 +143,7 @@ impl Metrics {
             node_up,
             node_libvirt_up,
             vms,
+            vms_idle,
             db_errors,
         }
     }

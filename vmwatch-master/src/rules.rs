@@ -9,13 +9,18 @@
 use std::collections::{BTreeMap, HashMap};
 
 use serde::Serialize;
-use vmwatch_common::protocol::{Authenticated, Body, DomainEvent, Heartbeat, Reject, Snapshot};
+use vmwatch_common::protocol::{
+    Authenticated, Body, DomainEvent, Heartbeat, Reject, Snapshot, Stats,
+};
+
+use crate::idle::{self, Usage};
 
 /// Parameters of the rules, from the configuration.
 #[derive(Debug, Clone, Copy)]
 pub struct Rules {
     pub max_clock_skew_ms: u64,
     pub node_timeout_ms: u64,
+    pub idle_windows: u32,
 }
 
 /// What the master knows of one node.
@@ -49,6 +54,8 @@ pub struct Vm {
     pub reason: String,
     pub state_since: u64,
     pub updated_at: u64,
+    /// Counters and idle flags (see `idle.rs`).
+    pub usage: Usage,
 }
 
 /// The kinds of journal entries.
@@ -306,7 +313,20 @@ pub fn handle(
             );
             return Ok(out);
         }
-        Body::Stats(_) => {}
+        Body::Stats(stats) => {
+            let node_copy = node.clone();
+            out.effects.push(Effect::UpsertNode(node_copy));
+            apply_stats(
+                inv.vms.entry(node_id.clone()).or_default(),
+                &node_id,
+                stats,
+                payload.ts,
+                now,
+                rules,
+                &mut out,
+            );
+            return Ok(out);
+        }
     }
     out.effects.push(Effect::UpsertNode(node.clone()));
     Ok(out)
@@ -364,6 +384,7 @@ fn apply_snapshot(
             Some(vm) if !changed_state => vm.state_since,
             _ => now,
         };
+        let usage = vms.get(&d.uuid).map(|vm| vm.usage).unwrap_or_default();
         let vm = Vm {
             node_id: node_id.to_owned(),
             uuid: d.uuid.clone(),
@@ -372,6 +393,7 @@ fn apply_snapshot(
             reason: d.reason.clone(),
             state_since,
             updated_at: now,
+            usage,
         };
         if changed_state {
             // The snapshot found a change no event told us about (or a domain not seen before).
@@ -420,6 +442,7 @@ fn apply_event(
         Some(vm) if vm.state == e.state => vm.state_since,
         _ => e.event_ts,
     };
+    let usage = vms.get(&e.uuid).map(|vm| vm.usage).unwrap_or_default();
     let vm = Vm {
         node_id: node_id.to_owned(),
         uuid: e.uuid.clone(),
@@ -428,9 +451,72 @@ fn apply_event(
         reason: e.reason,
         state_since,
         updated_at: now,
+        usage,
     };
     out.effects.push(Effect::UpsertVm(vm.clone()));
     vms.insert(e.uuid, vm);
+}
+
+fn apply_stats(
+    vms: &mut BTreeMap<String, Vm>,
+    node_id: &str,
+    stats: Stats,
+    ts: u64,
+    now: u64,
+    rules: &Rules,
+    out: &mut Outcome,
+) {
+    let interval_ms = stats.interval_s.saturating_mul(1000);
+    for d in stats.domains {
+        // Stats for a domain the master has no row for yet wait for the snapshot that adds it.
+        let Some(vm) = vms.get_mut(&d.uuid) else {
+            continue;
+        };
+        let sample = idle::Sample {
+            ts,
+            tx_pkts: d.tx_pkts,
+            wr_reqs: d.wr_reqs,
+            rx_pkts: d.rx_pkts,
+            rd_reqs: d.rd_reqs,
+            cpu_time_ns: d.cpu_time_ns,
+        };
+        // Judged only when both the row (events) and the sample say running.
+        let running = vm.state == "running" && d.state == "running";
+        let changes = idle::observe(
+            &mut vm.usage,
+            sample,
+            d.nics,
+            d.disks,
+            running,
+            interval_ms,
+            rules.idle_windows,
+            now,
+        );
+        vm.updated_at = now;
+        for c in changes {
+            let kind = if c.idle {
+                EntryType::Idle
+            } else {
+                EntryType::Active
+            };
+            let detail = if c.idle {
+                format!(
+                    "no change in {} window(s) of {} s",
+                    c.windows, stats.interval_s
+                )
+            } else {
+                format!("activity in the last window of {} s", stats.interval_s)
+            };
+            out.effects.push(Effect::Journal(Entry {
+                uuid: vm.uuid.clone(),
+                name: vm.name.clone(),
+                detail,
+                state: vm.state.clone(),
+                ..entry(now, node_id, kind, c.resource)
+            }));
+        }
+        out.effects.push(Effect::UpsertVm(vm.clone()));
+    }
 }
 
 /// Marks down every node silent for longer than `node_timeout`. `started_at` is when this
@@ -463,6 +549,7 @@ mod tests {
     const RULES: Rules = Rules {
         max_clock_skew_ms: 300_000,
         node_timeout_ms: 90_000,
+        idle_windows: 1,
     };
     const NOW: u64 = 1_800_000_000_000;
 
@@ -701,6 +788,72 @@ mod tests {
             journal(&o),
             vec![(EntryType::Node, "down".into(), "bye: shutdown".into())]
         );
+    }
+
+    fn stats(uuid: &str, state: &str, tx: u64, wr: u64) -> Body {
+        Body::Stats(Stats {
+            interval_s: 60,
+            domains: vec![vmwatch_common::protocol::DomainStats {
+                uuid: uuid.into(),
+                state: state.into(),
+                tx_pkts: tx,
+                wr_reqs: wr,
+                nics: 1,
+                disks: 1,
+                ..Default::default()
+            }],
+        })
+    }
+
+    #[test]
+    fn stats_flag_idle_and_active_with_journal() {
+        let mut inv = Inventory::default();
+        feed(&mut inv, 1, snap(&[("a", "running")])).unwrap();
+        let at = |seq: u64, body: Body| {
+            let t = NOW + seq * 60_000;
+            (t, msg("hv1", "b1", 100, seq, t, body))
+        };
+        let (t, m) = at(2, stats("a", "running", 10, 10));
+        assert!(
+            journal(&handle(&mut inv, &RULES, t, m).unwrap()).is_empty(),
+            "first sample: unknown"
+        );
+        let (t, m) = at(3, stats("a", "running", 10, 15));
+        let j = journal(&handle(&mut inv, &RULES, t, m).unwrap());
+        assert_eq!(
+            j,
+            vec![(
+                EntryType::Idle,
+                "net".into(),
+                "no change in 1 window(s) of 60 s".into()
+            )]
+        );
+        assert!(inv.vms["hv1"]["a"].usage.net.idle);
+        let (t, m) = at(4, stats("a", "running", 11, 15));
+        let j = journal(&handle(&mut inv, &RULES, t, m).unwrap());
+        assert_eq!(
+            j,
+            vec![
+                (
+                    EntryType::Active,
+                    "net".into(),
+                    "activity in the last window of 60 s".into()
+                ),
+                (
+                    EntryType::Idle,
+                    "disk".into(),
+                    "no change in 1 window(s) of 60 s".into()
+                )
+            ]
+        );
+        // An event keeps the usage.
+        feed_at(&mut inv, 5, ev("a", "suspended", "paused"));
+        assert!(inv.vms["hv1"]["a"].usage.disk.idle);
+    }
+
+    fn feed_at(inv: &mut Inventory, seq: u64, body: Body) {
+        let t = NOW + seq * 60_000;
+        handle(inv, &RULES, t, msg("hv1", "b1", 100, seq, t, body)).unwrap();
     }
 
     #[test]

@@ -38,6 +38,9 @@ CREATE TABLE IF NOT EXISTS vms (
     reason TEXT NOT NULL,
     state_since INTEGER NOT NULL,
     updated_at INTEGER NOT NULL,
+    idle_net INTEGER NOT NULL DEFAULT 0,
+    idle_disk INTEGER NOT NULL DEFAULT 0,
+    usage TEXT NOT NULL DEFAULT '{}',
     PRIMARY KEY (node_id, uuid)
 );
 CREATE INDEX IF NOT EXISTS vms_uuid ON vms(uuid);
@@ -174,8 +177,8 @@ pub fn apply(tx: &Transaction<'_>, effects: &[Effect]) -> Result<Vec<i64>, Store
             Effect::UpsertVm(vm) => {
                 let mut stmt = tx
                     .prepare_cached(
-                        "INSERT OR REPLACE INTO vms (node_id, uuid, name, state, reason, state_since, updated_at) \
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                        "INSERT OR REPLACE INTO vms (node_id, uuid, name, state, reason, state_since, updated_at, \
+                         idle_net, idle_disk, usage) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
                     )
                     .map_err(ctx("write vm"))?;
                 stmt.execute(params![
@@ -185,7 +188,11 @@ pub fn apply(tx: &Transaction<'_>, effects: &[Effect]) -> Result<Vec<i64>, Store
                     vm.state,
                     vm.reason,
                     vm.state_since as i64,
-                    vm.updated_at as i64
+                    vm.updated_at as i64,
+                    vm.usage.net.idle,
+                    vm.usage.disk.idle,
+                    // Plain structs of numbers and booleans always serialise.
+                    serde_json::to_string(&vm.usage).unwrap_or_else(|_| "{}".into())
                 ])
                 .map_err(ctx("write vm"))?;
             }
@@ -254,6 +261,8 @@ fn vm_from_row(row: &Row<'_>) -> rusqlite::Result<Vm> {
         reason: row.get("reason")?,
         state_since: get_u64(row, "state_since")?,
         updated_at: get_u64(row, "updated_at")?,
+        // A usage column we cannot read costs only the idle history, never the row.
+        usage: serde_json::from_str(&row.get::<_, String>("usage")?).unwrap_or_default(),
     })
 }
 
@@ -293,6 +302,8 @@ fn journal_from_row(row: &Row<'_>) -> rusqlite::Result<JournalRow> {
 pub struct VmFilter {
     pub node: Option<String>,
     pub state: Option<String>,
+    /// Only VMs with an idle flag (network or disk).
+    pub idle: bool,
     pub limit: u32,
     pub offset: u64,
 }
@@ -331,7 +342,11 @@ impl Reader {
 
     /// A page of VM rows and the total count matching the filter.
     pub fn vms(&self, f: &VmFilter) -> Result<(Vec<Vm>, u64), StoreError> {
-        let where_sql = "WHERE (?1 IS NULL OR node_id = ?1) AND (?2 IS NULL OR state = ?2)";
+        let where_sql = if f.idle {
+            "WHERE (?1 IS NULL OR node_id = ?1) AND (?2 IS NULL OR state = ?2) AND (idle_net OR idle_disk)"
+        } else {
+            "WHERE (?1 IS NULL OR node_id = ?1) AND (?2 IS NULL OR state = ?2)"
+        };
         let total: i64 = self
             .conn
             .query_row(
@@ -423,6 +438,7 @@ mod tests {
             reason: "booted".into(),
             state_since: 5,
             updated_at: 6,
+            usage: Default::default(),
         };
         let entry = Entry {
             received_at: 1,

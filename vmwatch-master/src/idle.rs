@@ -1,0 +1,319 @@
+//! The idle rule (pure): per running VM, each stats sample against the previous one.
+//!
+//! For each resource — network (`tx_pkts`) and disk (`wr_reqs`) — a zero delta is a quiet
+//! window; after `idle_windows` consecutive quiet windows the resource is flagged idle, and any
+//! activity clears the flag. A counter that went down (the VM restarted) or a missing previous
+//! sample is *unknown*: it never flags and it restarts the count. A VM with no interface (or no
+//! disk) cannot be judged on it and says so (`no_device`) instead of looking idle.
+//!
+//! Missed windows: when two samples are further apart than one interval (the node or master was
+//! away), a zero delta counts for as many windows as the gap spans, rounded to the nearest.
+
+use serde::{Deserialize, Serialize};
+
+/// The last counters kept for a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sample {
+    /// Node time of the sample, unix ms.
+    pub ts: u64,
+    pub tx_pkts: u64,
+    pub wr_reqs: u64,
+    pub rx_pkts: u64,
+    pub rd_reqs: u64,
+    pub cpu_time_ns: u64,
+}
+
+/// The idle state of one resource of one VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Resource {
+    /// Flagged idle.
+    pub idle: bool,
+    /// When the flag was set (unix ms).
+    pub since: Option<u64>,
+    /// Consecutive quiet windows so far.
+    pub quiet_windows: u32,
+    /// The counter's change over the last evaluated window(s); `None` when unknown.
+    pub last_delta: Option<u64>,
+    /// True when the VM has no device of this kind (no interface, no disk): never idle, and
+    /// shown as its own warning.
+    pub no_device: bool,
+}
+
+/// Everything the master keeps about a VM's activity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Usage {
+    pub sample: Option<Sample>,
+    pub nics: u32,
+    pub disks: u32,
+    pub net: Resource,
+    pub disk: Resource,
+    /// Length of the last evaluated window(s), in ms.
+    pub last_window_ms: Option<u64>,
+}
+
+/// A flag that changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Change {
+    /// `net` or `disk`.
+    pub resource: &'static str,
+    /// True: became idle; false: became active again.
+    pub idle: bool,
+    /// Quiet windows behind the change (0 for activity).
+    pub windows: u32,
+}
+
+/// One new sample of a VM. `running` says whether the VM is running (only running VMs are
+/// evaluated; others just keep the sample). Returns the flags that changed.
+pub fn observe(
+    usage: &mut Usage,
+    sample: Sample,
+    nics: u32,
+    disks: u32,
+    running: bool,
+    interval_ms: u64,
+    idle_windows: u32,
+    now: u64,
+) -> Vec<Change> {
+    let prev = usage.sample.replace(sample);
+    usage.nics = nics;
+    usage.disks = disks;
+    let mut changes = Vec::new();
+    if !running {
+        return changes;
+    }
+    let windows = match prev {
+        Some(p) if sample.ts > p.ts && interval_ms > 0 => {
+            let elapsed = sample.ts - p.ts;
+            usage.last_window_ms = Some(elapsed);
+            ((elapsed + interval_ms / 2) / interval_ms).max(1) as u32
+        }
+        _ => 0, // no usable previous sample: unknown
+    };
+    let resources: [(&'static str, &mut Resource, u32, Option<(u64, u64)>); 2] = [
+        (
+            "net",
+            &mut usage.net,
+            nics,
+            prev.map(|p| (p.tx_pkts, sample.tx_pkts)),
+        ),
+        (
+            "disk",
+            &mut usage.disk,
+            disks,
+            prev.map(|p| (p.wr_reqs, sample.wr_reqs)),
+        ),
+    ];
+    for (name, r, devices, counters) in resources {
+        r.no_device = devices == 0;
+        let delta = match counters {
+            Some((before, after)) if windows > 0 && after >= before && devices > 0 => {
+                Some(after - before)
+            }
+            _ => None,
+        };
+        r.last_delta = delta;
+        match delta {
+            None => r.quiet_windows = 0,
+            Some(0) => {
+                r.quiet_windows = r.quiet_windows.saturating_add(windows);
+                if !r.idle && r.quiet_windows >= idle_windows {
+                    r.idle = true;
+                    r.since = Some(now);
+                    changes.push(Change {
+                        resource: name,
+                        idle: true,
+                        windows: r.quiet_windows,
+                    });
+                }
+            }
+            Some(_) => {
+                r.quiet_windows = 0;
+                if r.idle {
+                    r.idle = false;
+                    r.since = None;
+                    changes.push(Change {
+                        resource: name,
+                        idle: false,
+                        windows: 0,
+                    });
+                }
+            }
+        }
+        if r.no_device && r.idle {
+            // A device removed while flagged: the flag no longer means anything.
+            r.idle = false;
+            r.since = None;
+            changes.push(Change {
+                resource: name,
+                idle: false,
+                windows: 0,
+            });
+        }
+    }
+    changes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: u64 = 60_000;
+
+    fn s(ts_min: u64, tx: u64, wr: u64) -> Sample {
+        Sample {
+            ts: ts_min * MIN,
+            tx_pkts: tx,
+            wr_reqs: wr,
+            rx_pkts: 0,
+            rd_reqs: 0,
+            cpu_time_ns: 0,
+        }
+    }
+
+    /// Feeds samples (minute, tx, wr) with a 1-minute interval; returns the flags after each.
+    fn run(
+        samples: &[(u64, u64, u64)],
+        idle_windows: u32,
+        nics: u32,
+        disks: u32,
+    ) -> Vec<(bool, bool)> {
+        let mut u = Usage::default();
+        samples
+            .iter()
+            .map(|&(t, tx, wr)| {
+                observe(
+                    &mut u,
+                    s(t, tx, wr),
+                    nics,
+                    disks,
+                    true,
+                    MIN,
+                    idle_windows,
+                    t * MIN,
+                );
+                (u.net.idle, u.disk.idle)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn first_sample_is_unknown_then_zero_delta_is_idle() {
+        assert_eq!(
+            run(&[(0, 5, 5), (1, 5, 5)], 1, 1, 1),
+            [(false, false), (true, true)]
+        );
+    }
+
+    #[test]
+    fn activity_on_one_resource_only() {
+        assert_eq!(
+            run(&[(0, 5, 5), (1, 5, 9), (2, 5, 12)], 1, 1, 1),
+            [(false, false), (true, false), (true, false)]
+        );
+    }
+
+    #[test]
+    fn idle_windows_must_be_consecutive() {
+        let flags = run(
+            &[(0, 0, 0), (1, 0, 0), (2, 1, 0), (3, 1, 0), (4, 1, 0)],
+            2,
+            1,
+            1,
+        );
+        assert_eq!(
+            flags,
+            [
+                (false, false),
+                (false, false),
+                (false, true),
+                (false, true),
+                (true, true)
+            ]
+        );
+    }
+
+    #[test]
+    fn activity_clears_the_flag() {
+        assert_eq!(
+            run(&[(0, 0, 0), (1, 0, 0), (2, 3, 0)], 1, 1, 1)[2],
+            (false, true)
+        );
+    }
+
+    #[test]
+    fn counter_reset_is_unknown_never_idle() {
+        // The VM restarted between samples: counters below the previous sample.
+        let flags = run(&[(0, 50, 50), (1, 60, 70), (2, 3, 3), (3, 9, 9)], 1, 1, 1);
+        assert_eq!(flags, [(false, false); 4]);
+        // A reset to zero is a reset, not a quiet window.
+        assert_eq!(
+            run(&[(0, 50, 50), (1, 0, 0)], 1, 1, 1),
+            [(false, false), (false, false)]
+        );
+    }
+
+    #[test]
+    fn counter_wrap_is_unknown() {
+        let flags = run(&[(0, u64::MAX - 1, 0), (1, 2, 1)], 1, 1, 1);
+        assert_eq!(flags[1], (false, false));
+    }
+
+    #[test]
+    fn missed_windows_count_for_what_they_span() {
+        // Three windows apart with no change: three quiet windows at once.
+        assert_eq!(run(&[(0, 1, 1), (3, 1, 1)], 3, 1, 1)[1], (true, true));
+        // Activity over a long gap is activity.
+        assert_eq!(
+            run(&[(0, 1, 1), (1, 1, 1), (5, 2, 2)], 1, 1, 1)[2],
+            (false, false)
+        );
+    }
+
+    #[test]
+    fn no_device_is_reported_not_idle() {
+        let mut u = Usage::default();
+        observe(&mut u, s(0, 0, 0), 0, 1, true, MIN, 1, 0);
+        observe(&mut u, s(1, 0, 0), 0, 1, true, MIN, 1, MIN);
+        assert!(!u.net.idle && u.net.no_device);
+        assert!(u.disk.idle && !u.disk.no_device);
+    }
+
+    #[test]
+    fn not_running_is_not_evaluated() {
+        let mut u = Usage::default();
+        observe(&mut u, s(0, 0, 0), 1, 1, true, MIN, 1, 0);
+        for t in 1..5 {
+            assert!(observe(&mut u, s(t, 0, 0), 1, 1, false, MIN, 1, t * MIN).is_empty());
+        }
+        assert!(!u.net.idle, "a paused VM is not flagged");
+        // Resumed: the sample taken while paused is the baseline.
+        assert_eq!(
+            observe(&mut u, s(5, 0, 0), 1, 1, true, MIN, 1, 5 * MIN).len(),
+            2
+        );
+    }
+
+    #[test]
+    fn changes_are_reported_once() {
+        let mut u = Usage::default();
+        let mut all = Vec::new();
+        for t in 0..5 {
+            all.extend(observe(&mut u, s(t, 0, 0), 1, 1, true, MIN, 2, t * MIN));
+        }
+        assert_eq!(
+            all,
+            [
+                Change {
+                    resource: "net",
+                    idle: true,
+                    windows: 2
+                },
+                Change {
+                    resource: "disk",
+                    idle: true,
+                    windows: 2
+                }
+            ]
+        );
+    }
+}
