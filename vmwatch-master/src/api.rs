@@ -94,6 +94,7 @@ pub fn router(state: AppState) -> Router {
     let protected = Router::new()
         .route("/api/v1/vms", get(list_vms))
         .route("/api/v1/vms/{uuid}", get(get_vm))
+        .route("/api/v1/vms/{uuid}/wait", get(wait_vm))
         .route("/api/v1/nodes", get(list_nodes))
         .route("/api/v1/events", get(list_events))
         .route("/metrics", get(metrics))
@@ -139,6 +140,7 @@ struct VmsQuery {
     node: Option<String>,
     state: Option<String>,
     idle: Option<bool>,
+    duplicate: Option<bool>,
     limit: Option<u32>,
     offset: Option<u64>,
 }
@@ -162,6 +164,7 @@ async fn list_vms(
         node: q.node,
         state: q.state,
         idle: q.idle.unwrap_or(false),
+        duplicate: q.duplicate.unwrap_or(false),
         limit: page(q.limit)?,
         offset: q.offset.unwrap_or(0),
     };
@@ -191,6 +194,70 @@ async fn get_vm(
 async fn list_nodes(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
     let nodes = read(&state, |r| r.nodes()).await?;
     Ok(Json(json!({ "nodes": nodes })))
+}
+
+/// Longest a `/wait` may hold a request.
+pub const MAX_WAIT_S: u64 = 3600;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WaitQuery {
+    state: String,
+    timeout: Option<u64>,
+}
+
+/// Long poll: answers as soon as any row of the VM is in `state` (200), or after `timeout`
+/// seconds with 408 and the current rows. Waiters are async tasks woken by the core's change
+/// broadcast: no thread and no polling per waiter.
+async fn wait_vm(
+    State(state): State<AppState>,
+    Path(uuid): Path<String>,
+    q: Result<Query<WaitQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = q.map_err(|e| bad_request(e.body_text()))?;
+    let timeout_s = q.timeout.unwrap_or(600);
+    if timeout_s > MAX_WAIT_S {
+        return Err(bad_request(format!(
+            "timeout {timeout_s} is above the maximum of {MAX_WAIT_S} s"
+        )));
+    }
+    // Subscribe before reading, so no change can slip between the read and the wait.
+    let mut changes = state.shared.vm_changes.subscribe();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(timeout_s);
+    loop {
+        let key = uuid.clone();
+        let rows = read(&state, move |r| r.vm(&key)).await?;
+        if rows.iter().any(|r| r.state == q.state) {
+            return Ok(Json(json!({ "uuid": uuid, "reached": true, "rows": rows })).into_response());
+        }
+        // Wait for a change of this uuid into the wanted state (or a lag: then re-read).
+        loop {
+            match tokio::time::timeout_at(deadline, changes.recv()).await {
+                Err(_) => {
+                    return Ok((
+                        StatusCode::REQUEST_TIMEOUT,
+                        Json(json!({ "uuid": uuid, "reached": false, "rows": rows })),
+                    )
+                        .into_response());
+                }
+                Ok(Ok(batch)) => {
+                    if batch
+                        .iter()
+                        .any(|c| c.uuid == uuid && c.state.as_deref() == Some(q.state.as_str()))
+                    {
+                        break;
+                    }
+                }
+                Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => break,
+                Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => {
+                    return Err(ApiError(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "master is stopping".into(),
+                    ));
+                }
+            }
+        }
+    }
 }
 
 #[derive(Deserialize)]

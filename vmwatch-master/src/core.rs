@@ -13,19 +13,28 @@ use vmwatch_common::time::now_ms;
 use crate::ingest::Received;
 use crate::metrics::{KindLabel, Metrics, NodeLabel, RejectLog, ResourceLabel, StateLabel};
 use crate::rules::{self, Effect, Inventory, Rules};
-use crate::store::{self, Store};
+use crate::store::Store;
 
 /// Most messages applied in one transaction.
 const MAX_BATCH: usize = 4096;
 
 /// Shared signals between the core and the HTTP side.
 pub struct Shared {
-    /// Bumped after every commit; long-polls wait on it.
+    /// Bumped after every commit; the webhook deliverer waits on it.
     pub committed: tokio::sync::watch::Sender<u64>,
+    /// The VM rows each commit changed; long-polls (`/wait`) listen to it.
+    pub vm_changes: tokio::sync::broadcast::Sender<Arc<Vec<VmChange>>>,
     /// Unix ms of the core loop's last turn (the watchdog checks it).
     pub last_turn_ms: AtomicU64,
     /// Whether the last commit succeeded (`/healthz`).
     pub db_ok: AtomicBool,
+}
+
+/// One VM row written by a commit (`state` is `None` when the row was removed).
+#[derive(Debug, Clone)]
+pub struct VmChange {
+    pub uuid: String,
+    pub state: Option<String>,
 }
 
 pub struct Core {
@@ -36,6 +45,7 @@ pub struct Core {
     pub reject_log: Arc<RejectLog>,
     pub started_at: u64,
     pub shared: Arc<Shared>,
+    pub retention_days: u64,
 }
 
 impl Core {
@@ -48,6 +58,7 @@ impl Core {
     fn run(mut self, rx: Receiver<Received>) {
         let mut next_liveness = Instant::now();
         let mut next_gauges = Instant::now();
+        let mut next_purge = Instant::now() + Duration::from_secs(60);
         loop {
             self.shared.last_turn_ms.store(now_ms(), Ordering::Relaxed);
             let mut batch = Vec::new();
@@ -71,6 +82,11 @@ impl Core {
                 if liveness_due {
                     next_liveness = Instant::now() + Duration::from_secs(1);
                 }
+            }
+            if Instant::now() >= next_purge {
+                self.purge();
+                next_purge =
+                    Instant::now() + Duration::from_millis(crate::retention::PURGE_EVERY_MS);
             }
             if Instant::now() >= next_gauges {
                 self.update_gauges();
@@ -117,17 +133,17 @@ impl Core {
                 now,
                 self.started_at,
             ));
+            effects.extend(crate::duplicate::check(
+                &mut self.inventory,
+                now,
+                self.rules.duplicate_grace_ms,
+            ));
         }
         if effects.is_empty() {
             return;
         }
         let started = Instant::now();
-        let result = self.store.begin().and_then(|tx| {
-            let ids = store::apply(&tx, &effects)?;
-            tx.commit()
-                .map_err(|e| store::StoreError(format!("commit: {e}")))?;
-            Ok(ids)
-        });
+        let result = self.store.commit(&effects);
         match result {
             Ok(ids) => {
                 self.shared.db_ok.store(true, Ordering::Relaxed);
@@ -156,6 +172,24 @@ impl Core {
                     }
                 }
                 self.shared.committed.send_modify(|n| *n += 1);
+                let changes: Vec<VmChange> = effects
+                    .iter()
+                    .filter_map(|e| match e {
+                        Effect::UpsertVm(vm) => Some(VmChange {
+                            uuid: vm.uuid.clone(),
+                            state: Some(vm.state.clone()),
+                        }),
+                        Effect::RemoveVm { uuid, .. } => Some(VmChange {
+                            uuid: uuid.clone(),
+                            state: None,
+                        }),
+                        _ => None,
+                    })
+                    .collect();
+                if !changes.is_empty() {
+                    // No receiver (no waiter) is fine.
+                    let _ = self.shared.vm_changes.send(Arc::new(changes));
+                }
             }
             Err(e) => {
                 self.metrics.db_errors.inc();
@@ -166,6 +200,21 @@ impl Core {
                     Err(e) => tracing::error!(error = %e, "cannot reload the inventory"),
                 }
             }
+        }
+    }
+
+    fn purge(&mut self) {
+        let Some(cutoff) = crate::retention::cutoff(now_ms(), self.retention_days) else {
+            return;
+        };
+        match self.store.purge_journal(cutoff) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                purged = n,
+                retention_days = self.retention_days,
+                "old journal entries purged"
+            ),
+            Err(e) => tracing::error!(error = %e, "journal purge failed; retrying in an hour"),
         }
     }
 
@@ -186,12 +235,14 @@ impl Core {
                 .set(n.libvirt_up as i64);
         }
         let mut by_state: std::collections::HashMap<&str, i64> = std::collections::HashMap::new();
-        let (mut idle_net, mut idle_disk) = (0, 0);
+        let (mut idle_net, mut idle_disk, mut duplicates) = (0, 0, 0);
         for vm in self.inventory.vms.values().flat_map(|m| m.values()) {
             *by_state.entry(vm.state.as_str()).or_default() += 1;
             idle_net += i64::from(vm.usage.net.idle);
             idle_disk += i64::from(vm.usage.disk.idle);
+            duplicates += i64::from(vm.duplicate);
         }
+        self.metrics.vms_duplicate.set(duplicates);
         self.metrics
             .vms_idle
             .get_or_create(&ResourceLabel {

@@ -8,11 +8,14 @@
 mod api;
 mod config;
 mod core;
+mod duplicate;
 mod idle;
 mod ingest;
 mod metrics;
+mod retention;
 mod rules;
 mod store;
+mod webhook;
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -89,7 +92,10 @@ fn main() -> ExitCode {
 
 fn run(config: config::MasterConfig, log: LogFile) -> Result<(), String> {
     let config = Arc::new(config);
-    let store = store::Store::open(&config.db_path).map_err(|e| e.to_string())?;
+    let mut store = store::Store::open(&config.db_path).map_err(|e| e.to_string())?;
+    if config.panel_url.is_some() {
+        store.enable_outbox();
+    }
     let inventory = store.load_inventory().map_err(|e| e.to_string())?;
     tracing::info!(nodes = inventory.nodes.len(), vms = inventory.vm_count(), db = %config.db_path.display(), "inventory loaded");
     let readers = Arc::new(api::ReaderPool::open(&config.db_path, 4).map_err(|e| e.to_string())?);
@@ -107,8 +113,10 @@ fn run(config: config::MasterConfig, log: LogFile) -> Result<(), String> {
     let metrics = Arc::new(metrics::Metrics::new());
     let reject_log = Arc::new(metrics::RejectLog::new(Duration::from_secs(10)));
     let (committed, _) = tokio::sync::watch::channel(0u64);
+    let (vm_changes, _) = tokio::sync::broadcast::channel(1024);
     let shared = Arc::new(core::Shared {
         committed,
+        vm_changes,
         last_turn_ms: AtomicU64::new(now_ms()),
         db_ok: AtomicBool::new(true),
     });
@@ -120,11 +128,13 @@ fn run(config: config::MasterConfig, log: LogFile) -> Result<(), String> {
             max_clock_skew_ms: config.max_clock_skew * 1000,
             node_timeout_ms: config.node_timeout * 1000,
             idle_windows: config.idle_windows,
+            duplicate_grace_ms: config.duplicate_grace * 1000,
         },
         metrics: metrics.clone(),
         reject_log: reject_log.clone(),
         started_at: now_ms(),
         shared: shared.clone(),
+        retention_days: config.event_retention_days,
     };
     let core_thread = core
         .spawn(from_ingest)
@@ -151,6 +161,30 @@ fn run(config: config::MasterConfig, log: LogFile) -> Result<(), String> {
             .map(|t| Arc::new(String::from_utf8_lossy(t.expose()).into_owned())),
     };
     tracing::info!(listen = %config.listen, http = %config.http_listen, version = vmwatch_common::VERSION, "vmwatch-master started");
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let webhook = match &config.panel_url {
+        Some(url) => {
+            let key = config
+                .panel_secret
+                .as_ref()
+                .or(config.secret.as_ref())
+                .map(|s| s.expose().to_vec());
+            let Some(key) = key else {
+                return Err("panel_url is set but neither panel_secret nor secret is".into());
+            };
+            let outbox = store::Outbox::open(&config.db_path).map_err(|e| e.to_string())?;
+            let hook = webhook::Webhook {
+                url: url.clone(),
+                key,
+                outbox,
+                metrics: state.metrics.clone(),
+                committed: shared.committed.subscribe(),
+                shutdown: stop_rx,
+            };
+            Some(runtime.spawn(hook.run()))
+        }
+        None => None,
+    };
     runtime.block_on(async move {
         let server = axum::serve(listener, api::router(state))
             .with_graceful_shutdown(shutdown_signal(log, shared.clone()));
@@ -161,6 +195,11 @@ fn run(config: config::MasterConfig, log: LogFile) -> Result<(), String> {
     });
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     tracing::info!("stopping: draining ingest and committing");
+    let _ = stop_tx.send(true);
+    if let Some(task) = webhook {
+        let _ =
+            runtime.block_on(async { tokio::time::timeout(Duration::from_secs(5), task).await });
+    }
     stop_ingest.store(true, Ordering::Relaxed);
     let _ = ingest_thread.join();
     // The ingest thread held the only sender: the core commits what it has, then returns.

@@ -48,7 +48,12 @@ pub struct Metrics {
     pub node_libvirt_up: Family<NodeLabel, Gauge>,
     pub vms: Family<StateLabel, Gauge>,
     pub vms_idle: Family<ResourceLabel, Gauge>,
+    pub vms_duplicate: Gauge,
     pub db_errors: Counter,
+    pub outbox_depth: Gauge,
+    pub webhook_deliveries: Counter,
+    pub webhook_failures: Counter,
+    pub webhook_latency: Histogram,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -127,6 +132,36 @@ impl Metrics {
             "VM rows flagged idle, by resource (net, disk)",
             vms_idle.clone(),
         );
+        let vms_duplicate = Gauge::default();
+        registry.register(
+            "vms_duplicate",
+            "VM rows flagged duplicate",
+            vms_duplicate.clone(),
+        );
+        let outbox_depth = Gauge::default();
+        registry.register(
+            "outbox_depth",
+            "Journal entries waiting for the panel webhook",
+            outbox_depth.clone(),
+        );
+        let webhook_deliveries = Counter::default();
+        registry.register(
+            "webhook_deliveries",
+            "Journal entries acknowledged by the panel (2xx)",
+            webhook_deliveries.clone(),
+        );
+        let webhook_failures = Counter::default();
+        registry.register(
+            "webhook_failures",
+            "Failed webhook attempts (each is retried)",
+            webhook_failures.clone(),
+        );
+        let webhook_latency = Histogram::new(exponential_buckets(0.001, 2.0, 20));
+        registry.register(
+            "webhook_latency_seconds",
+            "From journal entry to the panel's 2xx",
+            webhook_latency.clone(),
+        );
         let db_errors = Counter::default();
         registry.register("db_errors", "Failed database batches", db_errors.clone());
         Metrics {
@@ -144,7 +179,12 @@ impl Metrics {
             node_libvirt_up,
             vms,
             vms_idle,
+            vms_duplicate,
             db_errors,
+            outbox_depth,
+            webhook_deliveries,
+            webhook_failures,
+            webhook_latency,
         }
     }
 

@@ -21,6 +21,7 @@ pub struct Rules {
     pub max_clock_skew_ms: u64,
     pub node_timeout_ms: u64,
     pub idle_windows: u32,
+    pub duplicate_grace_ms: u64,
 }
 
 /// What the master knows of one node.
@@ -56,6 +57,8 @@ pub struct Vm {
     pub updated_at: u64,
     /// Counters and idle flags (see `idle.rs`).
     pub usage: Usage,
+    /// Active on two or more nodes for longer than the grace (see `duplicate.rs`).
+    pub duplicate: bool,
 }
 
 /// The kinds of journal entries.
@@ -127,6 +130,9 @@ pub enum Effect {
 pub struct Inventory {
     pub nodes: HashMap<String, Node>,
     pub vms: HashMap<String, BTreeMap<String, Vm>>,
+    /// Since when each uuid has been active on two or more nodes (kept in memory: after a
+    /// master restart the grace starts again).
+    pub dup_since: HashMap<String, u64>,
 }
 
 impl Inventory {
@@ -384,7 +390,10 @@ fn apply_snapshot(
             Some(vm) if !changed_state => vm.state_since,
             _ => now,
         };
-        let usage = vms.get(&d.uuid).map(|vm| vm.usage).unwrap_or_default();
+        let (usage, duplicate) = vms
+            .get(&d.uuid)
+            .map(|vm| (vm.usage, vm.duplicate))
+            .unwrap_or_default();
         let vm = Vm {
             node_id: node_id.to_owned(),
             uuid: d.uuid.clone(),
@@ -394,6 +403,7 @@ fn apply_snapshot(
             state_since,
             updated_at: now,
             usage,
+            duplicate,
         };
         if changed_state {
             // The snapshot found a change no event told us about (or a domain not seen before).
@@ -442,7 +452,10 @@ fn apply_event(
         Some(vm) if vm.state == e.state => vm.state_since,
         _ => e.event_ts,
     };
-    let usage = vms.get(&e.uuid).map(|vm| vm.usage).unwrap_or_default();
+    let (usage, duplicate) = vms
+        .get(&e.uuid)
+        .map(|vm| (vm.usage, vm.duplicate))
+        .unwrap_or_default();
     let vm = Vm {
         node_id: node_id.to_owned(),
         uuid: e.uuid.clone(),
@@ -452,6 +465,7 @@ fn apply_event(
         state_since,
         updated_at: now,
         usage,
+        duplicate,
     };
     out.effects.push(Effect::UpsertVm(vm.clone()));
     vms.insert(e.uuid, vm);
@@ -550,6 +564,7 @@ mod tests {
         max_clock_skew_ms: 300_000,
         node_timeout_ms: 90_000,
         idle_windows: 1,
+        duplicate_grace_ms: 60_000,
     };
     const NOW: u64 = 1_800_000_000_000;
 

@@ -40,6 +40,7 @@ CREATE TABLE IF NOT EXISTS vms (
     updated_at INTEGER NOT NULL,
     idle_net INTEGER NOT NULL DEFAULT 0,
     idle_disk INTEGER NOT NULL DEFAULT 0,
+    duplicate INTEGER NOT NULL DEFAULT 0,
     usage TEXT NOT NULL DEFAULT '{}',
     PRIMARY KEY (node_id, uuid)
 );
@@ -57,6 +58,10 @@ CREATE TABLE IF NOT EXISTS journal (
     state TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS journal_uuid ON journal(uuid, id);
+CREATE INDEX IF NOT EXISTS journal_received ON journal(received_at);
+CREATE TABLE IF NOT EXISTS outbox (
+    journal_id INTEGER PRIMARY KEY
+);
 CREATE INDEX IF NOT EXISTS journal_node ON journal(node_id, id);
 ";
 
@@ -79,6 +84,8 @@ fn ctx(what: &'static str) -> impl Fn(rusqlite::Error) -> StoreError {
 /// The writing side.
 pub struct Store {
     conn: Connection,
+    /// Whether journal entries also go to the webhook outbox (`panel_url` is set).
+    outbox: bool,
 }
 
 impl Store {
@@ -105,7 +112,44 @@ impl Store {
         conn.execute_batch(SCHEMA).map_err(ctx("create schema"))?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)
             .map_err(ctx("set schema version"))?;
-        Ok(Store { conn })
+        Ok(Store {
+            conn,
+            outbox: false,
+        })
+    }
+
+    /// Makes every journal entry written from now on wait in the outbox for the panel.
+    pub fn enable_outbox(&mut self) {
+        self.outbox = true;
+    }
+
+    /// Writes effects and commits them as one durable transaction; returns the new journal
+    /// ids.
+    pub fn commit(&mut self, effects: &[Effect]) -> Result<Vec<i64>, StoreError> {
+        let outbox = self.outbox;
+        let tx = self.conn.transaction().map_err(ctx("begin transaction"))?;
+        let ids = apply(&tx, effects)?;
+        if outbox {
+            let mut stmt = tx
+                .prepare_cached("INSERT INTO outbox (journal_id) VALUES (?1)")
+                .map_err(ctx("write outbox"))?;
+            for id in &ids {
+                stmt.execute(params![id]).map_err(ctx("write outbox"))?;
+            }
+        }
+        tx.commit().map_err(ctx("commit"))?;
+        Ok(ids)
+    }
+
+    /// Deletes journal entries received before `cutoff` (unix ms), except those still waiting
+    /// in the outbox. Returns how many went.
+    pub fn purge_journal(&mut self, cutoff: u64) -> Result<usize, StoreError> {
+        self.conn
+            .execute(
+                "DELETE FROM journal WHERE received_at < ?1 AND id NOT IN (SELECT journal_id FROM outbox)",
+                params![cutoff as i64],
+            )
+            .map_err(ctx("purge journal"))
     }
 
     /// Loads the inventory the rules decide over.
@@ -136,15 +180,10 @@ impl Store {
         }
         Ok(inv)
     }
-
-    /// Starts a batch; effects are written with [`apply`] and made durable by `commit`.
-    pub fn begin(&mut self) -> Result<Transaction<'_>, StoreError> {
-        self.conn.transaction().map_err(ctx("begin transaction"))
-    }
 }
 
 /// Writes effects inside a transaction; returns the ids given to journal entries.
-pub fn apply(tx: &Transaction<'_>, effects: &[Effect]) -> Result<Vec<i64>, StoreError> {
+fn apply(tx: &Transaction<'_>, effects: &[Effect]) -> Result<Vec<i64>, StoreError> {
     let mut ids = Vec::new();
     for effect in effects {
         match effect {
@@ -178,7 +217,7 @@ pub fn apply(tx: &Transaction<'_>, effects: &[Effect]) -> Result<Vec<i64>, Store
                 let mut stmt = tx
                     .prepare_cached(
                         "INSERT OR REPLACE INTO vms (node_id, uuid, name, state, reason, state_since, updated_at, \
-                         idle_net, idle_disk, usage) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                         idle_net, idle_disk, duplicate, usage) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
                     )
                     .map_err(ctx("write vm"))?;
                 stmt.execute(params![
@@ -191,6 +230,7 @@ pub fn apply(tx: &Transaction<'_>, effects: &[Effect]) -> Result<Vec<i64>, Store
                     vm.updated_at as i64,
                     vm.usage.net.idle,
                     vm.usage.disk.idle,
+                    vm.duplicate,
                     // Plain structs of numbers and booleans always serialise.
                     serde_json::to_string(&vm.usage).unwrap_or_else(|_| "{}".into())
                 ])
@@ -263,6 +303,7 @@ fn vm_from_row(row: &Row<'_>) -> rusqlite::Result<Vm> {
         updated_at: get_u64(row, "updated_at")?,
         // A usage column we cannot read costs only the idle history, never the row.
         usage: serde_json::from_str(&row.get::<_, String>("usage")?).unwrap_or_default(),
+        duplicate: row.get("duplicate")?,
     })
 }
 
@@ -297,6 +338,66 @@ fn journal_from_row(row: &Row<'_>) -> rusqlite::Result<JournalRow> {
     })
 }
 
+/// The webhook deliverer's view of the outbox. It has its own connection and writes nothing
+/// but outbox deletions (acknowledged deliveries); everything else is the core's.
+pub struct Outbox {
+    conn: Connection,
+}
+
+impl Outbox {
+    pub fn open(path: &Path) -> Result<Outbox, StoreError> {
+        let conn = Connection::open(path).map_err(|e| {
+            StoreError(format!(
+                "cannot open database {} for the outbox: {e}",
+                path.display()
+            ))
+        })?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(ctx("set busy timeout"))?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(ctx("set synchronous"))?;
+        Ok(Outbox { conn })
+    }
+
+    /// The oldest undelivered entries, in journal order.
+    pub fn pending(&self, limit: u32) -> Result<Vec<JournalRow>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT journal.* FROM outbox JOIN journal ON journal.id = outbox.journal_id \
+                 ORDER BY outbox.journal_id LIMIT ?1",
+            )
+            .map_err(ctx("read outbox"))?;
+        let rows = stmt
+            .query_map(params![limit], journal_from_row)
+            .map_err(ctx("read outbox"))?;
+        rows.collect::<Result<Vec<_>, _>>()
+            .map_err(ctx("read outbox"))
+    }
+
+    /// Removes delivered entries from the outbox (one transaction).
+    pub fn ack(&mut self, ids: &[i64]) -> Result<(), StoreError> {
+        let tx = self.conn.transaction().map_err(ctx("begin outbox ack"))?;
+        {
+            let mut stmt = tx
+                .prepare_cached("DELETE FROM outbox WHERE journal_id = ?1")
+                .map_err(ctx("ack outbox"))?;
+            for id in ids {
+                stmt.execute(params![id]).map_err(ctx("ack outbox"))?;
+            }
+        }
+        tx.commit().map_err(ctx("commit outbox ack"))
+    }
+
+    /// Entries waiting.
+    pub fn depth(&self) -> Result<u64, StoreError> {
+        self.conn
+            .query_row("SELECT count(*) FROM outbox", [], |r| r.get::<_, i64>(0))
+            .map(|n| n.max(0) as u64)
+            .map_err(ctx("count outbox"))
+    }
+}
+
 /// Filters of `GET /api/v1/vms`.
 #[derive(Debug, Default, Clone)]
 pub struct VmFilter {
@@ -304,6 +405,8 @@ pub struct VmFilter {
     pub state: Option<String>,
     /// Only VMs with an idle flag (network or disk).
     pub idle: bool,
+    /// Only VMs flagged duplicate.
+    pub duplicate: bool,
     pub limit: u32,
     pub offset: u64,
 }
@@ -342,11 +445,15 @@ impl Reader {
 
     /// A page of VM rows and the total count matching the filter.
     pub fn vms(&self, f: &VmFilter) -> Result<(Vec<Vm>, u64), StoreError> {
-        let where_sql = if f.idle {
-            "WHERE (?1 IS NULL OR node_id = ?1) AND (?2 IS NULL OR state = ?2) AND (idle_net OR idle_disk)"
-        } else {
-            "WHERE (?1 IS NULL OR node_id = ?1) AND (?2 IS NULL OR state = ?2)"
-        };
+        // The optional filters are fixed SQL fragments: no user text is ever spliced in.
+        let mut where_sql =
+            String::from("WHERE (?1 IS NULL OR node_id = ?1) AND (?2 IS NULL OR state = ?2)");
+        if f.idle {
+            where_sql.push_str(" AND (idle_net OR idle_disk)");
+        }
+        if f.duplicate {
+            where_sql.push_str(" AND duplicate");
+        }
         let total: i64 = self
             .conn
             .query_row(
@@ -439,6 +546,7 @@ mod tests {
             state_since: 5,
             updated_at: 6,
             usage: Default::default(),
+            duplicate: false,
         };
         let entry = Entry {
             received_at: 1,
@@ -453,17 +561,13 @@ mod tests {
         };
         {
             let mut store = Store::open(&path).unwrap();
-            let tx = store.begin().unwrap();
-            let ids = apply(
-                &tx,
-                &[
+            let ids = store
+                .commit(&[
                     Effect::UpsertVm(vm.clone()),
                     Effect::Journal(entry.clone()),
                     Effect::Journal(entry),
-                ],
-            )
-            .unwrap();
-            tx.commit().unwrap();
+                ])
+                .unwrap();
             assert_eq!(ids, [1, 2]);
         }
         let store = Store::open(&path).unwrap();
@@ -493,6 +597,57 @@ mod tests {
             })
             .unwrap();
         assert_eq!((rows.len(), total), (0, 0));
+    }
+
+    fn entry_at(received_at: u64) -> Entry {
+        Entry {
+            received_at,
+            event_ts: received_at,
+            node_id: "hv1".into(),
+            uuid: String::new(),
+            name: String::new(),
+            kind: EntryType::Node,
+            event: "up".into(),
+            detail: String::new(),
+            state: String::new(),
+        }
+    }
+
+    #[test]
+    fn retention_purges_old_delivered_entries_only() {
+        let path = temp_db("retention");
+        let mut store = Store::open(&path).unwrap();
+        const DAY: u64 = 86_400_000;
+        let now = 400 * DAY;
+        // Delivered (no outbox) entries: 100 and 10 days old.
+        store
+            .commit(&[
+                Effect::Journal(entry_at(now - 100 * DAY)),
+                Effect::Journal(entry_at(now - 10 * DAY)),
+            ])
+            .unwrap();
+        // An undelivered entry 100 days old.
+        store.enable_outbox();
+        let pending = store
+            .commit(&[Effect::Journal(entry_at(now - 100 * DAY))])
+            .unwrap();
+        let cutoff = crate::retention::cutoff(now, 90).unwrap();
+        assert_eq!(store.purge_journal(cutoff).unwrap(), 1);
+        let reader = Reader::open(&path).unwrap();
+        let ids: Vec<i64> = reader
+            .events(&EventFilter {
+                limit: 10,
+                ..Default::default()
+            })
+            .unwrap()
+            .iter()
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(
+            ids,
+            [2, pending[0]],
+            "the 10-day-old and the undelivered entries stay"
+        );
     }
 
     #[test]

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Sets everything up (Debian 12, as root) and runs the product on a real local libvirtd:
+# a private libvirtd with three tiny demo guests (idle, disk writer, PXE), a master and a node.
+# Ctrl-C stops everything and removes the guests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+
+bash scripts/install-deps.sh
+# shellcheck disable=SC1091
+[ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
+cargo build --release -p vmwatch-master -p vmwatch-node -p vmwatch-tests --bin vmwatch-master --bin vmwatch-node --bin vmwatch-testbed
+
+demo="$root/.demo"
+rm -rf "$demo"
+mkdir -p "$demo"
+pids=()
+cleanup() {
+  trap - EXIT INT TERM
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  echo "demo stopped"
+}
+trap cleanup EXIT INT TERM
+
+echo "starting a private libvirtd with three demo guests (the first start probes QEMU: ~10 s)"
+"$root/target/release/vmwatch-testbed" --name demo --dir "$demo" >"$demo/testbed.out" 2>"$demo/testbed.err" &
+pids+=($!)
+for _ in $(seq 1 1200); do
+  grep -q '^READY' "$demo/testbed.out" 2>/dev/null && break
+  if ! kill -0 "${pids[0]}" 2>/dev/null; then cat "$demo/testbed.err"; exit 1; fi
+  sleep 0.1
+done
+uri=$(sed -n 's/^LIBVIRT_URI=//p' "$demo/testbed.out")
+[ -n "$uri" ] || { echo "testbed did not start"; cat "$demo/testbed.err"; exit 1; }
+
+secret=$(head -c 24 /dev/urandom | base64 | tr -d '/+=')
+cat >"$demo/master.conf" <<CONF
+listen=tcp://127.0.0.1:1515
+secret=$secret
+db_path=$demo/master.db
+http_listen=127.0.0.1:1516
+log_file=$demo/vmwatch-master.log
+CONF
+cat >"$demo/node.conf" <<CONF
+connect=tcp://127.0.0.1:1515
+secret=$secret
+node_id=$(hostname -s | tr -c 'A-Za-z0-9._-\n' '-')
+libvirt_uri=$uri
+stats_interval=10
+snapshot_interval=60
+heartbeat_interval=5
+log_file=$demo/vmwatch-node.log
+CONF
+chmod 0640 "$demo/master.conf" "$demo/node.conf"
+
+"$root/target/release/vmwatch-master" --config "$demo/master.conf" &
+pids+=($!)
+"$root/target/release/vmwatch-node" --config "$demo/node.conf" &
+pids+=($!)
+
+for _ in $(seq 1 100); do
+  curl -fs http://127.0.0.1:1516/healthz >/dev/null 2>&1 && break
+  sleep 0.1
+done
+cat <<TXT
+
+vmwatch demo running
+  status page:  http://127.0.0.1:1516/
+  API:          http://127.0.0.1:1516/api/v1/vms   /api/v1/nodes   /api/v1/events
+  metrics:      http://127.0.0.1:1516/metrics
+  logs:         $demo/vmwatch-master.log  $demo/vmwatch-node.log
+  libvirt:      virsh -c '$uri' list --all
+Press Ctrl-C to stop.
+TXT
+wait "${pids[1]}"

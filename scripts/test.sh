@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs everything the tests need (Debian 12, as root), then runs every check and test:
+# formatting, clippy, unit tests and the end-to-end tests against a private libvirtd with real
+# QEMU guests. CI=1 makes any test that cannot find its environment fail instead of skipping.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/install-deps.sh
+# shellcheck disable=SC1091
+[ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
+export CI=1
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
+cargo build --workspace --all-targets
+cargo test --workspace -- --test-threads="${VMWATCH_TEST_THREADS:-3}"

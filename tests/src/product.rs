@@ -1,0 +1,411 @@
+//! Runs the real `vmwatch-master` and `vmwatch-node` binaries as processes, with configs in a
+//! private directory, and talks to the master's HTTP API.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::Value;
+
+/// The shared secret the tests use (with `$`, `#` and `=` to prove they are kept literally).
+pub const SECRET: &str = "test-secret-$HOME#=0123456789";
+
+/// Where the workspace's binaries are: `VMWATCH_BIN_DIR`, else next to the test executable's
+/// `deps/` directory (`target/<profile>/`).
+pub fn bin(name: &str) -> PathBuf {
+    if let Ok(dir) = std::env::var("VMWATCH_BIN_DIR") {
+        return Path::new(&dir).join(name);
+    }
+    let exe = std::env::current_exe().expect("current test executable");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/<test>");
+    profile_dir.join(name)
+}
+
+/// A free TCP port on 127.0.0.1 (bound, read, released).
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    l.local_addr().expect("local addr").port()
+}
+
+/// A fresh directory under the system temp dir.
+pub fn temp_dir(name: &str) -> PathBuf {
+    static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("vmwatch-e2e-{name}-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create temp dir");
+    dir
+}
+
+/// Polls `f` every 20 ms until it returns `Some`, or panics after `timeout` naming `what`.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn spawn(binary: &Path, config: &Path, log_dir: &Path, name: &str) -> Result<Child> {
+    let out = std::fs::File::create(log_dir.join(format!("{name}.stdout")))?;
+    let err = std::fs::File::create(log_dir.join(format!("{name}.stderr")))?;
+    Command::new(binary)
+        .arg("--config")
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .with_context(|| format!("spawn {}", binary.display()))
+}
+
+fn signal(child: &Child, sig: i32) {
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, sig) };
+}
+
+/// Sends SIGTERM and waits (bounded) for the exit status.
+fn terminate(child: &mut Child, timeout: Duration) -> Result<std::process::ExitStatus> {
+    signal(child, libc::SIGTERM);
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "process {} did not exit within {timeout:?} of SIGTERM",
+                child.id()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Extra `KEY=VALUE` lines for a config.
+pub type Extra<'a> = &'a [(&'a str, &'a str)];
+
+/// A running master.
+pub struct Master {
+    pub dir: PathBuf,
+    pub zmq_port: u16,
+    pub http_port: u16,
+    pub config: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Master {
+    /// Writes a config in `dir` and starts the master; waits until `/healthz` answers.
+    pub fn start(dir: &Path, extra: Extra<'_>) -> Result<Master> {
+        let zmq_port = free_port();
+        let http_port = free_port();
+        let config = dir.join("master.conf");
+        let log = dir.join("master.log");
+        let mut text = format!(
+            "listen=tcp://127.0.0.1:{zmq_port}\nsecret={SECRET}\ndb_path={}\nhttp_listen=127.0.0.1:{http_port}\n\
+             log_file={}\nlog_level=debug\n",
+            dir.join("master.db").display(),
+            log.display()
+        );
+        for (k, v) in extra {
+            text.push_str(&format!("{k}={v}\n"));
+        }
+        std::fs::write(&config, text)?;
+        let mut m = Master {
+            dir: dir.to_owned(),
+            zmq_port,
+            http_port,
+            config,
+            log,
+            child: None,
+        };
+        m.spawn()?;
+        Ok(m)
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        self.child = Some(spawn(
+            &bin("vmwatch-master"),
+            &self.config,
+            &self.dir,
+            "master",
+        )?);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!(
+                    "master exited at start with {status}; log:\n{}",
+                    self.log_text()
+                );
+            }
+            if self
+                .get_raw("/healthz")
+                .map(|(s, _)| s == 200)
+                .unwrap_or(false)
+            {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        bail!(
+            "master did not answer /healthz within 20 s; log:\n{}",
+            self.log_text()
+        )
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("tcp://127.0.0.1:{}", self.zmq_port)
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.http_port)
+    }
+
+    /// GET returning (status, body); transport errors are errors.
+    pub fn get_raw(&self, path: &str) -> Result<(u16, String)> {
+        let agent = ureq::AgentBuilder::new()
+            .timeout(Duration::from_secs(5))
+            .build();
+        match agent.get(&self.url(path)).call() {
+            Ok(r) => Ok((r.status(), r.into_string()?)),
+            Err(ureq::Error::Status(code, r)) => Ok((code, r.into_string().unwrap_or_default())),
+            Err(e) => Err(anyhow!("GET {path}: {e}")),
+        }
+    }
+
+    /// GET a JSON document that must answer 200.
+    pub fn get(&self, path: &str) -> Result<Value> {
+        let (status, body) = self.get_raw(path)?;
+        if status != 200 {
+            bail!("GET {path}: HTTP {status}: {body}");
+        }
+        serde_json::from_str(&body).with_context(|| format!("GET {path}: not JSON: {body}"))
+    }
+
+    /// `/metrics` as text.
+    pub fn metrics(&self) -> Result<String> {
+        let (status, body) = self.get_raw("/metrics")?;
+        if status != 200 {
+            bail!("GET /metrics: HTTP {status}");
+        }
+        Ok(body)
+    }
+
+    /// The value of one sample line of `/metrics` (exact series name with labels).
+    pub fn metric(&self, series: &str) -> Result<f64> {
+        let text = self.metrics()?;
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(series)
+                    .and_then(|rest| rest.strip_prefix(' '))
+            })
+            .ok_or_else(|| anyhow!("series {series} not in /metrics"))?
+            .trim()
+            .parse()
+            .map_err(|e| anyhow!("series {series}: {e}"))
+    }
+
+    /// The master's view of one node's VMs: (uuid, name, state), sorted by uuid.
+    pub fn vms_of(&self, node: &str) -> Result<Vec<(String, String, String)>> {
+        let v = self.get(&format!("/api/v1/vms?node={node}&limit=1000"))?;
+        let mut out: Vec<(String, String, String)> = v["vms"]
+            .as_array()
+            .ok_or_else(|| anyhow!("no vms array"))?
+            .iter()
+            .map(|r| {
+                (
+                    r["uuid"].as_str().unwrap_or_default().to_owned(),
+                    r["name"].as_str().unwrap_or_default().to_owned(),
+                    r["state"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    /// The state of one VM on one node, if the master has a row.
+    pub fn vm_state(&self, uuid: &str, node: &str) -> Option<String> {
+        let v = self.get(&format!("/api/v1/vms/{uuid}")).ok()?;
+        v["rows"]
+            .as_array()?
+            .iter()
+            .find(|r| r["node_id"] == node)
+            .and_then(|r| r["state"].as_str())
+            .map(str::to_owned)
+    }
+
+    /// One node's row from `/api/v1/nodes`.
+    pub fn node(&self, node: &str) -> Option<Value> {
+        let v = self.get("/api/v1/nodes").ok()?;
+        v["nodes"]
+            .as_array()?
+            .iter()
+            .find(|n| n["node_id"] == node)
+            .cloned()
+    }
+
+    /// Journal entries of a type (all of them, paging through).
+    pub fn events(&self, query: &str) -> Result<Vec<Value>> {
+        let mut after = 0i64;
+        let mut out = Vec::new();
+        loop {
+            let v = self.get(&format!("/api/v1/events?after={after}&limit=1000&{query}"))?;
+            let page = v["events"].as_array().cloned().unwrap_or_default();
+            if page.is_empty() {
+                return Ok(out);
+            }
+            after = page.last().and_then(|e| e["id"].as_i64()).unwrap_or(after);
+            out.extend(page);
+        }
+    }
+
+    /// SIGKILL, no chance to clean up.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts again with the same config, database and ports.
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill9();
+        self.spawn()
+    }
+
+    /// SIGTERM and wait; returns the exit code.
+    pub fn stop(&mut self) -> Result<i32> {
+        let mut c = self
+            .child
+            .take()
+            .ok_or_else(|| anyhow!("master not running"))?;
+        let status = terminate(&mut c, Duration::from_secs(15))?;
+        Ok(status.code().unwrap_or(-1))
+    }
+
+    pub fn log_text(&self) -> String {
+        read_lossy(&self.log)
+    }
+}
+
+impl Drop for Master {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A running node agent.
+pub struct Node {
+    pub dir: PathBuf,
+    pub node_id: String,
+    pub config: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Node {
+    /// Writes a config and starts the agent.
+    pub fn start(
+        dir: &Path,
+        node_id: &str,
+        connect: &str,
+        libvirt_uri: &str,
+        extra: Extra<'_>,
+    ) -> Result<Node> {
+        let config = dir.join(format!("node-{node_id}.conf"));
+        let log = dir.join(format!("node-{node_id}.log"));
+        let mut text = format!(
+            "connect={connect}\nnode_id={node_id}\nlibvirt_uri={libvirt_uri}\nlog_file={}\nlog_level=debug\n",
+            log.display()
+        );
+        if !extra.iter().any(|(k, _)| *k == "secret") {
+            text.push_str(&format!("secret={SECRET}\n"));
+        }
+        for (k, v) in extra {
+            text.push_str(&format!("{k}={v}\n"));
+        }
+        std::fs::write(&config, text)?;
+        let mut n = Node {
+            dir: dir.to_owned(),
+            node_id: node_id.to_owned(),
+            config,
+            log,
+            child: None,
+        };
+        n.spawn()?;
+        Ok(n)
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        self.child = Some(spawn(
+            &bin("vmwatch-node"),
+            &self.config,
+            &self.dir,
+            &format!("node-{}", self.node_id),
+        )?);
+        Ok(())
+    }
+
+    /// True while the process runs.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// SIGTERM and wait; returns the exit code.
+    pub fn stop(&mut self) -> Result<i32> {
+        let mut c = self
+            .child
+            .take()
+            .ok_or_else(|| anyhow!("node not running"))?;
+        let status = terminate(&mut c, Duration::from_secs(15))?;
+        Ok(status.code().unwrap_or(-1))
+    }
+
+    pub fn start_again(&mut self) -> Result<()> {
+        if self.child.is_some() {
+            bail!("node already running");
+        }
+        self.spawn()
+    }
+
+    pub fn log_text(&self) -> String {
+        read_lossy(&self.log)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn read_lossy(path: &Path) -> String {
+    let mut buf = Vec::new();
+    if let Ok(mut f) = std::fs::File::open(path) {
+        let _ = f.read_to_end(&mut buf);
+    }
+    String::from_utf8_lossy(&buf).into_owned()
+}

@@ -1,0 +1,227 @@
+//! The panel webhook: delivers every journal entry from the durable outbox, in journal order,
+//! as a signed JSON POST, retrying with backoff (1 s doubling to 5 min) until a 2xx.
+//!
+//! It runs as one async task with its own database connection: a slow or dead panel delays
+//! nothing but itself. Delivery is at-least-once: an entry delivered just before a crash, whose
+//! acknowledgement was not yet written, is sent again after the restart with the same
+//! `X-Vmwatch-Event-Id`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use tokio::sync::watch;
+
+use crate::metrics::Metrics;
+use crate::store::{JournalRow, Outbox, StoreError};
+
+const BATCH: u32 = 256;
+const BACKOFF_MIN: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(300);
+/// Acknowledged ids are written at least this often (and at the end of every batch).
+const ACK_EVERY: usize = 64;
+
+/// `sha256=<hex HMAC-SHA256 of body>` with the panel key.
+pub fn signature(key: &[u8], body: &[u8]) -> String {
+    // HMAC takes keys of any length.
+    let mut mac =
+        <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes keys of any length");
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// The next backoff after `current`.
+pub fn next_backoff(current: Duration) -> Duration {
+    (current * 2).min(BACKOFF_MAX)
+}
+
+pub struct Webhook {
+    pub url: String,
+    pub key: Vec<u8>,
+    pub outbox: Outbox,
+    pub metrics: Arc<Metrics>,
+    pub committed: watch::Receiver<u64>,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+async fn blocking<T: Send + 'static>(
+    outbox: Outbox,
+    f: impl FnOnce(&mut Outbox) -> Result<T, StoreError> + Send + 'static,
+) -> (Outbox, Result<T, StoreError>) {
+    match tokio::task::spawn_blocking(move || {
+        let mut outbox = outbox;
+        let r = f(&mut outbox);
+        (outbox, r)
+    })
+    .await
+    {
+        Ok(v) => v,
+        // spawn_blocking only fails if the closure panicked, which these never do.
+        Err(e) => panic!("outbox task failed: {e}"),
+    }
+}
+
+impl Webhook {
+    pub async fn run(self) {
+        let Webhook {
+            url,
+            key,
+            mut outbox,
+            metrics,
+            mut committed,
+            mut shutdown,
+        } = self;
+        let client = match reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+        {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot build the webhook HTTP client; panel notifications disabled");
+                return;
+            }
+        };
+        tracing::info!(url = %url, "panel webhook enabled");
+        let mut backoff = BACKOFF_MIN;
+        let mut last_failure_log: Option<Instant> = None;
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            committed.borrow_and_update();
+            let (o, pending) = blocking(outbox, |o| o.pending(BATCH)).await;
+            outbox = o;
+            let pending = match pending {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the outbox");
+                    Vec::new()
+                }
+            };
+            let (o, depth) = blocking(outbox, |o| o.depth()).await;
+            outbox = o;
+            if let Ok(d) = depth {
+                metrics.outbox_depth.set(d as i64);
+            }
+            if pending.is_empty() {
+                tokio::select! {
+                    _ = committed.changed() => {}
+                    _ = shutdown.changed() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                }
+                continue;
+            }
+            let mut acked: Vec<i64> = Vec::new();
+            'entries: for entry in pending {
+                let body = match serde_json::to_vec(&entry) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        tracing::error!(error = %e, id = entry.id, "cannot encode a journal entry; skipped");
+                        acked.push(entry.id);
+                        continue;
+                    }
+                };
+                loop {
+                    match deliver(&client, &url, &key, &entry, &body).await {
+                        Ok(()) => {
+                            metrics.webhook_deliveries.inc();
+                            let age =
+                                vmwatch_common::time::now_ms().saturating_sub(entry.received_at);
+                            metrics.webhook_latency.observe(age as f64 / 1000.0);
+                            backoff = BACKOFF_MIN;
+                            acked.push(entry.id);
+                            break;
+                        }
+                        Err(why) => {
+                            metrics.webhook_failures.inc();
+                            if last_failure_log
+                                .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
+                            {
+                                tracing::warn!(id = entry.id, error = %why, retry_in_s = backoff.as_secs(), "panel webhook delivery failed (logged at most every 10 s)");
+                                last_failure_log = Some(Instant::now());
+                            }
+                            // Save what was delivered before waiting.
+                            if !acked.is_empty() {
+                                let ids = std::mem::take(&mut acked);
+                                let (o, r) = blocking(outbox, move |o| o.ack(&ids)).await;
+                                outbox = o;
+                                if let Err(e) = r {
+                                    tracing::error!(error = %e, "cannot record deliveries; they will be sent again");
+                                }
+                            }
+                            tokio::select! {
+                                _ = tokio::time::sleep(backoff) => {}
+                                _ = shutdown.changed() => return,
+                            }
+                            backoff = next_backoff(backoff);
+                            if *shutdown.borrow() {
+                                return;
+                            }
+                        }
+                    }
+                }
+                if acked.len() >= ACK_EVERY {
+                    break 'entries;
+                }
+            }
+            if !acked.is_empty() {
+                let ids = std::mem::take(&mut acked);
+                let (o, r) = blocking(outbox, move |o| o.ack(&ids)).await;
+                outbox = o;
+                if let Err(e) = r {
+                    tracing::error!(error = %e, "cannot record deliveries; they will be sent again");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+}
+
+async fn deliver(
+    client: &reqwest::Client,
+    url: &str,
+    key: &[u8],
+    entry: &JournalRow,
+    body: &[u8],
+) -> Result<(), String> {
+    let response = client
+        .post(url)
+        .header("Content-Type", "application/json")
+        .header("X-Vmwatch-Event-Id", entry.id.to_string())
+        .header("X-Vmwatch-Signature", signature(key, body))
+        .body(body.to_vec())
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    if response.status().is_success() {
+        Ok(())
+    } else {
+        Err(format!("HTTP {}", response.status()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signature_known_answer() {
+        // Same value as the Python and PHP snippets in docs/API.md.
+        assert_eq!(
+            signature(b"panel-secret-0123456789", br#"{"id":1}"#),
+            "sha256=f6bcdc7736219e9788a631dc679de8c33de987b66b0031f2c902b96132af2c24"
+        );
+    }
+
+    #[test]
+    fn backoff_doubles_to_five_minutes() {
+        let mut b = BACKOFF_MIN;
+        let mut seen = vec![b.as_secs()];
+        for _ in 0..10 {
+            b = next_backoff(b);
+            seen.push(b.as_secs());
+        }
+        assert_eq!(seen, [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300]);
+    }
+}
