@@ -116,6 +116,15 @@ pub fn check_level(level: &str) -> Result<(), String> {
     }
 }
 
+/// Appends one line to a log file, best effort (used before logging is set up, e.g. to record
+/// a configuration error in the log as well as on stderr).
+pub fn append_line(path: &Path, line: &str) {
+    if let Ok(mut f) = open_append(path) {
+        let ts = crate::time::now_ms();
+        let _ = writeln!(f, "{}.{:03} {line}", ts / 1000, ts % 1000);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -137,14 +146,5 @@ mod tests {
         );
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "three\n");
         std::fs::remove_dir_all(&dir).unwrap();
-    }
-}
-
-/// Appends one line to a log file, best effort (used before logging is set up, e.g. to record
-/// a configuration error in the log as well as on stderr).
-pub fn append_line(path: &Path, line: &str) {
-    if let Ok(mut f) = open_append(path) {
-        let ts = crate::time::now_ms();
-        let _ = writeln!(f, "{}.{:03} {line}", ts / 1000, ts % 1000);
     }
 }

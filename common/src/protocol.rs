@@ -404,7 +404,7 @@ mod tests {
         for body in bodies {
             let p = Payload { body, ..payload(7) };
             let frames = encode(KEY, &node(), &p);
-            let got = auth(&frames.to_vec()).expect("authentic");
+            let got = auth(frames.as_ref()).expect("authentic");
             assert_eq!(got.node_id(), &node());
             assert_eq!(got.payload(), &p);
         }

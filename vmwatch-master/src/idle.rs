@@ -62,95 +62,115 @@ pub struct Change {
     pub windows: u32,
 }
 
-/// One new sample of a VM. `running` says whether the VM is running (only running VMs are
-/// evaluated; others just keep the sample). Returns the flags that changed.
-pub fn observe(
-    usage: &mut Usage,
-    sample: Sample,
-    nics: u32,
-    disks: u32,
-    running: bool,
-    interval_ms: u64,
-    idle_windows: u32,
-    now: u64,
-) -> Vec<Change> {
+/// One stats sample of one VM, with what the rule needs to judge it.
+#[derive(Debug, Clone, Copy)]
+pub struct Observation {
+    pub sample: Sample,
+    pub nics: u32,
+    pub disks: u32,
+    /// Only running VMs are evaluated; others just keep the sample as the next baseline.
+    pub running: bool,
+}
+
+/// The rule's parameters.
+#[derive(Debug, Clone, Copy)]
+pub struct IdleConfig {
+    /// The node's stats interval, in ms.
+    pub interval_ms: u64,
+    /// Consecutive quiet windows before a flag is set.
+    pub idle_windows: u32,
+}
+
+/// Applies one observation at `now`; returns the flags that changed.
+pub fn observe(usage: &mut Usage, obs: Observation, cfg: IdleConfig, now: u64) -> Vec<Change> {
+    let sample = obs.sample;
     let prev = usage.sample.replace(sample);
-    usage.nics = nics;
-    usage.disks = disks;
+    usage.nics = obs.nics;
+    usage.disks = obs.disks;
     let mut changes = Vec::new();
-    if !running {
+    if !obs.running {
         return changes;
     }
     let windows = match prev {
-        Some(p) if sample.ts > p.ts && interval_ms > 0 => {
+        Some(p) if sample.ts > p.ts && cfg.interval_ms > 0 => {
             let elapsed = sample.ts - p.ts;
             usage.last_window_ms = Some(elapsed);
-            ((elapsed + interval_ms / 2) / interval_ms).max(1) as u32
+            ((elapsed + cfg.interval_ms / 2) / cfg.interval_ms).max(1) as u32
         }
         _ => 0, // no usable previous sample: unknown
     };
-    let resources: [(&'static str, &mut Resource, u32, Option<(u64, u64)>); 2] = [
-        (
-            "net",
-            &mut usage.net,
-            nics,
-            prev.map(|p| (p.tx_pkts, sample.tx_pkts)),
-        ),
-        (
-            "disk",
-            &mut usage.disk,
-            disks,
-            prev.map(|p| (p.wr_reqs, sample.wr_reqs)),
-        ),
-    ];
-    for (name, r, devices, counters) in resources {
-        r.no_device = devices == 0;
-        let delta = match counters {
-            Some((before, after)) if windows > 0 && after >= before && devices > 0 => {
-                Some(after - before)
-            }
-            _ => None,
-        };
-        r.last_delta = delta;
-        match delta {
-            None => r.quiet_windows = 0,
-            Some(0) => {
-                r.quiet_windows = r.quiet_windows.saturating_add(windows);
-                if !r.idle && r.quiet_windows >= idle_windows {
-                    r.idle = true;
-                    r.since = Some(now);
-                    changes.push(Change {
-                        resource: name,
-                        idle: true,
-                        windows: r.quiet_windows,
-                    });
-                }
-            }
-            Some(_) => {
-                r.quiet_windows = 0;
-                if r.idle {
-                    r.idle = false;
-                    r.since = None;
-                    changes.push(Change {
-                        resource: name,
-                        idle: false,
-                        windows: 0,
-                    });
-                }
-            }
-        }
-        if r.no_device && r.idle {
-            // A device removed while flagged: the flag no longer means anything.
-            r.idle = false;
-            r.since = None;
+    // A delta exists only with a usable previous sample, a device, and a counter that did not
+    // go backwards.
+    let delta = |devices: u32, before: Option<u64>, after: u64| match before {
+        Some(b) if windows > 0 && devices > 0 && after >= b => Some(after - b),
+        _ => None,
+    };
+    let net = delta(obs.nics, prev.map(|p| p.tx_pkts), sample.tx_pkts);
+    let disk = delta(obs.disks, prev.map(|p| p.wr_reqs), sample.wr_reqs);
+    for (name, r, devices, d) in [
+        ("net", &mut usage.net, obs.nics, net),
+        ("disk", &mut usage.disk, obs.disks, disk),
+    ] {
+        if let Some(change) = evaluate(r, devices, d, windows, cfg.idle_windows, now) {
             changes.push(Change {
                 resource: name,
-                idle: false,
-                windows: 0,
+                ..change
             });
         }
     }
     changes
+}
+
+/// Updates one resource; returns the change of its flag, if any.
+fn evaluate(
+    r: &mut Resource,
+    devices: u32,
+    delta: Option<u64>,
+    windows: u32,
+    idle_windows: u32,
+    now: u64,
+) -> Option<Change> {
+    r.no_device = devices == 0;
+    r.last_delta = delta;
+    let cleared = Change {
+        resource: "",
+        idle: false,
+        windows: 0,
+    };
+    match delta {
+        None => {
+            r.quiet_windows = 0;
+            if r.no_device && r.idle {
+                // A device removed while flagged: the flag no longer means anything.
+                r.idle = false;
+                r.since = None;
+                return Some(cleared);
+            }
+            None
+        }
+        Some(0) => {
+            r.quiet_windows = r.quiet_windows.saturating_add(windows);
+            if !r.idle && r.quiet_windows >= idle_windows {
+                r.idle = true;
+                r.since = Some(now);
+                return Some(Change {
+                    resource: "",
+                    idle: true,
+                    windows: r.quiet_windows,
+                });
+            }
+            None
+        }
+        Some(_) => {
+            r.quiet_windows = 0;
+            if r.idle {
+                r.idle = false;
+                r.since = None;
+                return Some(cleared);
+            }
+            None
+        }
+    }
 }
 
 #[cfg(test)]
@@ -170,6 +190,22 @@ mod tests {
         }
     }
 
+    fn obs(sample: Sample, nics: u32, disks: u32, running: bool) -> Observation {
+        Observation {
+            sample,
+            nics,
+            disks,
+            running,
+        }
+    }
+
+    fn cfg(idle_windows: u32) -> IdleConfig {
+        IdleConfig {
+            interval_ms: MIN,
+            idle_windows,
+        }
+    }
+
     /// Feeds samples (minute, tx, wr) with a 1-minute interval; returns the flags after each.
     fn run(
         samples: &[(u64, u64, u64)],
@@ -183,12 +219,8 @@ mod tests {
             .map(|&(t, tx, wr)| {
                 observe(
                     &mut u,
-                    s(t, tx, wr),
-                    nics,
-                    disks,
-                    true,
-                    MIN,
-                    idle_windows,
+                    obs(s(t, tx, wr), nics, disks, true),
+                    cfg(idle_windows),
                     t * MIN,
                 );
                 (u.net.idle, u.disk.idle)
@@ -272,8 +304,8 @@ mod tests {
     #[test]
     fn no_device_is_reported_not_idle() {
         let mut u = Usage::default();
-        observe(&mut u, s(0, 0, 0), 0, 1, true, MIN, 1, 0);
-        observe(&mut u, s(1, 0, 0), 0, 1, true, MIN, 1, MIN);
+        observe(&mut u, obs(s(0, 0, 0), 0, 1, true), cfg(1), 0);
+        observe(&mut u, obs(s(1, 0, 0), 0, 1, true), cfg(1), MIN);
         assert!(!u.net.idle && u.net.no_device);
         assert!(u.disk.idle && !u.disk.no_device);
     }
@@ -281,14 +313,14 @@ mod tests {
     #[test]
     fn not_running_is_not_evaluated() {
         let mut u = Usage::default();
-        observe(&mut u, s(0, 0, 0), 1, 1, true, MIN, 1, 0);
+        observe(&mut u, obs(s(0, 0, 0), 1, 1, true), cfg(1), 0);
         for t in 1..5 {
-            assert!(observe(&mut u, s(t, 0, 0), 1, 1, false, MIN, 1, t * MIN).is_empty());
+            assert!(observe(&mut u, obs(s(t, 0, 0), 1, 1, false), cfg(1), t * MIN).is_empty());
         }
         assert!(!u.net.idle, "a paused VM is not flagged");
         // Resumed: the sample taken while paused is the baseline.
         assert_eq!(
-            observe(&mut u, s(5, 0, 0), 1, 1, true, MIN, 1, 5 * MIN).len(),
+            observe(&mut u, obs(s(5, 0, 0), 1, 1, true), cfg(1), 5 * MIN).len(),
             2
         );
     }
@@ -298,7 +330,12 @@ mod tests {
         let mut u = Usage::default();
         let mut all = Vec::new();
         for t in 0..5 {
-            all.extend(observe(&mut u, s(t, 0, 0), 1, 1, true, MIN, 2, t * MIN));
+            all.extend(observe(
+                &mut u,
+                obs(s(t, 0, 0), 1, 1, true),
+                cfg(2),
+                t * MIN,
+            ));
         }
         assert_eq!(
             all,

@@ -496,16 +496,17 @@ fn apply_stats(
         };
         // Judged only when both the row (events) and the sample say running.
         let running = vm.state == "running" && d.state == "running";
-        let changes = idle::observe(
-            &mut vm.usage,
+        let observation = idle::Observation {
             sample,
-            d.nics,
-            d.disks,
+            nics: d.nics,
+            disks: d.disks,
             running,
+        };
+        let cfg = idle::IdleConfig {
             interval_ms,
-            rules.idle_windows,
-            now,
-        );
+            idle_windows: rules.idle_windows,
+        };
+        let changes = idle::observe(&mut vm.usage, observation, cfg, now);
         vm.updated_at = now;
         for c in changes {
             let kind = if c.idle {
