@@ -9,6 +9,15 @@ use vmwatch_tests::guests::GuestKind;
 use vmwatch_tests::libvirtd::{DomainInfo, PrivateLibvirtd};
 use vmwatch_tests::require_root_env;
 
+/// The reaper test plants a leftover that looks like an instance of this very process; any
+/// other test of this binary starting a daemon meanwhile would (rightly) reap it. The tests of
+/// this file therefore run one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Polls `f` until it returns `Some`, or panics with `what` and the last observation.
 fn poll_until<T>(
     what: &str,
@@ -97,6 +106,7 @@ fn private_libvirtd_guests_counters_and_restart() {
     if !require_root_env("private_libvirtd_guests_counters_and_restart") {
         return;
     }
+    let _serial = serial();
     let mut lv = PrivateLibvirtd::start("harness").expect("start private libvirtd");
     assert!(lv.is_running());
     assert!(lv.list_all().expect("list_all").is_empty());
@@ -226,6 +236,7 @@ fn two_daemons_same_uuid() {
     if !require_root_env("two_daemons_same_uuid") {
         return;
     }
+    let _serial = serial();
     // Start both at once.
     let (a, b) = std::thread::scope(|s| {
         let a = s.spawn(|| PrivateLibvirtd::start("twin-a"));
@@ -274,6 +285,7 @@ fn stale_leftovers_are_reaped() {
     if !require_root_env("stale_leftovers_are_reaped") {
         return;
     }
+    let _serial = serial();
     // Leftovers that look like an instance of an earlier process with our pid (pid reuse):
     // a namespace with a process in it, and a directory.
     let pid = std::process::id();
