@@ -18,12 +18,15 @@ pub fn bin(name: &str) -> PathBuf {
     if let Ok(dir) = std::env::var("VMWATCH_BIN_DIR") {
         return Path::new(&dir).join(name);
     }
-    let exe = std::env::current_exe().expect("current test executable");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps/<test>");
-    profile_dir.join(name)
+    let exe = std::env::current_exe().expect("current executable");
+    // A binary of this crate sits next to the others; a test sits one level down in deps/.
+    let here = exe.parent().expect("executable directory");
+    if here.join(name).exists() {
+        return here.join(name);
+    }
+    here.parent()
+        .expect("target/<profile>/deps/<test>")
+        .join(name)
 }
 
 /// A free TCP port on 127.0.0.1 (bound, read, released).
@@ -94,8 +97,22 @@ fn terminate(child: &mut Child, timeout: Duration) -> Result<std::process::ExitS
     }
 }
 
-/// Extra `KEY=VALUE` lines for a config.
+/// Extra `KEY=VALUE` lines for a config; a key given here replaces the default.
 pub type Extra<'a> = &'a [(&'a str, &'a str)];
+
+/// `defaults` overridden by `extra`, as config file text.
+fn config_text(defaults: &[(&str, String)], extra: Extra<'_>) -> String {
+    let mut text = String::new();
+    for (k, v) in defaults {
+        if !extra.iter().any(|(e, _)| e == k) {
+            text.push_str(&format!("{k}={v}\n"));
+        }
+    }
+    for (k, v) in extra {
+        text.push_str(&format!("{k}={v}\n"));
+    }
+    text
+}
 
 /// A running master.
 pub struct Master {
@@ -114,15 +131,15 @@ impl Master {
         let http_port = free_port();
         let config = dir.join("master.conf");
         let log = dir.join("master.log");
-        let mut text = format!(
-            "listen=tcp://127.0.0.1:{zmq_port}\nsecret={SECRET}\ndb_path={}\nhttp_listen=127.0.0.1:{http_port}\n\
-             log_file={}\nlog_level=debug\n",
-            dir.join("master.db").display(),
-            log.display()
-        );
-        for (k, v) in extra {
-            text.push_str(&format!("{k}={v}\n"));
-        }
+        let defaults = [
+            ("listen", format!("tcp://127.0.0.1:{zmq_port}")),
+            ("secret", SECRET.to_owned()),
+            ("db_path", dir.join("master.db").display().to_string()),
+            ("http_listen", format!("127.0.0.1:{http_port}")),
+            ("log_file", log.display().to_string()),
+            ("log_level", "debug".to_owned()),
+        ];
+        let text = config_text(&defaults, extra);
         std::fs::write(&config, text)?;
         let mut m = Master {
             dir: dir.to_owned(),
@@ -304,6 +321,11 @@ impl Master {
     pub fn log_text(&self) -> String {
         read_lossy(&self.log)
     }
+
+    /// The process id while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
 }
 
 impl Drop for Master {
@@ -332,16 +354,15 @@ impl Node {
     ) -> Result<Node> {
         let config = dir.join(format!("node-{node_id}.conf"));
         let log = dir.join(format!("node-{node_id}.log"));
-        let mut text = format!(
-            "connect={connect}\nnode_id={node_id}\nlibvirt_uri={libvirt_uri}\nlog_file={}\nlog_level=debug\n",
-            log.display()
-        );
-        if !extra.iter().any(|(k, _)| *k == "secret") {
-            text.push_str(&format!("secret={SECRET}\n"));
-        }
-        for (k, v) in extra {
-            text.push_str(&format!("{k}={v}\n"));
-        }
+        let defaults = [
+            ("connect", connect.to_owned()),
+            ("node_id", node_id.to_owned()),
+            ("libvirt_uri", libvirt_uri.to_owned()),
+            ("secret", SECRET.to_owned()),
+            ("log_file", log.display().to_string()),
+            ("log_level", "debug".to_owned()),
+        ];
+        let text = config_text(&defaults, extra);
         std::fs::write(&config, text)?;
         let mut n = Node {
             dir: dir.to_owned(),
@@ -391,6 +412,29 @@ impl Node {
     pub fn log_text(&self) -> String {
         read_lossy(&self.log)
     }
+
+    /// The process id while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+}
+
+/// Resident memory of a process in KiB (`VmRSS`), if it exists.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// CPU time (user + system) of a process in clock ticks, if it exists.
+pub fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
 }
 
 impl Drop for Node {
