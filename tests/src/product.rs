@@ -258,6 +258,16 @@ impl Master {
         Ok(out)
     }
 
+    /// The row of one VM on one node, if the master has one.
+    pub fn vm_row(&self, uuid: &str, node: &str) -> Option<Value> {
+        let v = self.get(&format!("/api/v1/vms/{uuid}")).ok()?;
+        v["rows"]
+            .as_array()?
+            .iter()
+            .find(|r| r["node_id"] == node)
+            .cloned()
+    }
+
     /// The state of one VM on one node, if the master has a row.
     pub fn vm_state(&self, uuid: &str, node: &str) -> Option<String> {
         let v = self.get(&format!("/api/v1/vms/{uuid}")).ok()?;

@@ -415,3 +415,193 @@ fn python_client_from_protocol_doc_is_accepted() {
         1.0
     );
 }
+
+/// `usage.<resource>.idle` of a row.
+fn idle_flag(row: &serde_json::Value, resource: &str) -> bool {
+    row["usage"][resource]["idle"] == true
+}
+
+fn journal_of(master: &Master, uuid: &str, kind: &str) -> Vec<(String, String)> {
+    master
+        .events(&format!("uuid={uuid}&type={kind}"))
+        .expect("events")
+        .iter()
+        .map(|e| {
+            (
+                e["event"].as_str().unwrap_or_default().to_owned(),
+                e["detail"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn idle_detection_on_real_guests() {
+    if !require_root_env("idle_detection_on_real_guests") {
+        return;
+    }
+    // 3 s windows, 4 quiet windows (12 s) before a flag: longer than iPXE's longest pause
+    // between DHCP retries, so the PXE guest cannot flap while it still tries.
+    let lv = PrivateLibvirtd::start("idle").expect("libvirtd");
+    let idle = lv
+        .start_guest("e2e-idle", GuestKind::Idle)
+        .expect("idle guest");
+    let writer = lv
+        .start_guest("e2e-writer", GuestKind::DiskWriter)
+        .expect("writer guest");
+    let pxe = lv
+        .start_guest("e2e-pxe", GuestKind::Pxe)
+        .expect("pxe guest");
+    let dir = temp_dir("idle");
+    let master = Master::start(&dir, &[("idle_windows", "4")]).expect("master");
+    let _node = Node::start(
+        &dir,
+        "idle",
+        &master.endpoint(),
+        &lv.uri(),
+        &[("stats_interval", "3")],
+    )
+    .expect("node");
+
+    let mut pxe_sent = false;
+    let t0 = Instant::now();
+    wait_for(
+        Duration::from_secs(90),
+        "idle guest idle on both, writer idle.net, PXE idle.net",
+        || {
+            let row = |u: &str| master.vm_row(u, "idle");
+            let (i, w, p) = (row(&idle)?, row(&writer)?, row(&pxe)?);
+            pxe_sent |= p["usage"]["net"]["last_delta"]
+                .as_u64()
+                .is_some_and(|d| d > 0);
+            assert!(
+                !idle_flag(&w, "disk"),
+                "the disk writer was flagged idle.disk: {w}"
+            );
+            (idle_flag(&i, "net")
+                && idle_flag(&i, "disk")
+                && idle_flag(&w, "net")
+                && idle_flag(&p, "net"))
+            .then_some(())
+        },
+    );
+    eprintln!("all idle flags set after {:?}", t0.elapsed());
+    assert!(
+        pxe_sent,
+        "the PXE guest showed tx activity in its first windows"
+    );
+    let w = master.vm_row(&writer, "idle").expect("writer row");
+    assert_eq!(
+        (w["usage"]["nics"].as_u64(), w["usage"]["disks"].as_u64()),
+        (Some(1), Some(1))
+    );
+    assert!(
+        w["usage"]["disk"]["last_delta"]
+            .as_u64()
+            .is_some_and(|d| d > 0),
+        "writer writes: {w}"
+    );
+
+    // Journaled once each, no flapping.
+    assert_eq!(
+        journal_of(&master, &pxe, "idle")
+            .iter()
+            .filter(|(e, _)| e == "net")
+            .count(),
+        1
+    );
+    assert!(
+        journal_of(&master, &pxe, "active").is_empty(),
+        "the PXE guest flapped"
+    );
+    assert!(journal_of(&master, &writer, "idle")
+        .iter()
+        .all(|(e, _)| e != "disk"));
+    let flagged = master.get("/api/v1/vms?idle=true").expect("idle filter");
+    assert_eq!(
+        flagged["total"], 3,
+        "all three guests have some idle flag: {flagged}"
+    );
+    assert_eq!(
+        master
+            .metric("vmwatch_vms_idle{resource=\"net\"}")
+            .expect("metric"),
+        3.0
+    );
+}
+
+#[test]
+fn restart_and_suspend_never_look_idle() {
+    if !require_root_env("restart_and_suspend_never_look_idle") {
+        return;
+    }
+    // One quiet window flags: the most sensitive setting, so any false idle would show.
+    let lv = PrivateLibvirtd::start("reset").expect("libvirtd");
+    let writer = lv
+        .start_guest("e2e-reset", GuestKind::DiskWriter)
+        .expect("writer guest");
+    let dir = temp_dir("reset");
+    let master = Master::start(&dir, &[("idle_windows", "1")]).expect("master");
+    let _node = Node::start(
+        &dir,
+        "reset",
+        &master.endpoint(),
+        &lv.uri(),
+        &[("stats_interval", "5")],
+    )
+    .expect("node");
+    let sample_ts = |m: &Master| {
+        m.vm_row(&writer, "reset")
+            .and_then(|r| r["usage"]["sample"]["ts"].as_u64())
+    };
+    let next_sample = |m: &Master, after: Option<u64>| {
+        wait_for(Duration::from_secs(15), "the next stats sample", || {
+            sample_ts(m).filter(|t| Some(*t) > after)
+        })
+    };
+    // Two samples with writes in between: a real delta.
+    let s1 = next_sample(&master, None);
+    let s2 = next_sample(&master, Some(s1));
+    let row = master.vm_row(&writer, "reset").expect("row");
+    assert!(
+        row["usage"]["disk"]["last_delta"]
+            .as_u64()
+            .is_some_and(|d| d > 0),
+        "{row}"
+    );
+
+    // Destroy and start between two samples: the counters restart below the last sample.
+    lv.virsh(&["destroy", "e2e-reset"]).expect("destroy");
+    lv.virsh(&["start", "e2e-reset"]).expect("start");
+    let s3 = next_sample(&master, Some(s2));
+    let s4 = next_sample(&master, Some(s3));
+    let row = master.vm_row(&writer, "reset").expect("row");
+    assert!(
+        !idle_flag(&row, "disk"),
+        "flagged idle.disk after a restart: {row}"
+    );
+
+    // Suspended: not evaluated, so no flag and no flapping over several windows.
+    lv.virsh(&["suspend", "e2e-reset"]).expect("suspend");
+    let mut last = s4;
+    for _ in 0..3 {
+        last = next_sample(&master, Some(last));
+    }
+    let row = master.vm_row(&writer, "reset").expect("row");
+    assert_eq!(row["state"], "paused");
+    assert!(
+        !idle_flag(&row, "disk"),
+        "a suspended guest was judged: {row}"
+    );
+    // (It has no network traffic at all, so `idle.net` is right and expected.)
+    let disk_flags: Vec<_> = ["idle", "active"]
+        .iter()
+        .flat_map(|k| journal_of(&master, &writer, k))
+        .filter(|(resource, _)| resource == "disk")
+        .collect();
+    assert!(
+        disk_flags.is_empty(),
+        "disk flag changes for the writer: {disk_flags:?}"
+    );
+    assert!(idle_flag(&row, "net"), "no tx at all is idle.net: {row}");
+}
