@@ -17,6 +17,7 @@ pub mod guests;
 pub mod libvirtd;
 /// The real vmwatch binaries as processes (maintained with the end-to-end tests).
 pub mod product;
+pub mod receiver;
 
 use std::path::Path;
 

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use vmwatch_tests::guests::GuestKind;
 use vmwatch_tests::libvirtd::PrivateLibvirtd;
 use vmwatch_tests::product::{temp_dir, wait_for, Master, Node};
+use vmwatch_tests::receiver::{Delivery, PanelReceiver};
 use vmwatch_tests::require_root_env;
 
 /// libvirt's view of the inventory in the master's shape: (uuid, name, state), sorted.
@@ -604,4 +605,279 @@ fn restart_and_suspend_never_look_idle() {
         "disk flag changes for the writer: {disk_flags:?}"
     );
     assert!(idle_flag(&row, "net"), "no tx at all is idle.net: {row}");
+}
+
+const PANEL_KEY: &str = "panel-secret-for-the-tests-0123";
+
+/// The journal ids the master holds, in order.
+fn journal_ids(master: &Master) -> Vec<i64> {
+    master
+        .events("")
+        .expect("events")
+        .iter()
+        .filter_map(|e| e["id"].as_i64())
+        .collect()
+}
+
+/// Waits until the panel has received every journal entry (by id); returns the deliveries.
+fn wait_all_delivered(master: &Master, panel: &PanelReceiver, timeout: Duration) -> Vec<Delivery> {
+    let mut last = (Vec::new(), Vec::new());
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        let want = journal_ids(master);
+        let got = panel.received();
+        let mut got_ids: Vec<i64> = got.iter().map(|d| d.event_id).collect();
+        got_ids.dedup();
+        if !want.is_empty() && want.iter().all(|id| got_ids.contains(id)) {
+            return got;
+        }
+        last = (want, got_ids);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("not every journal entry reached the panel within {timeout:?}:\n journal: {:?}\n panel:   {:?}", last.0, last.1);
+}
+
+/// Every delivery is signed, and ids only go up (a re-delivery repeats the previous id at most).
+fn assert_signed_and_ordered(deliveries: &[Delivery]) {
+    assert!(
+        deliveries.iter().all(|d| d.signature_ok),
+        "bad signature in {deliveries:?}"
+    );
+    let mut firsts: Vec<i64> = Vec::new();
+    for d in deliveries {
+        if !firsts.contains(&d.event_id) {
+            assert!(
+                firsts.last().is_none_or(|last| d.event_id > *last),
+                "entry {} first arrived after a later one",
+                d.event_id
+            );
+            firsts.push(d.event_id);
+        }
+        assert_eq!(
+            d.body["id"].as_i64(),
+            Some(d.event_id),
+            "the body carries the same id"
+        );
+    }
+}
+
+#[test]
+fn webhook_delivers_every_entry_in_order_through_outages_and_a_crash() {
+    if !require_root_env("webhook_delivers_every_entry_in_order_through_outages_and_a_crash") {
+        return;
+    }
+    let lv = PrivateLibvirtd::start("hook").expect("libvirtd");
+    let mut panel = PanelReceiver::start(0, PANEL_KEY.as_bytes()).expect("panel");
+    let dir = temp_dir("hook");
+    let url = panel.url();
+    let mut master =
+        Master::start(&dir, &[("panel_url", &url), ("panel_secret", PANEL_KEY)]).expect("master");
+    let _node = Node::start(&dir, "hook", &master.endpoint(), &lv.uri(), &[]).expect("node");
+    wait_node_libvirt(&master, "hook", true, Duration::from_secs(30));
+
+    // Lifecycle of a real guest: each change reaches the panel, signed, in order.
+    let uuid = lv
+        .define_guest("e2e-hook", GuestKind::Idle)
+        .expect("define");
+    for cmd in ["start", "suspend", "resume", "destroy"] {
+        lv.virsh(&[cmd, "e2e-hook"]).expect(cmd);
+    }
+    let got = wait_all_delivered(&master, &panel, Duration::from_secs(10));
+    assert_signed_and_ordered(&got);
+    let events: Vec<&str> = got
+        .iter()
+        .filter(|d| d.body["uuid"] == uuid.as_str())
+        .filter_map(|d| d.body["event"].as_str())
+        .collect();
+    let mut it = events.iter();
+    for e in ["defined", "started", "suspended", "resumed", "stopped"] {
+        assert!(
+            it.any(|d| *d == e),
+            "{e} not delivered in order: {events:?}"
+        );
+    }
+
+    // The panel is down while guests change; when it returns, everything arrives in order.
+    panel.stop();
+    lv.virsh(&["start", "e2e-hook"]).expect("start");
+    lv.virsh(&["suspend", "e2e-hook"]).expect("suspend");
+    wait_for(
+        Duration::from_secs(5),
+        "failed deliveries while the panel is down",
+        || {
+            master
+                .metric("vmwatch_webhook_failures_total")
+                .ok()
+                .filter(|n| *n >= 1.0)
+        },
+    );
+    assert!(master.metric("vmwatch_outbox_depth").expect("depth") >= 1.0);
+    panel.restart().expect("panel back");
+    let got = wait_all_delivered(&master, &panel, Duration::from_secs(30));
+    assert_signed_and_ordered(&got);
+
+    // Down again, more changes, the master SIGKILLed with entries pending, restarted.
+    panel.stop();
+    lv.virsh(&["resume", "e2e-hook"]).expect("resume");
+    lv.virsh(&["destroy", "e2e-hook"]).expect("destroy");
+    wait_for(Duration::from_secs(5), "the destroy in the journal", || {
+        (master.vm_state(&uuid, "hook").as_deref() == Some("shutoff")).then_some(())
+    });
+    master.kill9();
+    master.restart().expect("master restart");
+    panel.restart().expect("panel back");
+    let got = wait_all_delivered(&master, &panel, Duration::from_secs(30));
+    assert_signed_and_ordered(&got);
+    let distinct: std::collections::BTreeSet<i64> = got.iter().map(|d| d.event_id).collect();
+    assert_eq!(
+        distinct.into_iter().collect::<Vec<_>>(),
+        journal_ids(&master),
+        "exactly the journal's entries"
+    );
+    wait_for(Duration::from_secs(10), "an empty outbox", || {
+        master
+            .metric("vmwatch_outbox_depth")
+            .ok()
+            .filter(|n| *n == 0.0)
+    });
+}
+
+#[test]
+fn duplicate_vm_on_two_nodes_is_flagged_after_grace_and_cleared() {
+    if !require_root_env("duplicate_vm_on_two_nodes_is_flagged_after_grace_and_cleared") {
+        return;
+    }
+    let a = PrivateLibvirtd::start("dupa").expect("libvirtd a");
+    let b = PrivateLibvirtd::start("dupb").expect("libvirtd b");
+    let dir = temp_dir("dup");
+    let master = Master::start(&dir, &[("duplicate_grace", "3")]).expect("master");
+    let _na = Node::start(&dir, "dupa", &master.endpoint(), &a.uri(), &[]).expect("node a");
+    let _nb = Node::start(&dir, "dupb", &master.endpoint(), &b.uri(), &[]).expect("node b");
+    let uuid = vmwatch_tests::guests::random_uuid().expect("uuid");
+    a.define_guest_with_uuid("e2e-dup", &uuid, GuestKind::Idle)
+        .expect("define a");
+    b.define_guest_with_uuid("e2e-dup", &uuid, GuestKind::Idle)
+        .expect("define b");
+    let dups = |m: &Master| {
+        m.get("/api/v1/vms?duplicate=true")
+            .ok()
+            .and_then(|v| v["total"].as_u64())
+    };
+
+    // A short overlap (a migration) is not flagged.
+    a.virsh(&["start", "e2e-dup"]).expect("start a");
+    b.virsh(&["start", "e2e-dup"]).expect("start b");
+    a.virsh(&["destroy", "e2e-dup"]).expect("destroy a");
+    wait_for(Duration::from_secs(5), "both rows seen", || {
+        (master.vm_state(&uuid, "dupa").as_deref() == Some("shutoff")
+            && master.vm_state(&uuid, "dupb").as_deref() == Some("running"))
+        .then_some(())
+    });
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(5) {
+        assert_eq!(dups(&master), Some(0), "a short overlap was flagged");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // Active on both for longer than the grace: both rows flagged.
+    a.virsh(&["start", "e2e-dup"]).expect("start a again");
+    let t0 = Instant::now();
+    wait_for(
+        Duration::from_secs(10),
+        "both rows flagged duplicate",
+        || (dups(&master) == Some(2)).then_some(()),
+    );
+    assert!(
+        t0.elapsed() >= Duration::from_secs(3),
+        "flagged before the grace: {:?}",
+        t0.elapsed()
+    );
+    let flagged = journal_of(&master, &uuid, "duplicate");
+    assert_eq!(
+        flagged.iter().filter(|(e, _)| e == "flagged").count(),
+        2,
+        "{flagged:?}"
+    );
+    assert_eq!(master.metric("vmwatch_vms_duplicate").expect("metric"), 2.0);
+
+    b.virsh(&["destroy", "e2e-dup"]).expect("destroy b");
+    wait_for(Duration::from_secs(5), "the flags cleared", || {
+        (dups(&master) == Some(0)).then_some(())
+    });
+    assert_eq!(
+        journal_of(&master, &uuid, "duplicate")
+            .iter()
+            .filter(|(e, _)| e == "cleared")
+            .count(),
+        2
+    );
+}
+
+#[test]
+fn wait_for_state_releases_promptly_and_times_out_with_408() {
+    if !require_root_env("wait_for_state_releases_promptly_and_times_out_with_408") {
+        return;
+    }
+    let Setup {
+        lv,
+        master,
+        node: _node,
+    } = setup("wait", &[]);
+    let uuid = lv
+        .define_guest("e2e-wait", GuestKind::Idle)
+        .expect("define");
+    wait_for(Duration::from_secs(5), "the guest in the API", || {
+        master.vm_state(&uuid, "wait")
+    });
+
+    // Already there: answers at once.
+    let (status, body) = master
+        .get_raw(&format!("/api/v1/vms/{uuid}/wait?state=shutoff&timeout=5"))
+        .expect("wait");
+    assert_eq!(status, 200, "{body}");
+
+    // Several waiters at once, released by the start.
+    let url = master.url(&format!("/api/v1/vms/{uuid}/wait?state=running&timeout=30"));
+    let waiters: Vec<_> = (0..5)
+        .map(|_| {
+            let url = url.clone();
+            std::thread::spawn(move || {
+                let r = ureq::get(&url).call();
+                (r.map(|r| r.status()).unwrap_or(0), Instant::now())
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300)); // let the waiters block (they must not answer early)
+    lv.virsh(&["start", "e2e-wait"]).expect("start");
+    let visible = wait_for(Duration::from_secs(5), "running in the API", || {
+        (master.vm_state(&uuid, "wait").as_deref() == Some("running")).then(Instant::now)
+    });
+    for w in waiters {
+        let (status, released) = w.join().expect("waiter");
+        assert_eq!(status, 200);
+        let lag = released.saturating_duration_since(visible);
+        assert!(
+            lag < Duration::from_secs(1),
+            "waiter released {lag:?} after the state was visible"
+        );
+    }
+
+    // Never reached: 408 with the current row after the timeout.
+    let t0 = Instant::now();
+    let (status, body) = master
+        .get_raw(&format!("/api/v1/vms/{uuid}/wait?state=paused&timeout=1"))
+        .expect("wait");
+    assert_eq!(status, 408, "{body}");
+    assert!(t0.elapsed() >= Duration::from_secs(1));
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(v["rows"][0]["state"], "running");
+    assert_eq!(
+        master
+            .get_raw(&format!(
+                "/api/v1/vms/{uuid}/wait?state=paused&timeout=99999"
+            ))
+            .expect("wait")
+            .0,
+        400
+    );
 }

@@ -1,0 +1,145 @@
+//! A real HTTP server standing in for the control panel: records every webhook POST and checks
+//! its signature. It can be stopped (connections refused) and started again on the same port.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use hmac::{Hmac, Mac};
+use serde_json::Value;
+use sha2::Sha256;
+
+/// One request the panel received.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// `X-Vmwatch-Event-Id`.
+    pub event_id: i64,
+    pub body: Value,
+    /// The signature header matched the body under the panel key.
+    pub signature_ok: bool,
+}
+
+pub struct PanelReceiver {
+    pub port: u16,
+    key: Vec<u8>,
+    pub deliveries: Arc<Mutex<Vec<Delivery>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl PanelReceiver {
+    /// Listens on 127.0.0.1 (port 0: any free one).
+    pub fn start(port: u16, key: &[u8]) -> std::io::Result<PanelReceiver> {
+        let mut r = PanelReceiver {
+            port,
+            key: key.to_vec(),
+            deliveries: Arc::new(Mutex::new(Vec::new())),
+            stop: Arc::new(AtomicBool::new(false)),
+            thread: None,
+        };
+        r.listen()?;
+        Ok(r)
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/vmwatch-hook", self.port)
+    }
+
+    fn listen(&mut self) -> std::io::Result<()> {
+        let listener = TcpListener::bind(("127.0.0.1", self.port))?;
+        self.port = listener.local_addr()?.port();
+        listener.set_nonblocking(true)?;
+        self.stop = Arc::new(AtomicBool::new(false));
+        let (stop, key, deliveries) =
+            (self.stop.clone(), self.key.clone(), self.deliveries.clone());
+        self.thread = Some(std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        let _ = handle(stream, &key, &deliveries);
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        }));
+        Ok(())
+    }
+
+    /// Stops listening: the master's deliveries now fail (connection refused).
+    pub fn stop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    /// Listens again on the same port.
+    pub fn restart(&mut self) -> std::io::Result<()> {
+        self.stop();
+        self.listen()
+    }
+
+    pub fn received(&self) -> Vec<Delivery> {
+        self.deliveries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+impl Drop for PanelReceiver {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn handle(stream: TcpStream, key: &[u8], deliveries: &Mutex<Vec<Delivery>>) -> std::io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let mut length = 0usize;
+    let (mut event_id, mut signature) = (-1i64, String::new());
+    loop {
+        let mut h = String::new();
+        reader.read_line(&mut h)?;
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        if let Some((name, value)) = h.split_once(':') {
+            let value = value.trim();
+            match name.to_ascii_lowercase().as_str() {
+                "content-length" => length = value.parse().unwrap_or(0),
+                "x-vmwatch-event-id" => event_id = value.parse().unwrap_or(-1),
+                "x-vmwatch-signature" => signature = value.to_owned(),
+                _ => {}
+            }
+        }
+    }
+    let mut body = vec![0u8; length];
+    reader.read_exact(&mut body)?;
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("any key length");
+    mac.update(&body);
+    let expected = format!("sha256={}", hex_lower(&mac.finalize().into_bytes()));
+    let delivery = Delivery {
+        event_id,
+        body: serde_json::from_slice(&body).unwrap_or(Value::Null),
+        signature_ok: line.starts_with("POST ") && signature == expected,
+    };
+    deliveries
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(delivery);
+    let mut stream = stream;
+    stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
+    stream.flush()
+}
+
+fn hex_lower(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
