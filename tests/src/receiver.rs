@@ -20,6 +20,8 @@ pub struct Delivery {
     pub body: Value,
     /// The signature header matched the body under the panel key.
     pub signature_ok: bool,
+    /// Unix ms when the request was received.
+    pub at_ms: u64,
 }
 
 pub struct PanelReceiver {
@@ -130,6 +132,7 @@ fn handle(stream: TcpStream, key: &[u8], deliveries: &Mutex<Vec<Delivery>>) -> s
         event_id,
         body: serde_json::from_slice(&body).unwrap_or(Value::Null),
         signature_ok: line.starts_with("POST ") && signature == expected,
+        at_ms: vmwatch_common::time::now_ms(),
     };
     deliveries
         .lock()

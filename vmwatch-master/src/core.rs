@@ -142,6 +142,7 @@ impl Core {
         if effects.is_empty() {
             return;
         }
+        let effects = rules::coalesce(effects);
         let started = Instant::now();
         let result = self.store.commit(&effects);
         match result {

@@ -40,11 +40,17 @@ pub fn check(inv: &mut Inventory, now: u64, grace_ms: u64) -> Vec<Effect> {
     for uuid in multi.keys() {
         inv.dup_since.entry(uuid.clone()).or_insert(now);
     }
+    let dup_since = &inv.dup_since;
     let mut effects = Vec::new();
-    for (node_id, vms) in inv.vms.iter_mut() {
+    // Node order makes the journal order deterministic.
+    let mut nodes: Vec<(
+        &String,
+        &mut std::collections::BTreeMap<String, crate::rules::Vm>,
+    )> = inv.vms.iter_mut().collect();
+    nodes.sort_by(|a, b| a.0.cmp(b.0));
+    for (node_id, vms) in nodes {
         for vm in vms.values_mut() {
-            let flagged = inv
-                .dup_since
+            let flagged = dup_since
                 .get(&vm.uuid)
                 .is_some_and(|since| now.saturating_sub(*since) > grace_ms)
                 && is_active(&vm.state);

@@ -534,6 +534,29 @@ fn apply_stats(
     }
 }
 
+/// Keeps only the last write of each node row and each VM row, so a batch touching the same
+/// rows many times writes each once. Journal entries all stay, in order. Correct because every
+/// row write is a whole-row replacement or a removal: the last one is the row's final state.
+pub fn coalesce(effects: Vec<Effect>) -> Vec<Effect> {
+    use std::collections::HashSet;
+    let mut seen_nodes: HashSet<String> = HashSet::new();
+    let mut seen_vms: HashSet<(String, String)> = HashSet::new();
+    let mut keep = vec![true; effects.len()];
+    for (i, e) in effects.iter().enumerate().rev() {
+        keep[i] = match e {
+            Effect::UpsertNode(n) => seen_nodes.insert(n.node_id.clone()),
+            Effect::UpsertVm(vm) => seen_vms.insert((vm.node_id.clone(), vm.uuid.clone())),
+            Effect::RemoveVm { node_id, uuid } => seen_vms.insert((node_id.clone(), uuid.clone())),
+            Effect::Journal(_) => true,
+        };
+    }
+    effects
+        .into_iter()
+        .zip(keep)
+        .filter_map(|(e, k)| k.then_some(e))
+        .collect()
+}
+
 /// Marks down every node silent for longer than `node_timeout`. `started_at` is when this
 /// master started: a node is given a full timeout after a master restart before it is judged.
 pub fn check_liveness(
@@ -870,6 +893,47 @@ mod tests {
     fn feed_at(inv: &mut Inventory, seq: u64, body: Body) {
         let t = NOW + seq * 60_000;
         handle(inv, &RULES, t, msg("hv1", "b1", 100, seq, t, body)).unwrap();
+    }
+
+    #[test]
+    fn coalesce_keeps_the_last_write_of_each_row_and_every_entry() {
+        let mut inv = Inventory::default();
+        let mut all = Vec::new();
+        for (seq, body) in [
+            (1, snap(&[("a", "running"), ("b", "running")])),
+            (2, ev("a", "suspended", "paused")),
+            (3, ev("a", "resumed", "running")),
+            (4, ev("b", "stopped", "shutoff")),
+            (5, ev("b", "undefined", "shutoff")),
+        ] {
+            all.extend(feed(&mut inv, seq, body).unwrap().effects);
+        }
+        let journal_before = all
+            .iter()
+            .filter(|e| matches!(e, Effect::Journal(_)))
+            .count();
+        let out = coalesce(all);
+        assert_eq!(
+            out.iter()
+                .filter(|e| matches!(e, Effect::Journal(_)))
+                .count(),
+            journal_before
+        );
+        let rows: Vec<&Effect> = out
+            .iter()
+            .filter(|e| !matches!(e, Effect::Journal(_)))
+            .collect();
+        assert_eq!(
+            rows.len(),
+            3,
+            "one node row, a's last upsert, b's removal: {rows:?}"
+        );
+        assert!(rows
+            .iter()
+            .any(|e| matches!(e, Effect::UpsertVm(vm) if vm.uuid == "a" && vm.state == "running")));
+        assert!(rows
+            .iter()
+            .any(|e| matches!(e, Effect::RemoveVm { uuid, .. } if uuid == "b")));
     }
 
     #[test]

@@ -1,0 +1,355 @@
+//! Load generator (a benchmark, not a test): plays N simulated nodes — real protocol, real
+//! HMAC, real ZeroMQ — against a real master (the release binary next to this one) and reports
+//! what it ingested, with the master's CPU and RSS.
+//!
+//! ```text
+//! vmwatch-loadgen events     [--nodes 100] [--vms 50] [--count 200000]
+//! vmwatch-loadgen heartbeats [--nodes 1000] [--count 400000]
+//! vmwatch-loadgen stats      [--nodes 100] [--vms 50] [--count 4000]   (count = messages)
+//! vmwatch-loadgen latency    [--nodes 100] [--vms 50] [--rate 1000] [--seconds 10]
+//! vmwatch-loadgen inventory  [--nodes 10000] [--vms 50]
+//! vmwatch-loadgen webhook    [--count 10000]
+//! ```
+//!
+//! Messages are built and signed before the clock starts, so the figures are the master's.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use vmwatch_common::protocol::{
+    self, Body, DomainEvent, DomainState, DomainStats, Heartbeat, NodeId, Payload, Snapshot, Stats,
+};
+use vmwatch_common::time::now_ms;
+use vmwatch_tests::product::{cpu_ticks, rss_kib, temp_dir, wait_for, Master, SECRET};
+use vmwatch_tests::receiver::PanelReceiver;
+
+struct SimNode {
+    id: NodeId,
+    boot: String,
+    boot_ts: u64,
+    seq: u64,
+    vms: Vec<String>,
+}
+
+impl SimNode {
+    fn new(i: usize, vms: usize) -> SimNode {
+        SimNode {
+            id: NodeId::parse(&format!("load-{i:05}")).expect("node id"),
+            boot: format!("boot-{i}-{}", now_ms()),
+            boot_ts: now_ms(),
+            seq: 0,
+            vms: (0..vms)
+                .map(|v| format!("{i:08x}-0000-4000-8000-{v:012x}"))
+                .collect(),
+        }
+    }
+
+    fn message(&mut self, body: Body) -> [Vec<u8>; 4] {
+        self.seq += 1;
+        let payload = Payload {
+            boot: self.boot.clone(),
+            boot_ts: self.boot_ts,
+            seq: self.seq,
+            ts: now_ms(),
+            body,
+        };
+        protocol::encode(SECRET.as_bytes(), &self.id, &payload)
+    }
+
+    fn snapshot(&mut self) -> [Vec<u8>; 4] {
+        let domains = self
+            .vms
+            .iter()
+            .map(|u| DomainState {
+                uuid: u.clone(),
+                name: format!("vm-{u}"),
+                state: "running".into(),
+                reason: "booted".into(),
+            })
+            .collect();
+        self.message(Body::Snapshot(Snapshot {
+            domains,
+            hostname: self.id.to_string(),
+            libvirt_version: "9.0.0".into(),
+        }))
+    }
+
+    fn event(&mut self, n: usize) -> [Vec<u8>; 4] {
+        let uuid = self.vms[n % self.vms.len()].clone();
+        let (event, detail, state) = if n % 2 == 0 {
+            ("suspended", "paused", "paused")
+        } else {
+            ("resumed", "unpaused", "running")
+        };
+        self.message(Body::Event(DomainEvent {
+            name: format!("vm-{uuid}"),
+            uuid,
+            event: event.into(),
+            detail: detail.into(),
+            state: state.into(),
+            reason: "user".into(),
+            event_ts: now_ms(),
+        }))
+    }
+}
+
+fn arg(args: &[String], name: &str, default: u64) -> Result<u64> {
+    match args.iter().position(|a| a == name) {
+        Some(i) => args
+            .get(i + 1)
+            .context("missing value")?
+            .parse()
+            .with_context(|| format!("{name}")),
+        None => Ok(default),
+    }
+}
+
+fn push_socket(ctx: &zmq::Context, master: &Master) -> Result<zmq::Socket> {
+    let s = ctx.socket(zmq::PUSH)?;
+    s.set_sndhwm(0)?;
+    s.set_linger(5000)?;
+    s.connect(&master.endpoint())?;
+    Ok(s)
+}
+
+fn accepted(master: &Master, kind: &str) -> f64 {
+    master
+        .metric(&format!(
+            "vmwatch_messages_accepted_total{{kind=\"{kind}\"}}"
+        ))
+        .unwrap_or(0.0)
+}
+
+/// Sends pre-built messages from two threads (two sockets), returns when all are handed over.
+/// A node's messages always go through the same socket, so their order is kept.
+fn blast(ctx: &zmq::Context, master: &Master, messages: Vec<[Vec<u8>; 4]>) -> Result<()> {
+    let mut parts: [Vec<[Vec<u8>; 4]>; 2] = [Vec::new(), Vec::new()];
+    for m in messages {
+        let lane = m[1]
+            .iter()
+            .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(*b as usize))
+            % 2;
+        parts[lane].push(m);
+    }
+    let handles: Vec<_> = parts
+        .into_iter()
+        .map(|part| {
+            let s = push_socket(ctx, master);
+            std::thread::spawn(move || -> Result<()> {
+                let s = s?;
+                for m in part {
+                    s.send_multipart(m, 0)?;
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join()
+            .map_err(|_| anyhow::anyhow!("sender thread panicked"))??;
+    }
+    Ok(())
+}
+
+struct Usage {
+    pid: u32,
+    ticks: u64,
+    at: Instant,
+}
+
+impl Usage {
+    fn start(master: &Master) -> Result<Usage> {
+        let pid = master.pid().context("master pid")?;
+        Ok(Usage {
+            pid,
+            ticks: cpu_ticks(pid).unwrap_or(0),
+            at: Instant::now(),
+        })
+    }
+    fn report(&self) -> String {
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        let cpu = cpu_ticks(self.pid).unwrap_or(0).saturating_sub(self.ticks) as f64 / hz;
+        format!(
+            "master CPU {:.1} % of one core over {:.1} s, RSS {} MiB",
+            cpu / self.at.elapsed().as_secs_f64() * 100.0,
+            self.at.elapsed().as_secs_f64(),
+            rss_kib(self.pid).unwrap_or(0) / 1024
+        )
+    }
+}
+
+fn setup(ctx: &zmq::Context, master: &Master, nodes: usize, vms: usize) -> Result<Vec<SimNode>> {
+    let mut sims: Vec<SimNode> = (0..nodes).map(|i| SimNode::new(i, vms)).collect();
+    let snaps: Vec<_> = sims.iter_mut().map(SimNode::snapshot).collect();
+    let t0 = Instant::now();
+    blast(ctx, master, snaps)?;
+    wait_for(Duration::from_secs(600), "all snapshots applied", || {
+        (accepted(master, "snapshot") >= nodes as f64).then_some(())
+    });
+    eprintln!(
+        "setup: {nodes} nodes × {vms} VMs applied in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(sims)
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mode = args.first().cloned().unwrap_or_default();
+    let dir = temp_dir("loadgen");
+    let ctx = zmq::Context::new();
+    match mode.as_str() {
+        "events" | "heartbeats" | "stats" => {
+            let default_nodes = if mode == "heartbeats" { 1000 } else { 100 };
+            let nodes = arg(&args, "--nodes", default_nodes)? as usize;
+            let vms = arg(&args, "--vms", 50)? as usize;
+            let count = arg(&args, "--count", if mode == "stats" { 4000 } else { 200_000 })? as usize;
+            let master = Master::start(&dir, &[("log_level", "warn")])?;
+            let mut sims = setup(&ctx, &master, nodes, vms)?;
+            let mut messages = Vec::with_capacity(count);
+            for n in 0..count {
+                let sim = &mut sims[n % nodes];
+                messages.push(match mode.as_str() {
+                    "events" => sim.event(n / nodes),
+                    "heartbeats" => sim.message(Body::Heartbeat(Heartbeat { libvirt: "up".into(), domains: vms as u64, version: "load".into(), uptime_s: 1 })),
+                    _ => {
+                        let domains = sim
+                            .vms
+                            .iter()
+                            .map(|u| DomainStats { uuid: u.clone(), state: "running".into(), tx_pkts: n as u64, wr_reqs: 7, nics: 1, disks: 1, ..Default::default() })
+                            .collect();
+                        sim.message(Body::Stats(Stats { interval_s: 600, domains }))
+                    }
+                });
+            }
+            let kind = match mode.as_str() {
+                "events" => "event",
+                "heartbeats" => "heartbeat",
+                _ => "stats",
+            };
+            let before = accepted(&master, kind);
+            let usage = Usage::start(&master)?;
+            let t0 = Instant::now();
+            blast(&ctx, &master, messages)?;
+            wait_for(Duration::from_secs(900), "all messages applied", || (accepted(&master, kind) - before >= count as f64).then_some(()));
+            let secs = t0.elapsed().as_secs_f64();
+            let per_msg = if mode == "stats" { vms } else { 1 };
+            println!(
+                "{mode}: {count} messages ({} {}) from {nodes} nodes ingested and committed in {secs:.2} s = {:.0} messages/s ({:.0} {}/s); {}",
+                count * per_msg,
+                if mode == "stats" { "VM samples" } else { "messages" },
+                count as f64 / secs,
+                (count * per_msg) as f64 / secs,
+                if mode == "stats" { "samples" } else { "messages" },
+                usage.report()
+            );
+            let rejected: f64 = vmwatch_common::protocol::Reject::ALL
+                .iter()
+                .map(|r| master.metric(&format!("vmwatch_messages_rejected_total{{reason=\"{}\"}}", r.as_str())).unwrap_or(0.0))
+                .sum();
+            if rejected > 0.0 {
+                bail!("{rejected} messages rejected");
+            }
+        }
+        "latency" => {
+            let nodes = arg(&args, "--nodes", 100)? as usize;
+            let vms = arg(&args, "--vms", 50)? as usize;
+            let rate = arg(&args, "--rate", 1000)?;
+            let seconds = arg(&args, "--seconds", 10)?;
+            let master = Master::start(&dir, &[("log_level", "warn")])?;
+            let mut sims = setup(&ctx, &master, nodes, vms)?;
+            let socket = push_socket(&ctx, &master)?;
+            let total = (rate * seconds) as usize;
+            let t0 = Instant::now();
+            for n in 0..total {
+                let due = t0 + Duration::from_secs_f64(n as f64 / rate as f64);
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+                let m = sims[n % nodes].event(n / nodes);
+                socket.send_multipart(m, 0)?;
+            }
+            wait_for(Duration::from_secs(60), "all applied", || (accepted(&master, "event") >= total as f64).then_some(()));
+            // The histogram of node ts → commit, read back from /metrics.
+            let text = master.metrics()?;
+            let mut buckets: Vec<(f64, f64)> = text
+                .lines()
+                .filter_map(|l| l.strip_prefix("vmwatch_ingest_latency_seconds_bucket{le=\""))
+                .filter_map(|l| {
+                    let (le, rest) = l.split_once("\"}")?;
+                    Some((le.parse::<f64>().unwrap_or(f64::INFINITY), rest.trim().parse::<f64>().ok()?))
+                })
+                .collect();
+            buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+            let count = buckets.last().map(|b| b.1).unwrap_or(0.0);
+            let q = |p: f64| buckets.iter().find(|b| b.1 >= count * p).map(|b| b.0 * 1000.0).unwrap_or(f64::NAN);
+            println!(
+                "latency: {total} events at {rate}/s from {nodes} nodes: node send → durable commit p50 ≤ {:.1} ms, p99 ≤ {:.1} ms (histogram bucket bounds)",
+                q(0.5),
+                q(0.99)
+            );
+        }
+        "inventory" => {
+            let nodes = arg(&args, "--nodes", 10_000)? as usize;
+            let vms = arg(&args, "--vms", 50)? as usize;
+            let master = Master::start(&dir, &[("log_level", "warn")])?;
+            let usage = Usage::start(&master)?;
+            setup(&ctx, &master, nodes, vms)?;
+            let total = master.get("/api/v1/vms?limit=1")?["total"].as_u64().unwrap_or(0);
+            println!("inventory: {nodes} nodes × {vms} VMs = {total} rows held; {}", usage.report());
+        }
+        "webhook" => {
+            let count = arg(&args, "--count", 10_000)? as usize;
+            let mut panel = PanelReceiver::start(0, b"panel-key-for-the-loadgen-000")?;
+            let url = panel.url();
+            let master = Master::start(&dir, &[("log_level", "warn"), ("panel_url", &url), ("panel_secret", "panel-key-for-the-loadgen-000")])?;
+            let mut sims = setup(&ctx, &master, 10, 50)?;
+            // Latency: 200 events paced at 50/s with the panel up.
+            let socket = push_socket(&ctx, &master)?;
+            let start_len = panel.received().len();
+            for n in 0..200 {
+                socket.send_multipart(sims[n % 10].event(n / 10), 0)?;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let want = start_len + 200;
+            wait_for(Duration::from_secs(60), "paced deliveries", || (panel.received().len() >= want).then_some(()));
+            let mut lat: Vec<u64> = panel.received()[start_len..]
+                .iter()
+                .filter_map(|d| d.body["received_at"].as_u64().map(|r| d.at_ms.saturating_sub(r)))
+                .collect();
+            lat.sort_unstable();
+            println!(
+                "webhook latency (journal entry → panel received, 200 entries at 50/s): median {} ms, p99 {} ms, max {} ms",
+                lat[lat.len() / 2],
+                lat[lat.len() * 99 / 100],
+                lat[lat.len() - 1]
+            );
+            // Drain: a backlog built while the panel is down.
+            panel.stop();
+            let messages: Vec<_> = (0..count).map(|n| sims[n % 10].event(n / 10)).collect();
+            blast(&ctx, &master, messages)?;
+            wait_for(Duration::from_secs(300), "the backlog in the outbox", || {
+                master.metric("vmwatch_outbox_depth").ok().filter(|d| *d >= count as f64)
+            });
+            let depth = master.metric("vmwatch_outbox_depth")?;
+            let before: HashMap<i64, ()> = panel.received().iter().map(|d| (d.event_id, ())).collect();
+            let usage = Usage::start(&master)?;
+            let t0 = Instant::now();
+            panel.restart()?;
+            wait_for(Duration::from_secs(600), "the outbox drained", || {
+                master.metric("vmwatch_outbox_depth").ok().filter(|d| *d == 0.0)
+            });
+            let secs = t0.elapsed().as_secs_f64();
+            let new = panel.received().iter().filter(|d| !before.contains_key(&d.event_id)).count();
+            println!(
+                "webhook drain: {depth:.0} entries backlog delivered in {secs:.2} s = {:.0} entries/s ({new} new ids received; receiver answers each on a new connection); {}",
+                depth / secs,
+                usage.report()
+            );
+        }
+        _ => bail!("usage: vmwatch-loadgen events|heartbeats|stats|latency|inventory|webhook [--nodes N] [--vms V] [--count M]"),
+    }
+    Ok(())
+}
