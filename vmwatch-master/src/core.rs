@@ -152,6 +152,9 @@ impl Core {
                     .commit_seconds
                     .observe(started.elapsed().as_secs_f64());
                 self.metrics.journal_entries.inc_by(ids.len() as u64);
+                if self.store.outbox_enabled() {
+                    self.metrics.outbox_depth.inc_by(ids.len() as i64);
+                }
                 let committed = now_ms();
                 for (kind, ts) in accepted {
                     self.metrics

@@ -111,6 +111,21 @@ fn run(config: config::MasterConfig, log: LogFile) -> Result<(), String> {
         .map_err(|e| format!("cannot listen for HTTP on {}: {e}", config.http_listen))?;
 
     let metrics = Arc::new(metrics::Metrics::new());
+    let outbox = match &config.panel_url {
+        Some(_) => {
+            let outbox = store::Outbox::open(&config.db_path).map_err(|e| e.to_string())?;
+            // The core adds what it commits and acknowledgements subtract, so the gauge stays
+            // true while the head entry is being retried; it starts from the stored backlog.
+            metrics.outbox_depth.set(
+                outbox
+                    .depth()
+                    .map(|d| d as i64)
+                    .map_err(|e| e.to_string())?,
+            );
+            Some(outbox)
+        }
+        None => None,
+    };
     let reject_log = Arc::new(metrics::RejectLog::new(Duration::from_secs(10)));
     let (committed, _) = tokio::sync::watch::channel(0u64);
     let (vm_changes, _) = tokio::sync::broadcast::channel(1024);
@@ -172,7 +187,9 @@ fn run(config: config::MasterConfig, log: LogFile) -> Result<(), String> {
             let Some(key) = key else {
                 return Err("panel_url is set but neither panel_secret nor secret is".into());
             };
-            let outbox = store::Outbox::open(&config.db_path).map_err(|e| e.to_string())?;
+            let Some(outbox) = outbox else {
+                return Err("internal: outbox not opened".into());
+            };
             let hook = webhook::Webhook {
                 url: url.clone(),
                 key,

@@ -123,6 +123,11 @@ impl Store {
         self.outbox = true;
     }
 
+    /// Whether journal entries go to the outbox.
+    pub fn outbox_enabled(&self) -> bool {
+        self.outbox
+    }
+
     /// Writes effects and commits them as one durable transaction; returns the new journal
     /// ids.
     pub fn commit(&mut self, effects: &[Effect]) -> Result<Vec<i64>, StoreError> {

@@ -99,11 +99,6 @@ impl Webhook {
                     Vec::new()
                 }
             };
-            let (o, depth) = blocking(outbox, |o| o.depth()).await;
-            outbox = o;
-            if let Ok(d) = depth {
-                metrics.outbox_depth.set(d as i64);
-            }
             if pending.is_empty() {
                 tokio::select! {
                     _ = committed.changed() => {}
@@ -143,12 +138,8 @@ impl Webhook {
                             }
                             // Save what was delivered before waiting.
                             if !acked.is_empty() {
-                                let ids = std::mem::take(&mut acked);
-                                let (o, r) = blocking(outbox, move |o| o.ack(&ids)).await;
-                                outbox = o;
-                                if let Err(e) = r {
-                                    tracing::error!(error = %e, "cannot record deliveries; they will be sent again");
-                                }
+                                outbox =
+                                    record_acks(outbox, std::mem::take(&mut acked), &metrics).await;
                             }
                             tokio::select! {
                                 _ = tokio::time::sleep(backoff) => {}
@@ -166,16 +157,26 @@ impl Webhook {
                 }
             }
             if !acked.is_empty() {
-                let ids = std::mem::take(&mut acked);
-                let (o, r) = blocking(outbox, move |o| o.ack(&ids)).await;
-                outbox = o;
-                if let Err(e) = r {
-                    tracing::error!(error = %e, "cannot record deliveries; they will be sent again");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
+                outbox = record_acks(outbox, std::mem::take(&mut acked), &metrics).await;
             }
         }
     }
+}
+
+/// Deletes delivered entries from the outbox; on failure they will simply be sent again.
+async fn record_acks(outbox: Outbox, ids: Vec<i64>, metrics: &Metrics) -> Outbox {
+    let n = ids.len() as i64;
+    let (outbox, r) = blocking(outbox, move |o| o.ack(&ids)).await;
+    match r {
+        Ok(()) => {
+            metrics.outbox_depth.dec_by(n);
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot record deliveries; they will be sent again");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+    outbox
 }
 
 async fn deliver(

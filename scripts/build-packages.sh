@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Builds the .deb and .rpm packages of vmwatch-node and vmwatch-master into target/packages/.
+# Usage: scripts/build-packages.sh [VERSION]   (VERSION overrides the package version, for
+# upgrade tests). Installs cargo-deb and cargo-generate-rpm with cargo if missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck disable=SC1091
+[ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
+version=${1:-}
+
+command -v cargo-deb >/dev/null || cargo install --locked cargo-deb
+command -v cargo-generate-rpm >/dev/null || cargo install --locked cargo-generate-rpm
+
+cargo build --release -p vmwatch-node -p vmwatch-master
+out=target/packages
+mkdir -p "$out"
+for pkg in vmwatch-node vmwatch-master; do
+  if [ -n "$version" ]; then
+    cargo deb --no-build -p "$pkg" --deb-version "$version" -o "$out/"
+    cargo generate-rpm -p "$pkg" -o "$out/" -s "version = \"$version\""
+  else
+    cargo deb --no-build -p "$pkg" -o "$out/"
+    cargo generate-rpm -p "$pkg" -o "$out/"
+  fi
+done
+ls -1 "$out"
