@@ -61,7 +61,12 @@ impl PanelReceiver {
             while !stop.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((stream, _)) => {
-                        let _ = handle(stream, &key, &deliveries);
+                        // One thread per connection: keep-alive connections stay open.
+                        let (key, deliveries, stop) =
+                            (key.clone(), deliveries.clone(), stop.clone());
+                        std::thread::spawn(move || {
+                            let _ = serve(stream, &key, &deliveries, &stop);
+                        });
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
                 }
@@ -98,12 +103,53 @@ impl Drop for PanelReceiver {
     }
 }
 
-fn handle(stream: TcpStream, key: &[u8], deliveries: &Mutex<Vec<Delivery>>) -> std::io::Result<()> {
+/// Serves HTTP/1.1 keep-alive requests on one connection until it closes or the receiver stops.
+fn serve(
+    stream: TcpStream,
+    key: &[u8],
+    deliveries: &Mutex<Vec<Delivery>>,
+    stop: &AtomicBool,
+) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(Duration::from_millis(200)))?;
     let mut reader = BufReader::new(stream.try_clone()?);
-    let mut line = String::new();
-    reader.read_line(&mut line)?;
+    let mut writer = stream;
+    loop {
+        let mut line = String::new();
+        match reader.read_line(&mut line) {
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                if stop.load(Ordering::Relaxed) {
+                    return Ok(()); // a stopped panel drops its connections
+                }
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
+        if stop.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        handle(&line, &mut reader, &mut writer, key, deliveries)?;
+    }
+}
+
+fn handle(
+    line: &str,
+    reader: &mut BufReader<TcpStream>,
+    stream: &mut TcpStream,
+    key: &[u8],
+    deliveries: &Mutex<Vec<Delivery>>,
+) -> std::io::Result<()> {
+    reader
+        .get_ref()
+        .set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut length = 0usize;
     let (mut event_id, mut signature) = (-1i64, String::new());
     loop {
@@ -138,7 +184,6 @@ fn handle(stream: TcpStream, key: &[u8], deliveries: &Mutex<Vec<Delivery>>) -> s
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .push(delivery);
-    let mut stream = stream;
     stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
     stream.flush()
 }

@@ -117,8 +117,26 @@ impl Webhook {
                         continue;
                     }
                 };
+                let mut attempt = 0u32;
                 loop {
-                    match deliver(&client, &url, &key, &entry, &body).await {
+                    attempt += 1;
+                    let sent_at = Instant::now();
+                    let result = match deliver(&client, &url, &key, &entry, &body).await {
+                        // A pooled keep-alive connection the panel closed meanwhile fails at
+                        // once; one immediate retry on a fresh connection is not a failure.
+                        Err(Failure::Transport(_)) if attempt == 1 => {
+                            deliver(&client, &url, &key, &entry, &body).await
+                        }
+                        other => other,
+                    };
+                    tracing::debug!(
+                        id = entry.id,
+                        attempt,
+                        took_us = sent_at.elapsed().as_micros() as u64,
+                        ok = result.is_ok(),
+                        "webhook attempt"
+                    );
+                    match result {
                         Ok(()) => {
                             metrics.webhook_deliveries.inc();
                             let age =
@@ -179,13 +197,30 @@ async fn record_acks(outbox: Outbox, ids: Vec<i64>, metrics: &Metrics) -> Outbox
     outbox
 }
 
+/// Why one delivery attempt failed.
+enum Failure {
+    /// No HTTP answer (connection refused or reset, timeout).
+    Transport(String),
+    /// An answer other than 2xx.
+    Status(u16),
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Transport(e) => f.write_str(e),
+            Failure::Status(s) => write!(f, "HTTP {s}"),
+        }
+    }
+}
+
 async fn deliver(
     client: &reqwest::Client,
     url: &str,
     key: &[u8],
     entry: &JournalRow,
     body: &[u8],
-) -> Result<(), String> {
+) -> Result<(), Failure> {
     let response = client
         .post(url)
         .header("Content-Type", "application/json")
@@ -194,11 +229,11 @@ async fn deliver(
         .body(body.to_vec())
         .send()
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| Failure::Transport(format!("{e:#}")))?;
     if response.status().is_success() {
         Ok(())
     } else {
-        Err(format!("HTTP {}", response.status()))
+        Err(Failure::Status(response.status().as_u16()))
     }
 }
 
