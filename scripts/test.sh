@@ -14,3 +14,5 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo build --workspace --all-targets
 cargo test --workspace -- --test-threads="${VMWATCH_TEST_THREADS:-3}"
+# Packages: build .deb/.rpm, install, upgrade and purge them on this machine.
+bash tests/packages.sh

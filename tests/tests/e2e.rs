@@ -881,3 +881,79 @@ fn wait_for_state_releases_promptly_and_times_out_with_408() {
         400
     );
 }
+
+#[test]
+fn log_reopened_on_sighup_loses_no_line() {
+    // What logrotate does: rename the file, then send SIGHUP (postrotate); the master must
+    // write on into the new file without losing a line. Journal entries are logged one line
+    // each at info, so the journal count is the expected line count.
+    let dir = temp_dir("logrotate");
+    let master = Master::start(&dir, &[("log_level", "info")]).expect("master");
+    let ctx = zmq::Context::new();
+    let push = ctx.socket(zmq::PUSH).expect("socket");
+    push.connect(&master.endpoint()).expect("connect");
+    let node = vmwatch_common::protocol::NodeId::parse("rotator").expect("node id");
+    let boot_ts = vmwatch_common::time::now_ms();
+    let send = |seq: u64, state: &str| {
+        let payload = vmwatch_common::protocol::Payload {
+            boot: "rotator-boot".into(),
+            boot_ts,
+            seq,
+            ts: vmwatch_common::time::now_ms(),
+            body: vmwatch_common::protocol::Body::Event(vmwatch_common::protocol::DomainEvent {
+                uuid: "00000000-0000-4000-8000-000000000001".into(),
+                name: "rotated".into(),
+                event: "resumed".into(),
+                detail: "unpaused".into(),
+                state: state.into(),
+                reason: "unknown".into(),
+                event_ts: vmwatch_common::time::now_ms(),
+            }),
+        };
+        let frames = vmwatch_common::protocol::encode(
+            vmwatch_tests::product::SECRET.as_bytes(),
+            &node,
+            &payload,
+        );
+        push.send_multipart(frames, 0).expect("send");
+    };
+    let rotated = dir.join("master.log.1");
+    for seq in 1..=400u64 {
+        send(seq, if seq % 2 == 0 { "running" } else { "paused" });
+        if seq == 200 {
+            std::fs::rename(&master.log, &rotated).expect("rename log");
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(master.pid().expect("pid") as i32, libc::SIGHUP) };
+        }
+        if seq % 50 == 0 {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    wait_for(Duration::from_secs(10), "all 400 events journaled", || {
+        (master
+            .events("type=lifecycle")
+            .map(|e| e.len())
+            .unwrap_or(0)
+            == 400)
+            .then_some(())
+    });
+    let lines = |p: &std::path::Path| {
+        std::fs::read_to_string(p)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(" journal "))
+            .count()
+    };
+    let (old, new) = (lines(&rotated), lines(&master.log));
+    let total_entries = master.events("").expect("events").len();
+    assert!(old > 0 && new > 0, "both files written: {old} + {new}");
+    assert_eq!(
+        old + new,
+        total_entries,
+        "every journal line is in one of the two files"
+    );
+    assert!(
+        master.log_text().contains("log file reopened"),
+        "the reopen is logged"
+    );
+}

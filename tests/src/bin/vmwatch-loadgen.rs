@@ -77,7 +77,7 @@ impl SimNode {
 
     fn event(&mut self, n: usize) -> [Vec<u8>; 4] {
         let uuid = self.vms[n % self.vms.len()].clone();
-        let (event, detail, state) = if n % 2 == 0 {
+        let (event, detail, state) = if n.is_multiple_of(2) {
             ("suspended", "paused", "paused")
         } else {
             ("resumed", "unpaused", "running")
@@ -100,7 +100,7 @@ fn arg(args: &[String], name: &str, default: u64) -> Result<u64> {
             .get(i + 1)
             .context("missing value")?
             .parse()
-            .with_context(|| format!("{name}")),
+            .with_context(|| name.to_string()),
         None => Ok(default),
     }
 }
