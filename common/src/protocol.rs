@@ -155,6 +155,24 @@ pub struct Heartbeat {
     pub domains: u64,
     pub version: String,
     pub uptime_s: u64,
+    /// The agent's own counters (absent from older agents: then zero).
+    #[serde(default)]
+    pub agent: AgentCounters,
+}
+
+/// What a node agent reports about itself in every heartbeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct AgentCounters {
+    /// Messages handed to ZeroMQ since the agent started.
+    pub sent: u64,
+    /// Lifecycle events sent since the agent started.
+    pub events: u64,
+    /// Messages dropped because the send queue was full.
+    pub dropped: u64,
+    /// Messages waiting beyond ZeroMQ's queue (SNDHWM) right now.
+    pub overflow: u64,
+    /// Successful reconnections to libvirt since the agent started.
+    pub libvirt_reconnects: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -396,6 +414,13 @@ mod tests {
                 domains: 3,
                 version: "0.1.0".into(),
                 uptime_s: 9,
+                agent: AgentCounters {
+                    sent: 4,
+                    events: 1,
+                    dropped: 0,
+                    overflow: 0,
+                    libvirt_reconnects: 2,
+                },
             }),
             Body::Bye(Bye {
                 reason: "sigterm".into(),

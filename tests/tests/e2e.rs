@@ -957,3 +957,197 @@ fn log_reopened_on_sighup_loses_no_line() {
         "the reopen is logged"
     );
 }
+
+/// Parses OpenMetrics text with Python's `prometheus_client` parser (a real, independent
+/// parser) into {"name{label=value,...}": value}.
+fn parse_with_prometheus_client(text: &str) -> std::collections::BTreeMap<String, f64> {
+    let script = r#"
+import json, sys
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
+out = {}
+for family in text_string_to_metric_families(sys.stdin.read()):
+    for s in family.samples:
+        labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+        out[f"{s.name}{{{labels}}}"] = s.value
+print(json.dumps(out))
+"#;
+    let mut child = std::process::Command::new("/usr/bin/python3")
+        .args(["-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("write metrics");
+    let out = child.wait_with_output().expect("parser");
+    assert!(
+        out.status.success(),
+        "the OpenMetrics parser rejected /metrics: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("parser output")
+}
+
+#[test]
+fn metrics_parse_with_a_real_parser_and_count_a_known_sequence() {
+    let has_parser = std::process::Command::new("/usr/bin/python3")
+        .args(["-c", "import prometheus_client.openmetrics.parser"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !has_parser {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must have python3-prometheus-client (scripts/install-deps.sh)"
+        );
+        eprintln!("SKIPPED metrics_parse_with_a_real_parser_and_count_a_known_sequence: python3-prometheus-client missing");
+        return;
+    }
+    use vmwatch_common::protocol::{
+        encode, AgentCounters, Body, DomainEvent, DomainState, Heartbeat, NodeId, Payload, Snapshot,
+    };
+    let dir = temp_dir("metrics");
+    let master = Master::start(&dir, &[]).expect("master");
+    let ctx = zmq::Context::new();
+    let push = ctx.socket(zmq::PUSH).expect("socket");
+    push.connect(&master.endpoint()).expect("connect");
+    let node = NodeId::parse("metered").expect("node id");
+    let boot_ts = vmwatch_common::time::now_ms();
+    let key = vmwatch_tests::product::SECRET.as_bytes();
+    let payload = |seq: u64, body: Body| Payload {
+        boot: "metered-boot".into(),
+        boot_ts,
+        seq,
+        ts: vmwatch_common::time::now_ms(),
+        body,
+    };
+    let dom = |u: &str, s: &str| DomainState {
+        uuid: u.into(),
+        name: format!("vm-{u}"),
+        state: s.into(),
+        reason: "unknown".into(),
+    };
+    let event = |u: &str, e: &str, s: &str| {
+        Body::Event(DomainEvent {
+            uuid: u.into(),
+            name: format!("vm-{u}"),
+            event: e.into(),
+            detail: "x".into(),
+            state: s.into(),
+            reason: "unknown".into(),
+            event_ts: vmwatch_common::time::now_ms(),
+        })
+    };
+    let agent = AgentCounters {
+        sent: 41,
+        events: 7,
+        dropped: 2,
+        overflow: 0,
+        libvirt_reconnects: 3,
+    };
+    let messages = vec![
+        encode(
+            key,
+            &node,
+            &payload(
+                1,
+                Body::Snapshot(Snapshot {
+                    domains: vec![
+                        dom("a", "running"),
+                        dom("b", "running"),
+                        dom("c", "shutoff"),
+                    ],
+                    hostname: "h".into(),
+                    libvirt_version: "9.0.0".into(),
+                }),
+            ),
+        ),
+        encode(key, &node, &payload(2, event("a", "suspended", "paused"))),
+        encode(key, &node, &payload(6, event("c", "started", "running"))), // seq jump: 3 lost
+        encode(
+            key,
+            &node,
+            &payload(
+                7,
+                Body::Heartbeat(Heartbeat {
+                    libvirt: "up".into(),
+                    domains: 3,
+                    version: "t".into(),
+                    uptime_s: 5,
+                    agent,
+                }),
+            ),
+        ),
+        encode(
+            key,
+            &node,
+            &payload(
+                7,
+                Body::Heartbeat(Heartbeat {
+                    libvirt: "up".into(),
+                    domains: 3,
+                    version: "t".into(),
+                    uptime_s: 5,
+                    agent,
+                }),
+            ),
+        ), // replay
+        encode(
+            b"wrong-secret-0123456789",
+            &node,
+            &payload(8, event("a", "resumed", "running")),
+        ),
+    ];
+    for m in messages {
+        push.send_multipart(m, 0).expect("send");
+    }
+    let series = wait_for(Duration::from_secs(10), "the sequence counted", || {
+        let s = parse_with_prometheus_client(&master.metrics().ok()?);
+        (s.get("vmwatch_messages_rejected_total{reason=bad_signature}") == Some(&1.0)
+            && s.get("vmwatch_messages_accepted_total{kind=heartbeat}") == Some(&1.0)
+            && s.get("vmwatch_nodes_up{}") == Some(&1.0))
+        .then_some(s)
+    });
+    let expect = [
+        ("vmwatch_messages_accepted_total{kind=snapshot}", 1.0),
+        ("vmwatch_messages_accepted_total{kind=event}", 2.0),
+        ("vmwatch_messages_accepted_total{kind=heartbeat}", 1.0),
+        ("vmwatch_messages_rejected_total{reason=replay}", 1.0),
+        ("vmwatch_messages_rejected_total{reason=bad_signature}", 1.0),
+        ("vmwatch_messages_rejected_total{reason=clock_skew}", 0.0),
+        ("vmwatch_sequence_gaps_total{}", 1.0),
+        ("vmwatch_messages_lost_total{}", 3.0),
+        ("vmwatch_vms{state=running}", 2.0),
+        ("vmwatch_vms{state=paused}", 1.0),
+        ("vmwatch_nodes_up{}", 1.0),
+        ("vmwatch_nodes_down{}", 0.0),
+        ("vmwatch_node_up{node=metered}", 1.0),
+        ("vmwatch_node_libvirt_up{node=metered}", 1.0),
+        ("vmwatch_node_agent_events{node=metered}", 7.0),
+        ("vmwatch_node_agent_dropped_messages{node=metered}", 2.0),
+        ("vmwatch_node_agent_libvirt_reconnects{node=metered}", 3.0),
+        ("vmwatch_vms_duplicate{}", 0.0),
+        ("vmwatch_outbox_depth{}", 0.0),
+        ("vmwatch_ingest_latency_seconds_count{}", 4.0),
+    ];
+    let wrong: Vec<String> = expect
+        .iter()
+        .filter(|(k, v)| series.get(*k) != Some(v))
+        .map(|(k, v)| format!("{k}: want {v}, got {:?}", series.get(*k)))
+        .collect();
+    assert!(wrong.is_empty(), "{wrong:#?}");
+    // Journal: node up, libvirt-up, 3 new domains, 2 events, 1 gap.
+    assert_eq!(series.get("vmwatch_journal_size{}"), Some(&8.0));
+    assert!(
+        series
+            .keys()
+            .any(|k| k.starts_with("vmwatch_db_commit_seconds_bucket")),
+        "commit-time histogram"
+    );
+}

@@ -108,8 +108,15 @@ impl Core {
             let node_id = received.message.node_id().as_str().to_owned();
             let kind = received.message.payload().body.kind();
             let ts = received.message.payload().ts;
+            let agent = match &received.message.payload().body {
+                vmwatch_common::protocol::Body::Heartbeat(h) => Some(h.agent),
+                _ => None,
+            };
             match rules::handle(&mut self.inventory, &self.rules, now, received.message) {
                 Ok(outcome) => {
+                    if let Some(agent) = agent {
+                        self.metrics.set_agent(&node_id, &agent);
+                    }
                     effects.extend(outcome.effects);
                     accepted.push((kind, ts));
                     if let Some(lost) = outcome.gap {
@@ -152,6 +159,7 @@ impl Core {
                     .commit_seconds
                     .observe(started.elapsed().as_secs_f64());
                 self.metrics.journal_entries.inc_by(ids.len() as u64);
+                self.metrics.journal_size.inc_by(ids.len() as i64);
                 if self.store.outbox_enabled() {
                     self.metrics.outbox_depth.inc_by(ids.len() as i64);
                 }
@@ -213,11 +221,14 @@ impl Core {
         };
         match self.store.purge_journal(cutoff) {
             Ok(0) => {}
-            Ok(n) => tracing::info!(
-                purged = n,
-                retention_days = self.retention_days,
-                "old journal entries purged"
-            ),
+            Ok(n) => {
+                self.metrics.journal_size.dec_by(n as i64);
+                tracing::info!(
+                    purged = n,
+                    retention_days = self.retention_days,
+                    "old journal entries purged"
+                );
+            }
             Err(e) => tracing::error!(error = %e, "journal purge failed; retrying in an hour"),
         }
     }

@@ -111,6 +111,9 @@ fn run(config: config::MasterConfig, log: LogFile) -> Result<(), String> {
         .map_err(|e| format!("cannot listen for HTTP on {}: {e}", config.http_listen))?;
 
     let metrics = Arc::new(metrics::Metrics::new());
+    metrics
+        .journal_size
+        .set(store.journal_size().map_err(|e| e.to_string())? as i64);
     let outbox = match &config.panel_url {
         Some(_) => {
             let outbox = store::Outbox::open(&config.db_path).map_err(|e| e.to_string())?;

@@ -50,6 +50,12 @@ pub struct Metrics {
     pub vms_idle: Family<ResourceLabel, Gauge>,
     pub vms_duplicate: Gauge,
     pub db_errors: Counter,
+    pub journal_size: Gauge,
+    pub agent_sent: Family<NodeLabel, Gauge>,
+    pub agent_events: Family<NodeLabel, Gauge>,
+    pub agent_dropped: Family<NodeLabel, Gauge>,
+    pub agent_overflow: Family<NodeLabel, Gauge>,
+    pub agent_reconnects: Family<NodeLabel, Gauge>,
     pub outbox_depth: Gauge,
     pub webhook_deliveries: Counter,
     pub webhook_failures: Counter,
@@ -138,6 +144,42 @@ impl Metrics {
             "VM rows flagged duplicate",
             vms_duplicate.clone(),
         );
+        let journal_size = Gauge::default();
+        registry.register(
+            "journal_size",
+            "Journal entries stored",
+            journal_size.clone(),
+        );
+        let agent = |registry: &mut Registry, name: &str, help: &str| {
+            let f = Family::<NodeLabel, Gauge>::default();
+            registry.register(name, help, f.clone());
+            f
+        };
+        let agent_sent = agent(
+            &mut registry,
+            "node_agent_sent_messages",
+            "Messages the node agent handed to ZeroMQ since it started (from its heartbeat)",
+        );
+        let agent_events = agent(
+            &mut registry,
+            "node_agent_events",
+            "Lifecycle events the node agent sent since it started (from its heartbeat)",
+        );
+        let agent_dropped = agent(
+            &mut registry,
+            "node_agent_dropped_messages",
+            "Messages the node agent dropped on a full queue since it started (from its heartbeat)",
+        );
+        let agent_overflow = agent(
+            &mut registry,
+            "node_agent_overflow_messages",
+            "Messages waiting beyond the node agent's ZeroMQ queue (from its heartbeat)",
+        );
+        let agent_reconnects = agent(
+            &mut registry,
+            "node_agent_libvirt_reconnects",
+            "Reconnections of the node agent to libvirt since it started (from its heartbeat)",
+        );
         let outbox_depth = Gauge::default();
         registry.register(
             "outbox_depth",
@@ -181,6 +223,12 @@ impl Metrics {
             vms_idle,
             vms_duplicate,
             db_errors,
+            journal_size,
+            agent_sent,
+            agent_events,
+            agent_dropped,
+            agent_overflow,
+            agent_reconnects,
             outbox_depth,
             webhook_deliveries,
             webhook_failures,
@@ -194,6 +242,27 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+
+    /// Records the counters a node reported in its heartbeat.
+    pub fn set_agent(&self, node: &str, c: &vmwatch_common::protocol::AgentCounters) {
+        let label = NodeLabel {
+            node: node.to_owned(),
+        };
+        let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.agent_sent.get_or_create(&label).set(as_i64(c.sent));
+        self.agent_events
+            .get_or_create(&label)
+            .set(as_i64(c.events));
+        self.agent_dropped
+            .get_or_create(&label)
+            .set(as_i64(c.dropped));
+        self.agent_overflow
+            .get_or_create(&label)
+            .set(as_i64(c.overflow));
+        self.agent_reconnects
+            .get_or_create(&label)
+            .set(as_i64(c.libvirt_reconnects));
     }
 
     pub fn count_reject(&self, reason: Reject) {

@@ -613,6 +613,7 @@ mod tests {
             domains: 0,
             version: "0.1.0".into(),
             uptime_s: 1,
+            agent: Default::default(),
         })
     }
 

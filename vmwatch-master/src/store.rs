@@ -123,6 +123,14 @@ impl Store {
         self.outbox = true;
     }
 
+    /// Journal entries stored.
+    pub fn journal_size(&self) -> Result<u64, StoreError> {
+        self.conn
+            .query_row("SELECT count(*) FROM journal", [], |r| r.get::<_, i64>(0))
+            .map(|n| n.max(0) as u64)
+            .map_err(ctx("count journal"))
+    }
+
     /// Whether journal entries go to the outbox.
     pub fn outbox_enabled(&self) -> bool {
         self.outbox

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use virt::connect::Connect;
+use vmwatch_common::protocol::AgentCounters;
 use vmwatch_common::time::now_ms;
 
 use crate::builder::{self, EventFacts, MessageBuilder};
@@ -73,6 +74,10 @@ pub struct Agent {
     next_snapshot: Instant,
     next_heartbeat: Instant,
     domains: u64,
+    /// Lifecycle events sent, and successful reconnections after a loss (for heartbeats).
+    events_sent: u64,
+    reconnects: u64,
+    ever_connected: bool,
     started: Instant,
     ready_sent: bool,
     watchdog: Option<Duration>,
@@ -112,6 +117,9 @@ impl Agent {
             next_snapshot: now,
             next_heartbeat: now,
             domains: 0,
+            events_sent: 0,
+            reconnects: 0,
+            ever_connected: false,
             started: now,
             ready_sent: false,
             watchdog,
@@ -210,6 +218,7 @@ impl Agent {
                 };
                 let body = builder::event(&facts);
                 let m = self.builder.build(now_ms(), body);
+                self.events_sent += 1;
                 tracing::debug!(uuid = %facts.uuid, name = %facts.name, seq = m.seq, "event sent");
                 self.sender.send(m);
             }
@@ -272,6 +281,10 @@ impl Agent {
                     conn,
                     _watch: watch,
                 });
+                if self.ever_connected {
+                    self.reconnects += 1;
+                }
+                self.ever_connected = true;
                 self.backoff = Backoff::new();
                 // Events during an outage are gone: a fresh snapshot repairs the master's view.
                 self.send_snapshot();
@@ -329,7 +342,15 @@ impl Agent {
             .connection
             .as_ref()
             .is_some_and(|c| libvirt::is_alive(&c.conn));
-        let body = builder::heartbeat(up, self.domains, self.started.elapsed().as_secs());
+        let c = &self.sender.counters;
+        let agent = AgentCounters {
+            sent: c.sent.load(Ordering::Relaxed),
+            events: self.events_sent,
+            dropped: c.dropped.load(Ordering::Relaxed),
+            overflow: c.overflow.load(Ordering::Relaxed),
+            libvirt_reconnects: self.reconnects,
+        };
+        let body = builder::heartbeat(up, self.domains, self.started.elapsed().as_secs(), agent);
         let m = self.builder.build(now_ms(), body);
         self.sender.send(m);
         self.next_heartbeat = Instant::now() + Duration::from_secs(self.config.heartbeat_interval);

@@ -6,8 +6,8 @@
 
 use vmwatch_common::config::Secret;
 use vmwatch_common::protocol::{
-    encode, Body, Bye, DomainEvent, DomainState, DomainStats, Heartbeat, NodeId, Payload, Snapshot,
-    Stats,
+    encode, AgentCounters, Body, Bye, DomainEvent, DomainState, DomainStats, Heartbeat, NodeId,
+    Payload, Snapshot, Stats,
 };
 
 use crate::facts;
@@ -140,12 +140,13 @@ pub fn event(f: &EventFacts) -> Body {
 }
 
 /// A `heartbeat` body.
-pub fn heartbeat(libvirt_up: bool, domains: u64, uptime_s: u64) -> Body {
+pub fn heartbeat(libvirt_up: bool, domains: u64, uptime_s: u64, agent: AgentCounters) -> Body {
     Body::Heartbeat(Heartbeat {
         libvirt: if libvirt_up { "up" } else { "down" }.to_owned(),
         domains,
         version: vmwatch_common::VERSION.to_owned(),
         uptime_s,
+        agent,
     })
 }
 
@@ -228,7 +229,7 @@ mod tests {
     #[test]
     fn seq_counts_up_and_frames_verify() {
         let mut b = builder();
-        let first = b.build(2000, heartbeat(true, 3, 1));
+        let first = b.build(2000, heartbeat(true, 3, 1, AgentCounters::default()));
         let second = b.build(2001, bye("sigterm"));
         assert_eq!((first.seq, second.seq), (1, 2));
         let m = authenticate(&second.frames, |_| Some(&b"0123456789abcdef"[..])).unwrap();

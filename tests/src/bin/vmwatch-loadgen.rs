@@ -213,7 +213,7 @@ fn main() -> Result<()> {
                 let sim = &mut sims[n % nodes];
                 messages.push(match mode.as_str() {
                     "events" => sim.event(n / nodes),
-                    "heartbeats" => sim.message(Body::Heartbeat(Heartbeat { libvirt: "up".into(), domains: vms as u64, version: "load".into(), uptime_s: 1 })),
+                    "heartbeats" => sim.message(Body::Heartbeat(Heartbeat { libvirt: "up".into(), domains: vms as u64, version: "load".into(), uptime_s: 1, agent: Default::default() })),
                     _ => {
                         let domains = sim
                             .vms
