@@ -20,9 +20,13 @@ if [ -n "$qemu_utils" ]; then
   pin=("qemu-utils=$qemu_utils")
 fi
 
+# chromium and a font: the status page's browser test (tests/tests/browser.rs) and
+# vmwatch-bench-page drive it headless; Node.js 20+ and npm, which run the driver, come with
+# the machine.
 apt-get install -y -qq --no-install-recommends --allow-downgrades \
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 libvirt-dev \
-  pkg-config iproute2 procps curl python3 python3-zmq cmake g++ make sqlite3 "${pin[@]}" >/dev/null
+  pkg-config iproute2 procps curl python3 python3-zmq python3-prometheus-client cmake g++ make sqlite3 \
+  chromium fonts-dejavu-core "${pin[@]}" >/dev/null
 
 # libvirtd looks up this user before it reads qemu.conf and dies without it.
 getent group libvirt-qemu >/dev/null || groupadd --system libvirt-qemu

@@ -16,3 +16,5 @@ cargo build --workspace --all-targets
 cargo test --workspace -- --test-threads="${VMWATCH_TEST_THREADS:-3}"
 # Packages: build .deb/.rpm, install, upgrade and purge them on this machine.
 bash tests/packages.sh
+# systemd: both .debs in a debootstrapped Debian 12 root booted with systemd-nspawn.
+bash tests/systemd.sh

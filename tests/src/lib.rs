@@ -8,11 +8,14 @@
 //! * [`guests`] builds the disks and domain XML of three guest kinds (idle, disk writer, PXE)
 //!   and defines them on a [`libvirtd::PrivateLibvirtd`].
 //! * [`product`] runs the real `vmwatch-master` / `vmwatch-node` binaries for `tests/e2e.rs`.
+//! * [`browser`] drives the status page in the system's headless Chromium.
 //! * [`require_root_env`] is the guard every test that needs root and the system tools calls
 //!   first: it skips loudly on a developer machine and fails on CI.
 //!
 //! See `shared/libvirt-testing.md` for the measured facts this harness is built on.
 
+/// The status page in a real browser (headless Chromium driven by `tests/browser/`).
+pub mod browser;
 pub mod guests;
 pub mod libvirtd;
 /// The real vmwatch binaries as processes (maintained with the end-to-end tests).

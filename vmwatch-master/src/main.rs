@@ -17,6 +17,7 @@ mod rules;
 mod store;
 mod webhook;
 
+use std::os::fd::AsFd;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -75,6 +76,10 @@ fn main() -> ExitCode {
     }
     if config.disabled {
         tracing::info!("vmwatch-master is disabled (disabled=yes); exiting");
+        // Type=notify: without READY=1 an exit 0 would be a start failure to systemd, and
+        // systemd must have read it before we exit (the barrier), or it sees the exit first.
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+        notify_barrier(std::time::Duration::from_secs(5));
         return ExitCode::SUCCESS;
     }
     if is_world_readable(&cli.config) {
@@ -227,6 +232,33 @@ fn run(config: config::MasterConfig, log: LogFile) -> Result<(), String> {
     runtime.shutdown_timeout(Duration::from_secs(2));
     tracing::info!("vmwatch-master stopped");
     Ok(())
+}
+
+/// Waits until systemd has processed every notification sent so far (`BARRIER=1`: systemd
+/// closes the pipe end we pass once it got there). A no-op outside systemd.
+fn notify_barrier(timeout: Duration) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    let Ok((read_end, write_end)) = nix::unistd::pipe() else {
+        return;
+    };
+    if sd_notify::notify_with_fds(
+        false,
+        &[sd_notify::NotifyState::Custom("BARRIER=1")],
+        &[write_end.as_fd()],
+    )
+    .is_err()
+    {
+        return;
+    }
+    drop(write_end);
+    let mut fds = [nix::poll::PollFd::new(
+        read_end.as_fd(),
+        nix::poll::PollFlags::POLLHUP,
+    )];
+    let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+    let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(ms));
 }
 
 /// Resolves on SIGTERM or SIGINT; reopens the log on SIGHUP; pings the systemd watchdog while
