@@ -35,6 +35,8 @@ uri=$(sed -n 's/^LIBVIRT_URI=//p' "$demo/testbed.out")
 [ -n "$uri" ] || { echo "testbed did not start"; cat "$demo/testbed.err"; exit 1; }
 
 secret=$(head -c 24 /dev/urandom | base64 | tr -d '/+=')
+node_id=$(hostname -s | tr -c 'A-Za-z0-9._\n-' '-' | cut -c1-64)
+[ -n "$node_id" ] || node_id=demo-node
 cat >"$demo/master.conf" <<CONF
 listen=tcp://127.0.0.1:1515
 secret=$secret
@@ -45,7 +47,7 @@ CONF
 cat >"$demo/node.conf" <<CONF
 connect=tcp://127.0.0.1:1515
 secret=$secret
-node_id=$(hostname -s | tr -c 'A-Za-z0-9._-\n' '-')
+node_id=$node_id
 libvirt_uri=$uri
 stats_interval=10
 snapshot_interval=60
@@ -59,10 +61,13 @@ pids+=($!)
 "$root/target/release/vmwatch-node" --config "$demo/node.conf" &
 pids+=($!)
 
-for _ in $(seq 1 100); do
-  curl -fs http://127.0.0.1:1516/healthz >/dev/null 2>&1 && break
+ok=
+for _ in $(seq 1 300); do
+  if curl -fs http://127.0.0.1:1516/api/v1/nodes 2>/dev/null | grep -q "\"node_id\":\"$node_id\""; then ok=1; break; fi
+  for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null || { echo "a demo process exited; see $demo/*.log"; exit 1; }; done
   sleep 0.1
 done
+[ -n "$ok" ] || { echo "the node did not reach the master within 30 s; see $demo/*.log"; exit 1; }
 cat <<TXT
 
 vmwatch demo running
