@@ -29,6 +29,24 @@ pub fn bin(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// Whether Debian's `/usr/bin/python3` can import `module`. When it cannot, a test that needs
+/// it fails under CI (scripts/install-deps.sh installs it) and skips loudly otherwise.
+pub fn require_python_module(test: &str, module: &str) -> bool {
+    let ok = Command::new("/usr/bin/python3")
+        .args(["-c", &format!("import {module}")])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{test}: CI must have python3 with {module} (scripts/install-deps.sh)"
+        );
+        eprintln!("SKIPPED {test}: /usr/bin/python3 cannot import {module}");
+    }
+    ok
+}
+
 /// A free TCP port on 127.0.0.1 (bound, read, released).
 pub fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");

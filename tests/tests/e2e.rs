@@ -364,17 +364,10 @@ fn python_client_from_protocol_doc_is_accepted() {
         .and_then(|s| s.split("```").next())
         .expect("python block in PROTOCOL.md");
     let python = "/usr/bin/python3";
-    let has_zmq = std::process::Command::new(python)
-        .args(["-c", "import zmq"])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !has_zmq {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must have python3-zmq (scripts/install-deps.sh)"
-        );
-        eprintln!("SKIPPED python_client_from_protocol_doc_is_accepted: /usr/bin/python3 with pyzmq missing");
+    if !vmwatch_tests::product::require_python_module(
+        "python_client_from_protocol_doc_is_accepted",
+        "zmq",
+    ) {
         return;
     }
     let dir = temp_dir("python");
@@ -892,15 +885,11 @@ fn log_reopened_on_sighup_loses_no_line() {
     let ctx = zmq::Context::new();
     let push = ctx.socket(zmq::PUSH).expect("socket");
     push.connect(&master.endpoint()).expect("connect");
-    let node = vmwatch_common::protocol::NodeId::parse("rotator").expect("node id");
-    let boot_ts = vmwatch_common::time::now_ms();
-    let send = |seq: u64, state: &str| {
-        let payload = vmwatch_common::protocol::Payload {
-            boot: "rotator-boot".into(),
-            boot_ts,
-            seq,
-            ts: vmwatch_common::time::now_ms(),
-            body: vmwatch_common::protocol::Body::Event(vmwatch_common::protocol::DomainEvent {
+    let mut node =
+        vmwatch_tests::sim::SimNode::new("rotator", vmwatch_common::time::now_ms()).expect("node");
+    let mut send = |state: &str| {
+        let frames = node.message_now(vmwatch_common::protocol::Body::Event(
+            vmwatch_common::protocol::DomainEvent {
                 uuid: "00000000-0000-4000-8000-000000000001".into(),
                 name: "rotated".into(),
                 event: "resumed".into(),
@@ -908,18 +897,13 @@ fn log_reopened_on_sighup_loses_no_line() {
                 state: state.into(),
                 reason: "unknown".into(),
                 event_ts: vmwatch_common::time::now_ms(),
-            }),
-        };
-        let frames = vmwatch_common::protocol::encode(
-            vmwatch_tests::product::SECRET.as_bytes(),
-            &node,
-            &payload,
-        );
+            },
+        ));
         push.send_multipart(frames, 0).expect("send");
     };
     let rotated = dir.join("master.log.1");
     for seq in 1..=400u64 {
-        send(seq, if seq % 2 == 0 { "running" } else { "paused" });
+        send(if seq % 2 == 0 { "running" } else { "paused" });
         if seq == 200 {
             std::fs::rename(&master.log, &rotated).expect("rename log");
             // SAFETY: kill(2) on our own child.
@@ -996,37 +980,22 @@ print(json.dumps(out))
 
 #[test]
 fn metrics_parse_with_a_real_parser_and_count_a_known_sequence() {
-    let has_parser = std::process::Command::new("/usr/bin/python3")
-        .args(["-c", "import prometheus_client.openmetrics.parser"])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !has_parser {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must have python3-prometheus-client (scripts/install-deps.sh)"
-        );
-        eprintln!("SKIPPED metrics_parse_with_a_real_parser_and_count_a_known_sequence: python3-prometheus-client missing");
+    if !vmwatch_tests::product::require_python_module(
+        "metrics_parse_with_a_real_parser_and_count_a_known_sequence",
+        "prometheus_client.openmetrics.parser",
+    ) {
         return;
     }
     use vmwatch_common::protocol::{
-        encode, AgentCounters, Body, DomainEvent, DomainState, Heartbeat, NodeId, Payload, Snapshot,
+        AgentCounters, Body, DomainEvent, DomainState, Heartbeat, Snapshot,
     };
     let dir = temp_dir("metrics");
     let master = Master::start(&dir, &[]).expect("master");
     let ctx = zmq::Context::new();
     let push = ctx.socket(zmq::PUSH).expect("socket");
     push.connect(&master.endpoint()).expect("connect");
-    let node = NodeId::parse("metered").expect("node id");
-    let boot_ts = vmwatch_common::time::now_ms();
-    let key = vmwatch_tests::product::SECRET.as_bytes();
-    let payload = |seq: u64, body: Body| Payload {
-        boot: "metered-boot".into(),
-        boot_ts,
-        seq,
-        ts: vmwatch_common::time::now_ms(),
-        body,
-    };
+    let mut node =
+        vmwatch_tests::sim::SimNode::new("metered", vmwatch_common::time::now_ms()).expect("node");
     let dom = |u: &str, s: &str| DomainState {
         uuid: u.into(),
         name: format!("vm-{u}"),
@@ -1051,59 +1020,36 @@ fn metrics_parse_with_a_real_parser_and_count_a_known_sequence() {
         overflow: 0,
         libvirt_reconnects: 3,
     };
-    let messages = vec![
-        encode(
-            key,
-            &node,
-            &payload(
-                1,
-                Body::Snapshot(Snapshot {
-                    domains: vec![
-                        dom("a", "running"),
-                        dom("b", "running"),
-                        dom("c", "shutoff"),
-                    ],
-                    hostname: "h".into(),
-                    libvirt_version: "9.0.0".into(),
-                }),
-            ),
-        ),
-        encode(key, &node, &payload(2, event("a", "suspended", "paused"))),
-        encode(key, &node, &payload(6, event("c", "started", "running"))), // seq jump: 3 lost
-        encode(
-            key,
-            &node,
-            &payload(
-                7,
-                Body::Heartbeat(Heartbeat {
-                    libvirt: "up".into(),
-                    domains: 3,
-                    version: "t".into(),
-                    uptime_s: 5,
-                    agent,
-                }),
-            ),
-        ),
-        encode(
-            key,
-            &node,
-            &payload(
-                7,
-                Body::Heartbeat(Heartbeat {
-                    libvirt: "up".into(),
-                    domains: 3,
-                    version: "t".into(),
-                    uptime_s: 5,
-                    agent,
-                }),
-            ),
-        ), // replay
-        encode(
-            b"wrong-secret-0123456789",
-            &node,
-            &payload(8, event("a", "resumed", "running")),
-        ),
+    let heartbeat = Body::Heartbeat(Heartbeat {
+        libvirt: "up".into(),
+        domains: 3,
+        version: "t".into(),
+        uptime_s: 5,
+        agent,
+    });
+    let snapshot = Body::Snapshot(Snapshot {
+        domains: vec![
+            dom("a", "running"),
+            dom("b", "running"),
+            dom("c", "shutoff"),
+        ],
+        hostname: "h".into(),
+        libvirt_version: "9.0.0".into(),
+    });
+    let mut messages = vec![
+        node.message_now(snapshot),
+        node.message_now(event("a", "suspended", "paused")),
     ];
+    node.seq += 3; // seq jump: 3 lost
+    messages.push(node.message_now(event("c", "started", "running")));
+    let hb = node.message_now(heartbeat);
+    messages.push(hb.clone());
+    messages.push(hb); // replay
+    messages.push(node.message_with_key(
+        vmwatch_common::time::now_ms(),
+        event("a", "resumed", "running"),
+        b"wrong-secret-0123456789",
+    ));
     for m in messages {
         push.send_multipart(m, 0).expect("send");
     }

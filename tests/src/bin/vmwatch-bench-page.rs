@@ -16,32 +16,27 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use vmwatch_common::protocol::{
-    self, Body, DomainState, DomainStats, Heartbeat, NodeId, Payload, Snapshot, Stats,
-};
+use vmwatch_common::protocol::{Body, DomainState, DomainStats, Heartbeat, Snapshot, Stats};
 use vmwatch_common::time::now_ms;
 use vmwatch_tests::browser;
-use vmwatch_tests::product::{temp_dir, wait_for, Master, SECRET};
+use vmwatch_tests::product::{temp_dir, wait_for, Master};
 
 /// The stats interval the simulated nodes claim; the two samples are this far apart.
 const INTERVAL_S: u64 = 60;
 
+/// A simulated node with its VMs.
 struct SimNode {
-    id: NodeId,
-    boot: String,
-    boot_ts: u64,
-    seq: u64,
+    node: vmwatch_tests::sim::SimNode,
+    id: String,
     vms: Vec<String>,
 }
 
 impl SimNode {
     fn new(i: usize, vms: usize, now: u64) -> Result<SimNode> {
+        let id = format!("hv-{i:03}");
         Ok(SimNode {
-            id: NodeId::parse(&format!("hv-{i:03}"))
-                .map_err(|e| anyhow::anyhow!("node id: {e:?}"))?,
-            boot: format!("bench-page-{i}-{now}"),
-            boot_ts: now - 2 * INTERVAL_S * 1000,
-            seq: 0,
+            node: vmwatch_tests::sim::SimNode::new(&id, now - 2 * INTERVAL_S * 1000)?,
+            id,
             vms: (0..vms)
                 .map(|v| format!("{i:08x}-0000-4000-8000-{v:012x}"))
                 .collect(),
@@ -49,15 +44,7 @@ impl SimNode {
     }
 
     fn message(&mut self, ts: u64, body: Body) -> [Vec<u8>; 4] {
-        self.seq += 1;
-        let payload = Payload {
-            boot: self.boot.clone(),
-            boot_ts: self.boot_ts,
-            seq: self.seq,
-            ts,
-            body,
-        };
-        protocol::encode(SECRET.as_bytes(), &self.id, &payload)
+        self.node.message(ts, body)
     }
 
     /// One VM in ten paused, one in ten shut off, the rest running.
@@ -82,7 +69,7 @@ impl SimNode {
                 reason: "booted".into(),
             })
             .collect();
-        let hostname = self.id.to_string();
+        let hostname = self.id.clone();
         self.message(
             ts,
             Body::Snapshot(Snapshot {

@@ -18,27 +18,24 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use vmwatch_common::protocol::{
-    self, Body, DomainEvent, DomainState, DomainStats, Heartbeat, NodeId, Payload, Snapshot, Stats,
+    Body, DomainEvent, DomainState, DomainStats, Heartbeat, Snapshot, Stats,
 };
 use vmwatch_common::time::now_ms;
-use vmwatch_tests::product::{cpu_ticks, rss_kib, temp_dir, wait_for, Master, SECRET};
+use vmwatch_tests::product::{cpu_ticks, rss_kib, temp_dir, wait_for, Master};
 use vmwatch_tests::receiver::PanelReceiver;
 
+/// A simulated node with its VMs.
 struct SimNode {
-    id: NodeId,
-    boot: String,
-    boot_ts: u64,
-    seq: u64,
+    node: vmwatch_tests::sim::SimNode,
     vms: Vec<String>,
 }
 
 impl SimNode {
     fn new(i: usize, vms: usize) -> SimNode {
+        let node =
+            vmwatch_tests::sim::SimNode::new(&format!("load-{i:05}"), now_ms()).expect("node id");
         SimNode {
-            id: NodeId::parse(&format!("load-{i:05}")).expect("node id"),
-            boot: format!("boot-{i}-{}", now_ms()),
-            boot_ts: now_ms(),
-            seq: 0,
+            node,
             vms: (0..vms)
                 .map(|v| format!("{i:08x}-0000-4000-8000-{v:012x}"))
                 .collect(),
@@ -46,15 +43,7 @@ impl SimNode {
     }
 
     fn message(&mut self, body: Body) -> [Vec<u8>; 4] {
-        self.seq += 1;
-        let payload = Payload {
-            boot: self.boot.clone(),
-            boot_ts: self.boot_ts,
-            seq: self.seq,
-            ts: now_ms(),
-            body,
-        };
-        protocol::encode(SECRET.as_bytes(), &self.id, &payload)
+        self.node.message_now(body)
     }
 
     fn snapshot(&mut self) -> [Vec<u8>; 4] {
@@ -70,7 +59,7 @@ impl SimNode {
             .collect();
         self.message(Body::Snapshot(Snapshot {
             domains,
-            hostname: self.id.to_string(),
+            hostname: self.node.id.to_string(),
             libvirt_version: "9.0.0".into(),
         }))
     }
