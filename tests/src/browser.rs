@@ -37,23 +37,11 @@ pub fn require_browser_env(test: &str) -> bool {
             missing.push(format!("`{prog}` on PATH"));
         }
     }
-    if missing.is_empty() {
-        return true;
-    }
-    let what = missing.join(", ");
-    if std::env::var_os("CI").is_some_and(|v| !v.is_empty()) {
-        panic!(
-            "{test}: CI is set, so this test must not be skipped, but it needs: {what} \
-             (run scripts/install-deps.sh as root; Node.js 20+ with npm)"
-        );
-    }
-    eprintln!(
-        "\n************************************************************\n\
-         SKIPPED {test}: needs {what}\n\
-         (run scripts/install-deps.sh as root; set CI=1 to make this a failure)\n\
-         ************************************************************\n"
-    );
-    false
+    crate::ready_or_skip(
+        test,
+        &missing,
+        "run scripts/install-deps.sh as root; Node.js 20+ with npm",
+    )
 }
 
 /// Installs the driver's npm dependencies (`npm ci`, from the committed lock file) unless

@@ -54,20 +54,25 @@ pub fn require_root_env(test: &str) -> bool {
             missing.push(format!("`{prog}` on PATH"));
         }
     }
+    ready_or_skip(test, &missing, "run scripts/install-deps.sh as root")
+}
+
+/// The one rule for environment guards: nothing missing → `true`; something missing → panic
+/// under CI (CI must never skip), else a loud `SKIPPED <test>` on stderr and `false`.
+pub fn ready_or_skip(test: &str, missing: &[String], hint: &str) -> bool {
     if missing.is_empty() {
         return true;
     }
     let what = missing.join(", ");
     if std::env::var_os("CI").is_some_and(|v| !v.is_empty()) {
         panic!(
-            "{test}: CI is set, so this test must not be skipped, but it needs: {what} \
-             (run scripts/install-deps.sh as root)"
+            "{test}: CI is set, so this test must not be skipped, but it needs: {what} ({hint})"
         );
     }
     eprintln!(
         "\n************************************************************\n\
          SKIPPED {test}: needs {what}\n\
-         (run as root after scripts/install-deps.sh; set CI=1 to make this a failure)\n\
+         ({hint}; set CI=1 to make this a failure)\n\
          ************************************************************\n"
     );
     false
