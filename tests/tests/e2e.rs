@@ -850,7 +850,20 @@ fn wait_for_state_releases_promptly_and_times_out_with_408() {
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(300)); // let the waiters block (they must not answer early)
+    wait_for(
+        Duration::from_secs(5),
+        "five requests waiting in the master",
+        || {
+            master
+                .metric("vmwatch_api_waiters")
+                .ok()
+                .filter(|n| *n == 5.0)
+        },
+    );
+    assert!(
+        waiters.iter().all(|w| !w.is_finished()),
+        "a waiter answered before the state was reached"
+    );
     lv.virsh(&["start", "e2e-wait"]).expect("start");
     let visible = wait_for(Duration::from_secs(5), "running in the API", || {
         (master.vm_state(&uuid, "wait").as_deref() == Some("running")).then(Instant::now)
@@ -883,6 +896,12 @@ fn wait_for_state_releases_promptly_and_times_out_with_408() {
             .0,
         400
     );
+    wait_for(Duration::from_secs(5), "no request left waiting", || {
+        master
+            .metric("vmwatch_api_waiters")
+            .ok()
+            .filter(|n| *n == 0.0)
+    });
 }
 
 #[test]

@@ -223,6 +223,15 @@ async fn wait_vm(
     }
     // Subscribe before reading, so no change can slip between the read and the wait.
     let mut changes = state.shared.vm_changes.subscribe();
+    // Counted while waiting, also when the client goes away (the future is then dropped).
+    struct Waiting(prometheus_client::metrics::gauge::Gauge);
+    impl Drop for Waiting {
+        fn drop(&mut self) {
+            self.0.dec();
+        }
+    }
+    state.metrics.api_waiters.inc();
+    let _waiting = Waiting(state.metrics.api_waiters.clone());
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(timeout_s);
     loop {
         let key = uuid.clone();

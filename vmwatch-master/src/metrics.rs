@@ -60,6 +60,18 @@ pub struct Metrics {
     pub webhook_deliveries: Counter,
     pub webhook_failures: Counter,
     pub webhook_latency: Histogram,
+    pub api_waiters: Gauge,
+}
+
+/// Registers `metric` under `name` and hands it back (metrics are cheap shared handles).
+fn reg<M: prometheus_client::registry::Metric + Clone>(
+    r: &mut Registry,
+    name: &str,
+    help: &str,
+    metric: M,
+) -> M {
+    r.register(name, help, metric.clone());
+    metric
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -69,171 +81,90 @@ pub struct ResourceLabel {
 
 impl Metrics {
     pub fn new() -> Metrics {
-        let mut registry = Registry::with_prefix("vmwatch");
-        let accepted = Family::<KindLabel, Counter>::default();
-        registry.register(
-            "messages_accepted",
-            "Messages authenticated and applied, by kind",
-            accepted.clone(),
-        );
-        let rejected = Family::<ReasonLabel, Counter>::default();
-        registry.register(
-            "messages_rejected",
-            "Messages rejected, by reason",
-            rejected.clone(),
-        );
-        for r in Reject::ALL {
+        let mut r = Registry::with_prefix("vmwatch");
+        let node_gauge = Family::<NodeLabel, Gauge>::default;
+        // Fields are evaluated in the order written: the registry is moved in last.
+        let m = Metrics {
+            accepted: reg(&mut r, "messages_accepted", "Messages authenticated and applied, by kind", Family::default()),
+            rejected: reg(&mut r, "messages_rejected", "Messages rejected, by reason", Family::default()),
+            gaps: reg(&mut r, "sequence_gaps", "Sequence jumps seen (messages lost between node and master)", Counter::default()),
+            lost: reg(&mut r, "messages_lost", "Messages missing in sequence gaps", Counter::default()),
+            ingest_latency: reg(
+                &mut r,
+                "ingest_latency_seconds",
+                "From the node's send time to the database commit",
+                Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            ),
+            commit_seconds: reg(
+                &mut r,
+                "db_commit_seconds",
+                "Time of one database batch commit",
+                Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            ),
+            journal_entries: reg(&mut r, "journal_entries", "Journal entries written", Counter::default()),
+            nodes_up: reg(&mut r, "nodes_up", "Nodes currently up", Gauge::default()),
+            nodes_down: reg(&mut r, "nodes_down", "Nodes currently down", Gauge::default()),
+            node_up: reg(&mut r, "node_up", "1 if the node is up", node_gauge()),
+            node_libvirt_up: reg(&mut r, "node_libvirt_up", "1 if the node reports libvirt up", node_gauge()),
+            vms: reg(&mut r, "vms", "VM rows by state", Family::default()),
+            vms_idle: reg(&mut r, "vms_idle", "VM rows flagged idle, by resource (net, disk)", Family::default()),
+            vms_duplicate: reg(&mut r, "vms_duplicate", "VM rows flagged duplicate", Gauge::default()),
+            journal_size: reg(&mut r, "journal_size", "Journal entries stored", Gauge::default()),
+            agent_sent: reg(
+                &mut r,
+                "node_agent_sent_messages",
+                "Messages the node agent handed to ZeroMQ since it started (from its heartbeat)",
+                node_gauge(),
+            ),
+            agent_events: reg(
+                &mut r,
+                "node_agent_events",
+                "Lifecycle events the node agent sent since it started (from its heartbeat)",
+                node_gauge(),
+            ),
+            agent_dropped: reg(
+                &mut r,
+                "node_agent_dropped_messages",
+                "Messages the node agent dropped on a full queue since it started (from its heartbeat)",
+                node_gauge(),
+            ),
+            agent_overflow: reg(
+                &mut r,
+                "node_agent_overflow_messages",
+                "Messages waiting beyond the node agent's ZeroMQ queue (from its heartbeat)",
+                node_gauge(),
+            ),
+            agent_reconnects: reg(
+                &mut r,
+                "node_agent_libvirt_reconnects",
+                "Reconnections of the node agent to libvirt since it started (from its heartbeat)",
+                node_gauge(),
+            ),
+            outbox_depth: reg(&mut r, "outbox_depth", "Journal entries waiting for the panel webhook", Gauge::default()),
+            webhook_deliveries: reg(
+                &mut r,
+                "webhook_deliveries",
+                "Journal entries acknowledged by the panel (2xx)",
+                Counter::default(),
+            ),
+            webhook_failures: reg(&mut r, "webhook_failures", "Failed webhook attempts (each is retried)", Counter::default()),
+            webhook_latency: reg(
+                &mut r,
+                "webhook_latency_seconds",
+                "From journal entry to the panel's 2xx",
+                Histogram::new(exponential_buckets(0.001, 2.0, 20)),
+            ),
+            api_waiters: reg(&mut r, "api_waiters", "Requests waiting in GET /api/v1/vms/{uuid}/wait", Gauge::default()),
+            db_errors: reg(&mut r, "db_errors", "Failed database batches", Counter::default()),
+            registry: r,
+        };
+        for reason in Reject::ALL {
             // Every reason is exported from the start, at zero.
-            let _ = rejected.get_or_create(&ReasonLabel {
-                reason: r.as_str().into(),
+            let _ = m.rejected.get_or_create(&ReasonLabel {
+                reason: reason.as_str().into(),
             });
         }
-        let gaps = Counter::default();
-        registry.register(
-            "sequence_gaps",
-            "Sequence jumps seen (messages lost between node and master)",
-            gaps.clone(),
-        );
-        let lost = Counter::default();
-        registry.register(
-            "messages_lost",
-            "Messages missing in sequence gaps",
-            lost.clone(),
-        );
-        let ingest_latency = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
-        registry.register(
-            "ingest_latency_seconds",
-            "From the node's send time to the database commit",
-            ingest_latency.clone(),
-        );
-        let commit_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
-        registry.register(
-            "db_commit_seconds",
-            "Time of one database batch commit",
-            commit_seconds.clone(),
-        );
-        let journal_entries = Counter::default();
-        registry.register(
-            "journal_entries",
-            "Journal entries written",
-            journal_entries.clone(),
-        );
-        let nodes_up = Gauge::default();
-        registry.register("nodes_up", "Nodes currently up", nodes_up.clone());
-        let nodes_down = Gauge::default();
-        registry.register("nodes_down", "Nodes currently down", nodes_down.clone());
-        let node_up = Family::<NodeLabel, Gauge>::default();
-        registry.register("node_up", "1 if the node is up", node_up.clone());
-        let node_libvirt_up = Family::<NodeLabel, Gauge>::default();
-        registry.register(
-            "node_libvirt_up",
-            "1 if the node reports libvirt up",
-            node_libvirt_up.clone(),
-        );
-        let vms = Family::<StateLabel, Gauge>::default();
-        registry.register("vms", "VM rows by state", vms.clone());
-        let vms_idle = Family::<ResourceLabel, Gauge>::default();
-        registry.register(
-            "vms_idle",
-            "VM rows flagged idle, by resource (net, disk)",
-            vms_idle.clone(),
-        );
-        let vms_duplicate = Gauge::default();
-        registry.register(
-            "vms_duplicate",
-            "VM rows flagged duplicate",
-            vms_duplicate.clone(),
-        );
-        let journal_size = Gauge::default();
-        registry.register(
-            "journal_size",
-            "Journal entries stored",
-            journal_size.clone(),
-        );
-        let agent = |registry: &mut Registry, name: &str, help: &str| {
-            let f = Family::<NodeLabel, Gauge>::default();
-            registry.register(name, help, f.clone());
-            f
-        };
-        let agent_sent = agent(
-            &mut registry,
-            "node_agent_sent_messages",
-            "Messages the node agent handed to ZeroMQ since it started (from its heartbeat)",
-        );
-        let agent_events = agent(
-            &mut registry,
-            "node_agent_events",
-            "Lifecycle events the node agent sent since it started (from its heartbeat)",
-        );
-        let agent_dropped = agent(
-            &mut registry,
-            "node_agent_dropped_messages",
-            "Messages the node agent dropped on a full queue since it started (from its heartbeat)",
-        );
-        let agent_overflow = agent(
-            &mut registry,
-            "node_agent_overflow_messages",
-            "Messages waiting beyond the node agent's ZeroMQ queue (from its heartbeat)",
-        );
-        let agent_reconnects = agent(
-            &mut registry,
-            "node_agent_libvirt_reconnects",
-            "Reconnections of the node agent to libvirt since it started (from its heartbeat)",
-        );
-        let outbox_depth = Gauge::default();
-        registry.register(
-            "outbox_depth",
-            "Journal entries waiting for the panel webhook",
-            outbox_depth.clone(),
-        );
-        let webhook_deliveries = Counter::default();
-        registry.register(
-            "webhook_deliveries",
-            "Journal entries acknowledged by the panel (2xx)",
-            webhook_deliveries.clone(),
-        );
-        let webhook_failures = Counter::default();
-        registry.register(
-            "webhook_failures",
-            "Failed webhook attempts (each is retried)",
-            webhook_failures.clone(),
-        );
-        let webhook_latency = Histogram::new(exponential_buckets(0.001, 2.0, 20));
-        registry.register(
-            "webhook_latency_seconds",
-            "From journal entry to the panel's 2xx",
-            webhook_latency.clone(),
-        );
-        let db_errors = Counter::default();
-        registry.register("db_errors", "Failed database batches", db_errors.clone());
-        Metrics {
-            registry,
-            accepted,
-            rejected,
-            gaps,
-            lost,
-            ingest_latency,
-            commit_seconds,
-            journal_entries,
-            nodes_up,
-            nodes_down,
-            node_up,
-            node_libvirt_up,
-            vms,
-            vms_idle,
-            vms_duplicate,
-            db_errors,
-            journal_size,
-            agent_sent,
-            agent_events,
-            agent_dropped,
-            agent_overflow,
-            agent_reconnects,
-            outbox_depth,
-            webhook_deliveries,
-            webhook_failures,
-            webhook_latency,
-        }
+        m
     }
 
     /// OpenMetrics text.

@@ -271,7 +271,8 @@ pub fn handle(
         out.effects
             .push(Effect::Journal(entry(now, &node_id, EntryType::Node, "up")));
     }
-    match payload.body {
+    // First what the message says about the node itself, then the node row, then its VMs.
+    let vm_work = match payload.body {
         Body::Heartbeat(Heartbeat {
             libvirt,
             domains,
@@ -281,6 +282,7 @@ pub fn handle(
             set_libvirt(node, &mut out, now, libvirt == "up");
             node.domains = domains;
             node.version = version;
+            None
         }
         Body::Bye(bye) => {
             if node.up {
@@ -289,52 +291,31 @@ pub fn handle(
                 e.detail = format!("bye: {}", bye.reason);
                 out.effects.push(Effect::Journal(e));
             }
+            None
         }
         Body::Snapshot(s) => {
             set_libvirt(node, &mut out, now, true);
             node.domains = s.domains.len() as u64;
             node.hostname = s.hostname.clone();
             node.libvirt_version = s.libvirt_version.clone();
-            let node_copy = node.clone();
-            out.effects.push(Effect::UpsertNode(node_copy));
-            apply_snapshot(
-                inv.vms.entry(node_id.clone()).or_default(),
-                &node_id,
-                s,
-                now,
-                &mut out,
-            );
-            return Ok(out);
+            Some(Body::Snapshot(s))
         }
         Body::Event(e) => {
             set_libvirt(node, &mut out, now, true);
-            let node_copy = node.clone();
-            out.effects.push(Effect::UpsertNode(node_copy));
-            apply_event(
-                inv.vms.entry(node_id.clone()).or_default(),
-                &node_id,
-                e,
-                now,
-                &mut out,
-            );
-            return Ok(out);
+            Some(Body::Event(e))
         }
-        Body::Stats(stats) => {
-            let node_copy = node.clone();
-            out.effects.push(Effect::UpsertNode(node_copy));
-            apply_stats(
-                inv.vms.entry(node_id.clone()).or_default(),
-                &node_id,
-                stats,
-                payload.ts,
-                now,
-                rules,
-                &mut out,
-            );
-            return Ok(out);
-        }
-    }
+        body @ Body::Stats(_) => Some(body),
+    };
     out.effects.push(Effect::UpsertNode(node.clone()));
+    let vms = inv.vms.entry(node_id.clone()).or_default();
+    match vm_work {
+        Some(Body::Snapshot(s)) => apply_snapshot(vms, &node_id, s, now, &mut out),
+        Some(Body::Event(e)) => apply_event(vms, &node_id, e, now, &mut out),
+        Some(Body::Stats(stats)) => {
+            apply_stats(vms, &node_id, stats, payload.ts, now, rules, &mut out)
+        }
+        _ => {}
+    }
     Ok(out)
 }
 

@@ -179,7 +179,7 @@ impl Agent {
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
         let bye = self.builder.build(now_ms(), builder::bye("shutdown"));
         self.sender.send(bye);
-        self.connection = None;
+        release(self.connection.take());
         let counters = self.sender.counters.clone();
         self.sender.drain(Duration::from_secs(5));
         tracing::info!(
@@ -306,7 +306,7 @@ impl Agent {
 
     fn lost(&mut self, why: &str) {
         tracing::warn!(reason = why, "libvirt connection lost");
-        drop_connection(self.connection.take());
+        release(self.connection.take());
         self.send_heartbeat();
         self.next_connect = Instant::now() + self.backoff.next_delay();
     }
@@ -424,21 +424,13 @@ fn spawn_stats_collector(
         })
 }
 
-/// Releases a stats connection (see [`drop_connection`]).
-fn release(c: Option<Connect>) {
+/// Releases a libvirt connection (or a watch with its connection) whose daemon may be gone.
+/// The `virt` crate panics in `Drop` if `virConnectClose` fails; a dead connection must not
+/// take the agent down with it.
+fn release<T>(c: Option<T>) {
     if let Some(c) = c {
         if std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(c))).is_err() {
-            tracing::warn!("releasing the dead libvirt stats connection failed");
-        }
-    }
-}
-
-/// Releases a connection whose daemon may be gone. The `virt` crate panics in `Drop` if
-/// `virConnectClose` fails; a dead connection must not take the agent down with it.
-fn drop_connection(c: Option<Connection>) {
-    if let Some(c) = c {
-        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(c))).is_err() {
-            tracing::warn!("releasing the dead libvirt connection failed");
+            tracing::warn!("releasing a dead libvirt connection failed");
         }
     }
 }
