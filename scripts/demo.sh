@@ -44,10 +44,10 @@ db_path=$demo/master.db
 http_listen=127.0.0.1:1516
 log_file=$demo/vmwatch-master.log
 CONF
-cat >"$demo/node.conf" <<CONF
+# The node's key lines (node_id, its own secret, the master's CURVE keys) come from the master.
+"$root/target/release/vmwatch-master" --config "$demo/master.conf" --node-secret "$node_id" >"$demo/node.conf"
+cat >>"$demo/node.conf" <<CONF
 connect=tcp://127.0.0.1:1515
-secret=$secret
-node_id=$node_id
 libvirt_uri=$uri
 stats_interval=10
 snapshot_interval=60

@@ -9,6 +9,8 @@ bash scripts/install-deps.sh
 # shellcheck disable=SC1091
 [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
 export CI=1
+# Cases per property of the fuzzer (vmwatch-master/src/fuzz.rs).
+export FUZZ_CASES="${FUZZ_CASES:-3000}"
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings

@@ -400,6 +400,8 @@ pub struct Cli {
     pub check_config: bool,
     pub version: bool,
     pub help: bool,
+    /// `--node-secret NODE_ID` (master only): print that node's key lines and exit.
+    pub node_secret: Option<String>,
 }
 
 impl Cli {
@@ -414,6 +416,7 @@ impl Cli {
             check_config: false,
             version: false,
             help: false,
+            node_secret: None,
         };
         let mut args = args.into_iter();
         while let Some(arg) = args.next() {
@@ -425,6 +428,9 @@ impl Cli {
                         .ok_or("--config needs a path")?;
                 }
                 "--check-config" => cli.check_config = true,
+                "--node-secret" => {
+                    cli.node_secret = Some(args.next().ok_or("--node-secret needs a node id")?);
+                }
                 "--version" | "-V" => cli.version = true,
                 "--help" | "-h" => cli.help = true,
                 other => match other.strip_prefix("--config=") {

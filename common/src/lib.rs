@@ -2,12 +2,14 @@
 //!
 //! - [`protocol`]: wire protocol v1 — payload types, the four-frame HMAC envelope, encoding and
 //!   authentication (pure functions, no sockets).
+//! - [`keys`]: derivation of node secrets and CURVE keys from the master secret.
 //! - [`config`]: the strict `KEY=VALUE` configuration parser.
 //! - [`logging`]: a log file that is reopened on SIGHUP.
 //! - [`time`]: the one place that reads the wall clock as unix milliseconds.
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod keys;
 pub mod logging;
 pub mod protocol;
 

@@ -61,6 +61,34 @@ impl LogFile {
     }
 }
 
+/// One event is one line: control characters inside it (a newline or an ESC in a VM name sent
+/// by a node) are written as `\xNN` (C1 controls as `\u{NN}`), so nothing a node sends can
+/// forge a log line or drive a terminal. The final newline is kept.
+pub fn escape_controls(buf: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    let body = buf.strip_suffix(b"\n").unwrap_or(buf);
+    let text = String::from_utf8_lossy(body);
+    if !text.chars().any(|c| c.is_control() && c != '\t')
+        && !matches!(text, std::borrow::Cow::Owned(_))
+    {
+        return std::borrow::Cow::Borrowed(buf);
+    }
+    let mut out = String::with_capacity(buf.len() + 16);
+    for c in text.chars() {
+        match c {
+            '\t' => out.push(c),
+            c if (c as u32) < 0x20 || c as u32 == 0x7f => {
+                out.push_str(&format!("\\x{:02x}", c as u32))
+            }
+            c if c.is_control() => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    if body.len() != buf.len() {
+        out.push('\n');
+    }
+    std::borrow::Cow::Owned(out.into_bytes())
+}
+
 /// One write of one formatted event.
 pub struct LogWriter<'a> {
     log: &'a LogFile,
@@ -73,6 +101,8 @@ impl Write for LogWriter<'_> {
     }
 
     fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        let buf = escape_controls(buf);
+        let buf = buf.as_ref();
         let mut target = self.log.inner.lock().unwrap_or_else(|p| p.into_inner());
         match &mut *target {
             Target::Stderr => io::stderr().write_all(buf),
@@ -128,6 +158,20 @@ pub fn append_line(path: &Path, line: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_characters_are_escaped() {
+        let line = "vm name=\"a\nforged WARN line\u{1b}[31m\u{9b}\" x\n";
+        let out = escape_controls(line.as_bytes());
+        assert_eq!(
+            String::from_utf8(out.into_owned()).unwrap(),
+            "vm name=\"a\\x0aforged WARN line\\x1b[31m\\u{9b}\" x\n"
+        );
+        assert!(matches!(
+            escape_controls(b"plain\tline\n"),
+            std::borrow::Cow::Borrowed(_)
+        ));
+    }
 
     #[test]
     fn reopen_after_rename_loses_no_line() {

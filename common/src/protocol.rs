@@ -17,6 +17,47 @@ pub const MAC_LEN: usize = 32;
 /// Upper bound on the domains one message may list (a bounded-everything guard).
 pub const MAX_DOMAINS_PER_MESSAGE: usize = 20_000;
 
+/// Domain states on the wire (`virDomainState` order).
+pub const STATES: &[&str] = &[
+    "nostate",
+    "running",
+    "blocked",
+    "paused",
+    "shutdown",
+    "shutoff",
+    "crashed",
+    "pmsuspended",
+];
+
+/// Lifecycle events on the wire (`virDomainEventType` order), then `reboot`.
+pub const EVENTS: &[&str] = &[
+    "defined",
+    "undefined",
+    "started",
+    "suspended",
+    "resumed",
+    "stopped",
+    "shutdown",
+    "pmsuspended",
+    "crashed",
+    "reboot",
+];
+
+/// Bounds on the strings of a payload (docs/PROTOCOL.md, "Bounds"). Over-long names and free
+/// text are cut to these lengths; an over-long identifier makes the message `malformed`.
+pub mod bounds {
+    /// `boot`, `uuid`: longer is `malformed`.
+    pub const ID: usize = 64;
+    /// `name`: cut to this many bytes.
+    pub const NAME: usize = 256;
+    /// `state`, `event`, `detail`, `reason`: words of `a-z 0-9 _ -`, cut to this length.
+    pub const WORD: usize = 32;
+    /// `hostname`, `bye.reason`: cut to this many bytes.
+    pub const TEXT: usize = 256;
+    /// `libvirt_version`, `version`: cut to this many bytes.
+    pub const VERSION: usize = 64;
+}
+
 type HmacSha256 = Hmac<Sha256>;
 
 /// A node id: 1–64 characters of `A-Za-z0-9._-`.
@@ -233,10 +274,12 @@ pub enum Reject {
     StaleBoot,
     /// `seq` not greater than the last seen in this boot.
     Replay,
+    /// A new node id beyond `max_nodes`.
+    TooManyNodes,
 }
 
 impl Reject {
-    pub const ALL: [Reject; 9] = [
+    pub const ALL: [Reject; 10] = [
         Reject::FrameCount,
         Reject::Tag,
         Reject::NodeId,
@@ -246,6 +289,7 @@ impl Reject {
         Reject::ClockSkew,
         Reject::StaleBoot,
         Reject::Replay,
+        Reject::TooManyNodes,
     ];
 
     /// The label used in metrics and logs.
@@ -260,6 +304,7 @@ impl Reject {
             Reject::ClockSkew => "clock_skew",
             Reject::StaleBoot => "stale_boot",
             Reject::Replay => "replay",
+            Reject::TooManyNodes => "too_many_nodes",
         }
     }
 }
@@ -299,9 +344,9 @@ pub struct Rejected {
 
 /// Checks frame count, tag, node id syntax, then the HMAC with the node's key (constant time),
 /// then parses the payload. `key_for` returns the node's secret, or `None` if it has none.
-pub fn authenticate<'k>(
+pub fn authenticate<K: AsRef<[u8]>>(
     frames: &[impl AsRef<[u8]>],
-    key_for: impl FnOnce(&NodeId) -> Option<&'k [u8]>,
+    key_for: impl FnOnce(&NodeId) -> Option<K>,
 ) -> Result<Authenticated, Rejected> {
     let reject = |reason, node_id: Option<&NodeId>, detail: String| Rejected {
         reason,
@@ -330,7 +375,7 @@ pub fn authenticate<'k>(
         ));
     };
     let payload = frames[2].as_ref();
-    let mac = mac_over(key, node_id.as_str().as_bytes(), payload);
+    let mac = mac_over(key.as_ref(), node_id.as_str().as_bytes(), payload);
     if mac.verify_slice(frames[3].as_ref()).is_err() {
         return Err(reject(
             Reject::Signature,
@@ -338,8 +383,9 @@ pub fn authenticate<'k>(
             "HMAC does not match".into(),
         ));
     }
-    let payload: Payload = serde_json::from_slice(payload)
+    let mut payload: Payload = serde_json::from_slice(payload)
         .map_err(|e| reject(Reject::Malformed, Some(&node_id), format!("payload: {e}")))?;
+    bound(&mut payload).map_err(|e| reject(Reject::Malformed, Some(&node_id), e))?;
     let count = match &payload.body {
         Body::Snapshot(s) => s.domains.len(),
         Body::Stats(s) => s.domains.len(),
@@ -353,6 +399,107 @@ pub fn authenticate<'k>(
         ));
     }
     Ok(Authenticated { node_id, payload })
+}
+
+/// Cuts `s` to at most `max` bytes, on a character boundary.
+fn cut(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+}
+
+/// A word of the vocabulary: kept if `known` lists it; otherwise `unknown-` and what is left
+/// of it after dropping every character outside `a-z 0-9 _ -`, at most [`bounds::WORD`] long.
+fn word(s: &mut String, known: &[&str]) {
+    if known.contains(&s.as_str()) {
+        return;
+    }
+    let clean: String = s
+        .chars()
+        .filter(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '-'))
+        .collect();
+    let mut out = if clean.starts_with("unknown") {
+        clean
+    } else {
+        format!("unknown-{clean}")
+    };
+    cut(&mut out, bounds::WORD);
+    *s = out;
+}
+
+/// A free word (`detail`, `reason`): `a-z 0-9 _ -` only, at most [`bounds::WORD`] long.
+fn free_word(s: &mut String) {
+    if s.len() <= bounds::WORD
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '-'))
+    {
+        return;
+    }
+    word(s, &[]);
+}
+
+fn id(s: &str, what: &str) -> Result<(), String> {
+    if s.is_empty() || s.len() > bounds::ID {
+        return Err(format!(
+            "{what} must be 1 to {} bytes long, got {}",
+            bounds::ID,
+            s.len()
+        ));
+    }
+    if let Some(c) = s
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+    {
+        return Err(format!(
+            "{what} may only contain A-Z a-z 0-9 - _ ., found {c:?}"
+        ));
+    }
+    Ok(())
+}
+
+/// Applies the documented bounds to an authenticated payload: identifiers are checked, names
+/// and free text cut, vocabulary words normalised (see [`bounds`]).
+fn bound(p: &mut Payload) -> Result<(), String> {
+    id(&p.boot, "boot")?;
+    match &mut p.body {
+        Body::Snapshot(s) => {
+            for d in &mut s.domains {
+                id(&d.uuid, "uuid")?;
+                cut(&mut d.name, bounds::NAME);
+                word(&mut d.state, STATES);
+                free_word(&mut d.reason);
+            }
+            cut(&mut s.hostname, bounds::TEXT);
+            cut(&mut s.libvirt_version, bounds::VERSION);
+        }
+        Body::Event(e) => {
+            id(&e.uuid, "uuid")?;
+            cut(&mut e.name, bounds::NAME);
+            word(&mut e.event, EVENTS);
+            free_word(&mut e.detail);
+            word(&mut e.state, STATES);
+            free_word(&mut e.reason);
+        }
+        Body::Stats(s) => {
+            for d in &mut s.domains {
+                id(&d.uuid, "uuid")?;
+                cut(&mut d.name, bounds::NAME);
+                word(&mut d.state, STATES);
+            }
+        }
+        Body::Heartbeat(h) => {
+            if h.libvirt != "up" && h.libvirt != "down" {
+                return Err("heartbeat libvirt must be `up` or `down`".into());
+            }
+            cut(&mut h.version, bounds::VERSION);
+        }
+        Body::Bye(b) => cut(&mut b.reason, bounds::TEXT),
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -405,6 +552,8 @@ mod tests {
             Body::Stats(Stats {
                 interval_s: 600,
                 domains: vec![DomainStats {
+                    uuid: "u".into(),
+                    state: "running".into(),
                     tx_pkts: 3,
                     ..Default::default()
                 }],
@@ -512,6 +661,49 @@ mod tests {
             ];
             assert_eq!(auth(&frames).unwrap_err(), Reject::Malformed);
         }
+    }
+
+    fn signed(json: &[u8]) -> Vec<Vec<u8>> {
+        let mac = sign(KEY, b"hv-01.example", json);
+        vec![
+            TAG.to_vec(),
+            b"hv-01.example".to_vec(),
+            json.to_vec(),
+            mac.to_vec(),
+        ]
+    }
+
+    #[test]
+    fn strings_are_bounded() {
+        let mut p = payload(1);
+        if let Body::Event(e) = &mut p.body {
+            e.name = "é".repeat(1000);
+            e.state = "running\"} 1\nvmwatch_nodes_up 4242\n# EOF".into();
+            e.event = "STARTED".into();
+            e.detail = "x".repeat(100);
+            e.reason = "unknown-7".into();
+        }
+        let frames = encode(KEY, &node(), &p);
+        let got = auth(frames.as_ref()).expect("authentic");
+        let Body::Event(e) = &got.payload().body else {
+            panic!("not an event")
+        };
+        assert_eq!(e.name.len(), 256);
+        assert_eq!(e.state, "unknown-running1vmwatch_nodes_up");
+        assert_eq!(e.event, "unknown-");
+        assert_eq!(e.detail.len(), bounds::WORD);
+        assert_eq!(e.reason, "unknown-7");
+
+        let long_uuid = format!(
+            r#"{{"boot":"b","boot_ts":1,"seq":1,"ts":2,"kind":"event","uuid":"{}","name":"n","event":"started","detail":"booted","state":"running","reason":"booted","event_ts":1}}"#,
+            "a".repeat(65)
+        );
+        assert_eq!(
+            auth(&signed(long_uuid.as_bytes())).unwrap_err(),
+            Reject::Malformed
+        );
+        let bad_hb = br#"{"boot":"b","boot_ts":1,"seq":1,"ts":2,"kind":"heartbeat","libvirt":"maybe","domains":0,"version":"v","uptime_s":1}"#;
+        assert_eq!(auth(&signed(bad_hb)).unwrap_err(), Reject::Malformed);
     }
 
     #[test]

@@ -384,7 +384,9 @@ impl Node {
             ("connect", connect.to_owned()),
             ("node_id", node_id.to_owned()),
             ("libvirt_uri", libvirt_uri.to_owned()),
-            ("secret", SECRET.to_owned()),
+            ("secret", crate::sim::node_key(node_id)),
+            ("master_key", crate::sim::master_key()),
+            ("transport_key", crate::sim::transport_key()),
             ("log_file", log.display().to_string()),
             ("log_level", "debug".to_owned()),
         ];
@@ -478,4 +480,59 @@ fn read_lossy(path: &Path) -> String {
         let _ = f.read_to_end(&mut buf);
     }
     String::from_utf8_lossy(&buf).into_owned()
+}
+
+impl Master {
+    /// [`Master::start`], but the master process begins with its soft `RLIMIT_NOFILE` at `soft`
+    /// (the hard limit kept), as systemd's default `LimitNOFILE=1024:<high>` leaves a service.
+    /// It starts once as usual (writing the config and proving it good), then is restarted
+    /// with the same config, database and ports under the limit.
+    pub fn start_with_nofile(dir: &Path, extra: Extra<'_>, soft: u64) -> Result<Master> {
+        use std::os::unix::process::CommandExt;
+        let mut m = Master::start(dir, extra)?;
+        m.kill9();
+        let out = std::fs::File::create(dir.join("master.stdout"))?;
+        let err = std::fs::File::create(dir.join("master.stderr"))?;
+        let mut cmd = Command::new(bin("vmwatch-master"));
+        cmd.arg("--config")
+            .arg(&m.config)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        // SAFETY: between fork and exec only getrlimit/setrlimit run, both async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || {
+                let mut lim = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                lim.rlim_cur = (soft as libc::rlim_t).min(lim.rlim_max);
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            })
+        };
+        m.child = Some(cmd.spawn().context("spawn vmwatch-master")?);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Some(status) = m.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!(
+                    "master exited at start with {status}; log:\n{}",
+                    m.log_text()
+                );
+            }
+            if m.get_raw("/healthz")
+                .map(|(s, _)| s == 200)
+                .unwrap_or(false)
+            {
+                return Ok(m);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        bail!("master did not answer /healthz within 20 s under a descriptor limit of {soft}")
+    }
 }

@@ -2,6 +2,7 @@
 //! benchmarks that speak to a real master without libvirt.
 
 use anyhow::{anyhow, Result};
+use vmwatch_common::keys;
 use vmwatch_common::protocol::{encode, Body, NodeId, Payload};
 use vmwatch_common::time::now_ms;
 
@@ -28,7 +29,8 @@ impl SimNode {
 
     /// The next message of this boot, sent at `ts`, signed with the tests' secret.
     pub fn message(&mut self, ts: u64, body: Body) -> [Vec<u8>; 4] {
-        self.message_with_key(ts, body, SECRET.as_bytes())
+        let key = node_key(self.id.as_str());
+        self.message_with_key(ts, body, key.as_bytes())
     }
 
     /// The next message sent now.
@@ -48,4 +50,32 @@ impl SimNode {
         };
         encode(key, &self.id, &payload)
     }
+}
+
+/// Node `id`'s secret under the tests' master secret (`node_keys=derived`).
+pub fn node_key(id: &str) -> String {
+    match NodeId::parse(id) {
+        Ok(n) => keys::node_secret(SECRET.as_bytes(), &n),
+        Err(e) => panic!("node id {id}: {e}"),
+    }
+}
+
+/// The master's CURVE public key under the tests' secret, as Z85.
+pub fn master_key() -> String {
+    keys::z85_encode(&keys::server_keypair(SECRET.as_bytes()).public)
+}
+
+/// The fleet transport secret key under the tests' secret, as Z85.
+pub fn transport_key() -> String {
+    keys::z85_encode(&keys::transport_keypair(SECRET.as_bytes()).secret)
+}
+
+/// A PUSH socket that completes the CURVE handshake with a master keyed by the tests' secret.
+pub fn curve_push(ctx: &zmq::Context) -> Result<zmq::Socket> {
+    let s = ctx.socket(zmq::PUSH)?;
+    let transport = keys::transport_keypair(SECRET.as_bytes());
+    s.set_curve_serverkey(&keys::server_keypair(SECRET.as_bytes()).public)?;
+    s.set_curve_publickey(&transport.public)?;
+    s.set_curve_secretkey(&transport.secret)?;
+    Ok(s)
 }

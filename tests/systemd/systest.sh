@@ -17,12 +17,12 @@ disabled=no
 listen=tcp://127.0.0.1:1515
 secret=$secret
 CONF
-cat >/etc/vmwatch/vmwatch-node.conf <<CONF
-connect=tcp://127.0.0.1:1515
-secret=$secret
-node_id=systest
-heartbeat_interval=1
-CONF
+# node_keys=derived: the node's key lines come from the master, as a panel would write them.
+{
+  echo "connect=tcp://127.0.0.1:1515"
+  echo "heartbeat_interval=1"
+  vmwatch-master --config /etc/vmwatch/vmwatch-master.conf --node-secret systest
+} >/etc/vmwatch/vmwatch-node.conf
 # Shorter watchdog than the shipped 30 s so the SIGSTOP test is quick.
 mkdir -p /etc/systemd/system/vmwatch-node.service.d
 printf '[Service]\nWatchdogSec=4\n' >/etc/systemd/system/vmwatch-node.service.d/test.conf

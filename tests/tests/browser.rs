@@ -273,11 +273,18 @@ fn status_page_asks_for_the_api_token() {
         }),
     };
     let ctx = zmq::Context::new();
-    let socket = ctx.socket(zmq::PUSH).expect("socket");
+    let socket = vmwatch_tests::sim::curve_push(&ctx).expect("socket");
     socket.set_linger(5000).expect("linger");
     socket.connect(&master.endpoint()).expect("connect");
     socket
-        .send_multipart(protocol::encode(SECRET.as_bytes(), &node, &payload), 0)
+        .send_multipart(
+            protocol::encode(
+                vmwatch_tests::sim::node_key(node.as_str()).as_bytes(),
+                &node,
+                &payload,
+            ),
+            0,
+        )
         .expect("send");
     // Without the token the API refuses (the page's first requests will be 401s).
     assert_eq!(

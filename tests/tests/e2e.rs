@@ -288,7 +288,7 @@ fn hostile_input_is_counted_and_survived() {
     let dir = temp_dir("hostile");
     let master = Master::start(&dir, &[("max_message_bytes", "65536")]).expect("master");
     let ctx = zmq::Context::new();
-    let push = ctx.socket(zmq::PUSH).expect("socket");
+    let push = vmwatch_tests::sim::curve_push(&ctx).expect("socket");
     push.set_linger(1000).expect("linger");
     push.connect(&master.endpoint()).expect("connect");
     let send = |frames: Vec<Vec<u8>>| push.send_multipart(frames, 0).expect("send");
@@ -320,7 +320,7 @@ fn hostile_input_is_counted_and_survived() {
         vec![0; 32],
     ]);
     drop(push);
-    let push = ctx.socket(zmq::PUSH).expect("socket");
+    let push = vmwatch_tests::sim::curve_push(&ctx).expect("socket");
     push.connect(&master.endpoint()).expect("connect");
     push.send_multipart(
         vec![
@@ -353,17 +353,47 @@ fn hostile_input_is_counted_and_survived() {
     );
 }
 
-#[test]
-fn python_client_from_protocol_doc_is_accepted() {
-    // The Python node of docs/PROTOCOL.md, run as written (endpoint and secret swapped in).
+/// The ```python block of docs/PROTOCOL.md that contains `marker`.
+fn doc_python_block(marker: &str) -> String {
     let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/PROTOCOL.md"))
         .expect("read PROTOCOL.md");
-    let code = doc
-        .split("```python\n")
-        .nth(1)
-        .and_then(|s| s.split("```").next())
-        .expect("python block in PROTOCOL.md");
-    let python = "/usr/bin/python3";
+    doc.split("```python\n")
+        .skip(1)
+        .filter_map(|s| s.split("```").next())
+        .find(|b| b.contains(marker))
+        .unwrap_or_else(|| panic!("no python block with {marker:?} in PROTOCOL.md"))
+        .to_owned()
+}
+
+#[test]
+fn key_derivation_from_protocol_doc_matches_the_vectors() {
+    if !vmwatch_tests::product::require_python_module(
+        "key_derivation_from_protocol_doc_matches_the_vectors",
+        "zmq",
+    ) {
+        return;
+    }
+    let out = std::process::Command::new("/usr/bin/python3")
+        .args(["-c", &doc_python_block("hkdf_sha256")])
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "fdc29d0c39405e1c4ef61c97fdf392ab7760f720250ae3188e642c01f76c0a85 \
+         }:#qp.zgNNZ(Lqo*bBkQCxlyE3ELw>38Bqsz#XG0 {Tn<<U/}BumA4m}M}m]^=m){)p>.YPNC}7xbQW+6 \
+         y4mG2m]HT8AcIRUOzRYJ@D}mIuh5Q^2>q/NEA?Kv"
+    );
+}
+
+#[test]
+fn python_client_from_protocol_doc_is_accepted() {
+    // The Python node of docs/PROTOCOL.md, run as written (only the endpoint swapped in),
+    // against a master whose secret is the document's, so its printed keys are used as is.
     if !vmwatch_tests::product::require_python_module(
         "python_client_from_protocol_doc_is_accepted",
         "zmq",
@@ -371,16 +401,27 @@ fn python_client_from_protocol_doc_is_accepted() {
         return;
     }
     let dir = temp_dir("python");
-    let master = Master::start(&dir, &[]).expect("master");
-    let code = code
-        .replace("tcp://127.0.0.1:1515", &master.endpoint())
-        .replace(
-            "b\"correct horse battery staple\"",
-            &format!("{:?}.encode()", vmwatch_tests::product::SECRET),
+    let master =
+        Master::start(&dir, &[("secret", "correct horse battery staple")]).expect("master");
+    let printed = std::process::Command::new(vmwatch_tests::product::bin("vmwatch-master"))
+        .arg("--config")
+        .arg(&master.config)
+        .args(["--node-secret", "hv-01"])
+        .output()
+        .expect("--node-secret");
+    let printed = String::from_utf8_lossy(&printed.stdout).into_owned();
+    let code = doc_python_block("push.connect");
+    for line in printed.lines().skip(1) {
+        let (key, value) = line.split_once('=').expect("KEY=VALUE");
+        assert!(
+            code.contains(value),
+            "the doc's client lacks the printed {key}: {value}"
         );
+    }
+    let code = code.replace("tcp://127.0.0.1:1515", &master.endpoint());
     let script = dir.join("node.py");
     std::fs::write(&script, code).expect("write script");
-    let out = std::process::Command::new(python)
+    let out = std::process::Command::new("/usr/bin/python3")
         .arg(&script)
         .output()
         .expect("run python");
@@ -912,7 +953,7 @@ fn log_reopened_on_sighup_loses_no_line() {
     let dir = temp_dir("logrotate");
     let master = Master::start(&dir, &[("log_level", "info")]).expect("master");
     let ctx = zmq::Context::new();
-    let push = ctx.socket(zmq::PUSH).expect("socket");
+    let push = vmwatch_tests::sim::curve_push(&ctx).expect("socket");
     push.connect(&master.endpoint()).expect("connect");
     let mut node =
         vmwatch_tests::sim::SimNode::new("rotator", vmwatch_common::time::now_ms()).expect("node");
@@ -1021,7 +1062,7 @@ fn metrics_parse_with_a_real_parser_and_count_a_known_sequence() {
     let dir = temp_dir("metrics");
     let master = Master::start(&dir, &[]).expect("master");
     let ctx = zmq::Context::new();
-    let push = ctx.socket(zmq::PUSH).expect("socket");
+    let push = vmwatch_tests::sim::curve_push(&ctx).expect("socket");
     push.connect(&master.endpoint()).expect("connect");
     let mut node =
         vmwatch_tests::sim::SimNode::new("metered", vmwatch_common::time::now_ms()).expect("node");

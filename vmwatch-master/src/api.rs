@@ -233,6 +233,7 @@ async fn wait_vm(
     state.metrics.api_waiters.inc();
     let _waiting = Waiting(state.metrics.api_waiters.clone());
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(timeout_s);
+    let mut stopping = state.shared.stopping.subscribe();
     loop {
         let key = uuid.clone();
         let rows = read(&state, move |r| r.vm(&key)).await?;
@@ -241,7 +242,16 @@ async fn wait_vm(
         }
         // Wait for a change of this uuid into the wanted state (or a lag: then re-read).
         loop {
-            match tokio::time::timeout_at(deadline, changes.recv()).await {
+            let next = tokio::select! {
+                r = tokio::time::timeout_at(deadline, changes.recv()) => r,
+                _ = stopping.wait_for(|s| *s) => {
+                    return Err(ApiError(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "master is stopping".into(),
+                    ));
+                }
+            };
+            match next {
                 Err(_) => {
                     return Ok((
                         StatusCode::REQUEST_TIMEOUT,

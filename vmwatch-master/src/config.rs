@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use vmwatch_common::config::{parse_tcp_endpoint, ConfigError, RawConfig, Secret};
+use vmwatch_common::keys;
 use vmwatch_common::logging;
 use vmwatch_common::protocol::NodeId;
 
@@ -30,6 +31,12 @@ pub struct MasterConfig {
     pub duplicate_grace: u64,
     pub event_retention_days: u64,
     pub max_message_bytes: i64,
+    /// `derived` (true): node N signs with `keys::node_secret(secret, N)`; `shared`: with `secret`.
+    pub node_keys_derived: bool,
+    /// Distinct node ids the master keeps; messages of further new ids are rejected.
+    pub max_nodes: usize,
+    /// ZeroMQ connections held at once; further ones are closed as they are accepted.
+    pub max_connections: usize,
     pub log_file: PathBuf,
     pub log_level: String,
 }
@@ -87,6 +94,25 @@ impl MasterConfig {
                 _ => Err(format!("`{v}` is not a size in bytes in 1024..=1073741824")),
             })?
             .unwrap_or(1_048_576);
+        let node_keys_derived = raw
+            .take_with("node_keys", |v| match v {
+                "derived" => Ok(true),
+                "shared" => Ok(false),
+                _ => Err(format!("`{v}` is neither `derived` nor `shared`")),
+            })?
+            .unwrap_or(true);
+        let max_nodes = raw
+            .take_with("max_nodes", |v| match v.parse::<usize>() {
+                Ok(n) if (1..=1_000_000).contains(&n) => Ok(n),
+                _ => Err(format!("`{v}` is not a whole number in 1..=1000000")),
+            })?
+            .unwrap_or(10_000);
+        let max_connections = raw
+            .take_with("max_connections", |v| match v.parse::<usize>() {
+                Ok(n) if (16..=1_000_000).contains(&n) => Ok(n),
+                _ => Err(format!("`{v}` is not a whole number in 16..=1000000")),
+            })?
+            .unwrap_or(max_nodes + 1024);
         let log_file = raw
             .take_str("log_file")
             .map(PathBuf::from)
@@ -108,10 +134,17 @@ impl MasterConfig {
             Some(file) => load_node_secrets(file)?,
             None => HashMap::new(),
         };
-        if secret.is_none() && node_secrets.is_empty() && !disabled {
+        if secret.is_none() && !disabled {
             return Err(err(
                 "secret",
-                "is required unless node_secrets_file lists every node".into(),
+                "is required (the CURVE keys and the derived node secrets come from it)".into(),
+            ));
+        }
+        if panel_url.is_some() && panel_secret.is_none() {
+            return Err(err(
+                "panel_secret",
+                "is required when panel_url is set (a node key must never sign panel notifications)"
+                    .into(),
             ));
         }
         if idle_windows == 0 {
@@ -140,17 +173,41 @@ impl MasterConfig {
             duplicate_grace,
             event_retention_days,
             max_message_bytes,
+            node_keys_derived,
+            max_nodes,
+            max_connections,
             log_file,
             log_level,
         })
     }
 
-    /// The secret for a node: its own if listed, else the shared one.
-    pub fn key_for(&self, node_id: &NodeId) -> Option<&[u8]> {
-        self.node_secrets
-            .get(node_id.as_str())
-            .or(self.secret.as_ref())
-            .map(Secret::expose)
+    /// The HMAC secret of a node: its own if `node_secrets_file` lists it, else derived from
+    /// `secret` (`node_keys=derived`) or `secret` itself (`node_keys=shared`).
+    pub fn key_for(&self, node_id: &NodeId) -> Option<Vec<u8>> {
+        if let Some(own) = self.node_secrets.get(node_id.as_str()) {
+            return Some(own.expose().to_vec());
+        }
+        let secret = self.secret.as_ref()?.expose();
+        Some(if self.node_keys_derived {
+            keys::node_secret(secret, node_id).into_bytes()
+        } else {
+            secret.to_vec()
+        })
+    }
+
+    /// What `--node-secret NODE_ID` prints: the key lines of that node's configuration.
+    pub fn node_config_lines(&self, node_id: &NodeId) -> Option<String> {
+        let secret = self.secret.as_ref()?.expose();
+        let mut lines = keys::node_config_lines(secret, node_id, self.node_keys_derived);
+        if let Some(own) = self.node_secrets.get(node_id.as_str()) {
+            // A node listed in node_secrets_file signs with that secret.
+            let derived = lines.lines().nth(1).unwrap_or_default().to_owned();
+            lines = lines.replace(
+                &derived,
+                &format!("secret={}", String::from_utf8_lossy(own.expose())),
+            );
+        }
+        Some(lines)
     }
 
     /// The effective configuration as `KEY=VALUE` lines, secrets masked.
@@ -159,7 +216,8 @@ impl MasterConfig {
         format!(
             "disabled={}\nlisten={}\nsecret={}\nnode_secrets_file={} ({} nodes)\ndb_path={}\nhttp_listen={}\napi_token={}\n\
              panel_url={}\npanel_secret={}\nnode_timeout={}\nmax_clock_skew={}\nidle_windows={}\nduplicate_grace={}\n\
-             event_retention_days={}\nmax_message_bytes={}\nlog_file={}\nlog_level={}\n",
+             event_retention_days={}\nmax_message_bytes={}\nnode_keys={}\nmax_nodes={}\nmax_connections={}\n\
+             log_file={}\nlog_level={}\n",
             if self.disabled { "yes" } else { "no" },
             self.listen,
             opt(&self.secret),
@@ -176,6 +234,9 @@ impl MasterConfig {
             self.duplicate_grace,
             self.event_retention_days,
             self.max_message_bytes,
+            if self.node_keys_derived { "derived" } else { "shared" },
+            self.max_nodes,
+            self.max_connections,
             self.log_file.display(),
             self.log_level
         )
@@ -246,8 +307,15 @@ mod tests {
     fn rules_across_keys() {
         assert_eq!(
             load("listen=tcp://0.0.0.0:1\n").unwrap_err(),
-            "master.conf: key `secret`: is required unless node_secrets_file lists every node"
+            "master.conf: key `secret`: is required (the CURVE keys and the derived node secrets come from it)"
         );
+        assert_eq!(
+            load("secret=0123456789abcdef\npanel_url=http://127.0.0.1:9/\n").unwrap_err(),
+            "master.conf: key `panel_secret`: is required when panel_url is set (a node key must never sign panel notifications)"
+        );
+        assert!(load("secret=0123456789abcdef\nnode_keys=sometimes\n")
+            .unwrap_err()
+            .contains("neither `derived` nor `shared`"));
         assert!(load("disabled=yes\n").unwrap().disabled);
         assert_eq!(
             load("secret=0123456789abcdef\nhttp_listen=0.0.0.0:1516\n").unwrap_err(),
@@ -265,12 +333,28 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let f = dir.join("nodes");
         std::fs::write(&f, "# per node\nhv1=aaaaaaaaaaaaaaaa$x\n").unwrap();
-        let c = load(&format!("node_secrets_file={}\n", f.display())).unwrap();
+        let c = load(&format!(
+            "secret=0123456789abcdef\nnode_secrets_file={}\n",
+            f.display()
+        ))
+        .unwrap();
         let hv1 = NodeId::parse("hv1").unwrap();
-        assert_eq!(c.key_for(&hv1), Some(&b"aaaaaaaaaaaaaaaa$x"[..]));
-        assert_eq!(c.key_for(&NodeId::parse("hv2").unwrap()), None);
+        assert_eq!(c.key_for(&hv1), Some(b"aaaaaaaaaaaaaaaa$x".to_vec()));
+        let hv2 = NodeId::parse("hv2").unwrap();
+        assert_eq!(
+            c.key_for(&hv2),
+            Some(keys::node_secret(b"0123456789abcdef", &hv2).into_bytes())
+        );
+        assert!(c
+            .node_config_lines(&hv1)
+            .unwrap()
+            .contains("\nsecret=aaaaaaaaaaaaaaaa$x\n"));
         std::fs::write(&f, "hv1=short\n").unwrap();
-        let e = load(&format!("node_secrets_file={}\n", f.display())).unwrap_err();
+        let e = load(&format!(
+            "secret=0123456789abcdef\nnode_secrets_file={}\n",
+            f.display()
+        ))
+        .unwrap_err();
         assert!(
             e.ends_with(":1: key `hv1`: must be at least 16 characters long"),
             "{e}"

@@ -28,6 +28,8 @@ pub struct Shared {
     pub last_turn_ms: AtomicU64,
     /// Whether the last commit succeeded (`/healthz`).
     pub db_ok: AtomicBool,
+    /// Turns true once when the master stops: long-polls answer, servers drain.
+    pub stopping: tokio::sync::watch::Sender<bool>,
 }
 
 /// One VM row written by a commit (`state` is `None` when the row was removed).
@@ -252,7 +254,13 @@ impl Core {
         let mut by_state: std::collections::HashMap<&str, i64> = std::collections::HashMap::new();
         let (mut idle_net, mut idle_disk, mut duplicates) = (0, 0, 0);
         for vm in self.inventory.vms.values().flat_map(|m| m.values()) {
-            *by_state.entry(vm.state.as_str()).or_default() += 1;
+            // Only fixed vocabulary becomes a label: a node's own words are counted as `other`.
+            let state = vmwatch_common::protocol::STATES
+                .iter()
+                .find(|s| **s == vm.state)
+                .copied()
+                .unwrap_or("other");
+            *by_state.entry(state).or_default() += 1;
             idle_net += i64::from(vm.usage.net.idle);
             idle_disk += i64::from(vm.usage.disk.idle);
             duplicates += i64::from(vm.duplicate);

@@ -1,16 +1,27 @@
-//! The ZeroMQ PULL socket, in a thread of its own: receive, authenticate, hand over.
+//! The ZeroMQ PULL socket, in a thread of its own: admit connections, receive, authenticate,
+//! hand over.
+//!
+//! Before a peer may send a single message frame it must complete a CURVE handshake against the
+//! master's key (derived from `secret`) and present the fleet transport key, which the ZAP
+//! handler below checks. A peer without it is dropped in the handshake, so the unauthenticated
+//! cost of a connection is libzmq's handshake state, bounded in time (`ZMQ_HANDSHAKE_IVL`) and in
+//! number (`max_connections`, enforced from the socket monitor: a connection accepted beyond the
+//! cap is shut down at once). ZMTP heartbeats drop peers that went silent.
 //!
 //! libzmq enforces `ZMQ_MAXMSGSIZE` per frame; this thread keeps at most five frames of any
-//! message (more is already a `frame_count` rejection), so neither size nor frame count can
-//! make it allocate without bound. Authentication (frames, node id, HMAC) happens here; the
-//! stateful checks happen in the core thread. Accepted messages go to the core through a
-//! bounded channel, so a slow disk pushes back into libzmq's queues rather than into memory.
+//! message (more is already a `frame_count` rejection). Authentication (frames, node id, HMAC)
+//! happens here; the stateful checks happen in the core thread. Accepted messages go to the core
+//! through a bounded channel: when it is full this thread stops reading (libzmq's queues push
+//! back to the nodes) but keeps answering ZAP and the monitor.
 
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::SyncSender;
+use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
+use vmwatch_common::keys;
 use vmwatch_common::protocol::{authenticate, Authenticated};
 
 use crate::config::MasterConfig;
@@ -21,30 +32,127 @@ pub struct Received {
     pub message: Authenticated,
 }
 
-/// Binds the PULL socket (before anything else starts, so a busy port fails at once).
-pub fn bind(config: &MasterConfig) -> Result<(zmq::Context, zmq::Socket), String> {
+/// The ZAP endpoint libzmq asks (RFC 27).
+const ZAP_ENDPOINT: &str = "inproc://zeromq.zap.01";
+const MONITOR_ENDPOINT: &str = "inproc://vmwatch-node-port-monitor";
+/// A peer must finish the CURVE handshake within this time.
+pub const HANDSHAKE_MS: i32 = 10_000;
+/// ZMTP heartbeats: a PING this often; a peer that answers nothing for the timeout is dropped.
+pub const HEARTBEAT_IVL_MS: i32 = 10_000;
+pub const HEARTBEAT_TIMEOUT_MS: i32 = 30_000;
+/// Descriptors kept beyond `max_connections` for the database, HTTP and the log.
+pub const FD_RESERVE: u64 = 1024;
+
+/// The bound node port and its helpers, all in one ZeroMQ context.
+pub struct NodePort {
+    ctx: zmq::Context,
+    pull: zmq::Socket,
+    zap: zmq::Socket,
+    monitor: zmq::Socket,
+    transport_public: [u8; 32],
+    listen_port: u16,
+    max_connections: usize,
+}
+
+/// Raises the soft descriptor limit so `max_connections` fit with [`FD_RESERVE`] to spare, and
+/// returns the connection cap that fits (lower than configured if the hard limit is too low).
+pub fn raise_fd_limit(max_connections: usize) -> usize {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let want = max_connections as u64 + FD_RESERVE;
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return max_connections;
+    };
+    let target = want.min(hard);
+    if target > soft {
+        match setrlimit(Resource::RLIMIT_NOFILE, target, hard) {
+            Ok(()) => tracing::info!(from = soft, to = target, "descriptor limit raised"),
+            Err(e) => tracing::warn!(error = %e, "cannot raise the descriptor limit"),
+        }
+    }
+    let have = getrlimit(Resource::RLIMIT_NOFILE)
+        .map(|(s, _)| s)
+        .unwrap_or(soft);
+    let fits = have.saturating_sub(FD_RESERVE).max(16) as usize;
+    if fits < max_connections {
+        tracing::warn!(
+            max_connections,
+            descriptor_limit = have,
+            cap = fits,
+            "the descriptor limit does not fit max_connections; raise LimitNOFILE; capping connections lower"
+        );
+        return fits;
+    }
+    max_connections
+}
+
+/// Binds the ZAP handler, then the PULL socket (before anything else starts, so a busy port
+/// fails at once).
+pub fn bind(config: &MasterConfig, max_connections: usize) -> Result<NodePort, String> {
+    let Some(secret) = config.secret.as_ref() else {
+        return Err("no secret: the CURVE keys cannot be derived".into());
+    };
+    let server = keys::server_keypair(secret.expose());
+    let transport = keys::transport_keypair(secret.expose());
     let ctx = zmq::Context::new();
-    let socket = ctx
+    let zmq_err = |what: &str, e: zmq::Error| format!("{what}: {e}");
+    // The handler must be bound before any CURVE socket exists in this context.
+    let zap = ctx.socket(zmq::REP).map_err(|e| zmq_err("zap socket", e))?;
+    zap.set_linger(0).map_err(|e| zmq_err("zap socket", e))?;
+    zap.bind(ZAP_ENDPOINT)
+        .map_err(|e| zmq_err("cannot bind the ZAP handler", e))?;
+    let pull = ctx
         .socket(zmq::PULL)
-        .map_err(|e| format!("zmq socket: {e}"))?;
+        .map_err(|e| zmq_err("zmq socket", e))?;
     let setup = || -> Result<(), zmq::Error> {
-        socket.set_maxmsgsize(config.max_message_bytes)?;
-        socket.set_rcvhwm(100_000)?;
-        socket.set_linger(0)?;
-        socket.set_tcp_keepalive(1)?;
-        socket.set_tcp_keepalive_idle(60)?;
+        pull.set_curve_server(true)?;
+        pull.set_curve_secretkey(&server.secret)?;
+        pull.set_zap_domain("vmwatch")?;
+        pull.set_handshake_ivl(HANDSHAKE_MS)?;
+        pull.set_heartbeat_ivl(HEARTBEAT_IVL_MS)?;
+        pull.set_heartbeat_timeout(HEARTBEAT_TIMEOUT_MS)?;
+        pull.set_maxmsgsize(config.max_message_bytes)?;
+        pull.set_rcvhwm(100_000)?;
+        pull.set_linger(0)?;
+        pull.set_tcp_keepalive(1)?;
+        pull.set_tcp_keepalive_idle(60)?;
+        pull.monitor(
+            MONITOR_ENDPOINT,
+            (zmq::SocketEvent::ACCEPTED as i32)
+                | (zmq::SocketEvent::DISCONNECTED as i32)
+                | (zmq::SocketEvent::HANDSHAKE_FAILED_NO_DETAIL as i32)
+                | (zmq::SocketEvent::HANDSHAKE_FAILED_PROTOCOL as i32)
+                | (zmq::SocketEvent::HANDSHAKE_FAILED_AUTH as i32),
+        )?;
         Ok(())
     };
     setup().map_err(|e| format!("cannot configure the ZeroMQ socket: {e}"))?;
-    socket
-        .bind(&config.listen)
+    let monitor = ctx
+        .socket(zmq::PAIR)
+        .map_err(|e| zmq_err("monitor socket", e))?;
+    monitor
+        .connect(MONITOR_ENDPOINT)
+        .map_err(|e| zmq_err("cannot connect the socket monitor", e))?;
+    pull.bind(&config.listen)
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
-    Ok((ctx, socket))
+    let listen_port = config
+        .listen
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    Ok(NodePort {
+        ctx,
+        pull,
+        zap,
+        monitor,
+        transport_public: transport.public,
+        listen_port,
+        max_connections,
+    })
 }
 
 pub fn spawn(
-    ctx: zmq::Context,
-    socket: zmq::Socket,
+    port: NodePort,
     config: Arc<MasterConfig>,
     to_core: SyncSender<Received>,
     metrics: Arc<Metrics>,
@@ -53,43 +161,161 @@ pub fn spawn(
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name("zmq-pull".into())
-        .spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                match socket.poll(zmq::POLLIN, 200) {
-                    Ok(0) => continue,
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::error!(error = %e, "zmq poll failed");
-                        std::thread::sleep(std::time::Duration::from_millis(100));
-                        continue;
-                    }
+        .spawn(move || run(port, &config, to_core, &metrics, &reject_log, &stop))
+}
+
+fn run(
+    port: NodePort,
+    config: &MasterConfig,
+    to_core: SyncSender<Received>,
+    metrics: &Metrics,
+    reject_log: &RejectLog,
+    stop: &AtomicBool,
+) {
+    let mut connections = 0usize;
+    // A message the core had no room for yet; while it waits, nothing more is read.
+    let mut pending: Option<Received> = None;
+    while !stop.load(Ordering::Relaxed) {
+        let mut items = [
+            port.zap.as_poll_item(zmq::POLLIN),
+            port.monitor.as_poll_item(zmq::POLLIN),
+            port.pull.as_poll_item(if pending.is_none() {
+                zmq::POLLIN
+            } else {
+                zmq::PollEvents::empty()
+            }),
+        ];
+        let timeout = if pending.is_some() { 20 } else { 200 };
+        if let Err(e) = zmq::poll(&mut items, timeout) {
+            tracing::error!(error = %e, "zmq poll failed");
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        }
+        let (zap_ready, monitor_ready) = (items[0].is_readable(), items[1].is_readable());
+        if zap_ready {
+            answer_zap(&port.zap, &port.transport_public);
+        }
+        if monitor_ready {
+            while let Some(event) = monitor_event(&port.monitor) {
+                on_event(event, &port, &mut connections, metrics);
+            }
+        }
+        if let Some(r) = pending.take() {
+            match to_core.try_send(r) {
+                Ok(()) => {}
+                Err(TrySendError::Full(r)) => {
+                    pending = Some(r);
+                    continue;
                 }
-                // Drain everything ready, one message at a time.
-                loop {
-                    let frames = match receive(&socket) {
-                        Ok(Some(f)) => f,
-                        Ok(None) => break,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "zmq receive failed");
-                            break;
-                        }
-                    };
-                    match authenticate(&frames, |n| config.key_for(n)) {
-                        Ok(message) => {
-                            if to_core.send(Received { message }).is_err() {
-                                return; // the core has stopped
-                            }
-                        }
-                        Err(r) => {
-                            metrics.count_reject(r.reason);
-                            reject_log.log(&r);
-                        }
+                Err(TrySendError::Disconnected(_)) => return,
+            }
+        }
+        // Drain what is ready, one message at a time, up to a turn's worth (so ZAP and the
+        // monitor are answered between bursts).
+        for _ in 0..1024 {
+            let frames = match receive(&port.pull) {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "zmq receive failed");
+                    break;
+                }
+            };
+            match authenticate(&frames, |n| config.key_for(n)) {
+                Ok(message) => match to_core.try_send(Received { message }) {
+                    Ok(()) => {}
+                    Err(TrySendError::Full(r)) => {
+                        pending = Some(r);
+                        break;
                     }
+                    Err(TrySendError::Disconnected(_)) => return, // the core has stopped
+                },
+                Err(r) => {
+                    metrics.count_reject(r.reason);
+                    reject_log.log(&r);
                 }
             }
-            drop(socket);
-            drop(ctx);
-        })
+        }
+    }
+    if let Some(r) = pending {
+        // Stopping: the core is still draining and takes this last one.
+        let _ = to_core.send(r);
+    }
+    drop(port.pull);
+    drop(port.monitor);
+    drop(port.zap);
+    drop(port.ctx);
+}
+
+/// Answers one ZAP request (RFC 27): 200 for the fleet transport key, 400 for anything else.
+fn answer_zap(zap: &zmq::Socket, transport_public: &[u8; 32]) {
+    let Ok(frames) = zap.recv_multipart(zmq::DONTWAIT) else {
+        return;
+    };
+    // version, request id, domain, address, routing id, mechanism, credentials…
+    let request_id = frames.get(1).cloned().unwrap_or_default();
+    let ok = frames.len() == 7
+        && frames[0] == b"1.0"
+        && frames[5] == b"CURVE"
+        && frames[6].as_slice() == transport_public.as_slice();
+    let (code, text): (&[u8], &[u8]) = if ok {
+        (b"200", b"OK")
+    } else {
+        (b"400", b"unknown client key")
+    };
+    let reply: [&[u8]; 6] = [b"1.0", &request_id, code, text, b"", b""];
+    if let Err(e) = zap.send_multipart(reply, zmq::DONTWAIT) {
+        tracing::warn!(error = %e, "cannot answer a ZAP request");
+    }
+}
+
+/// One socket-monitor event: (event, value). For ACCEPTED and DISCONNECTED the value is the
+/// connection's descriptor.
+fn monitor_event(monitor: &zmq::Socket) -> Option<(u16, u32)> {
+    let frames = monitor.recv_multipart(zmq::DONTWAIT).ok()?;
+    let head = frames.first()?;
+    if head.len() < 6 {
+        return None;
+    }
+    let event = u16::from_ne_bytes([head[0], head[1]]);
+    let value = u32::from_ne_bytes([head[2], head[3], head[4], head[5]]);
+    Some((event, value))
+}
+
+fn on_event(
+    (event, value): (u16, u32),
+    port: &NodePort,
+    connections: &mut usize,
+    metrics: &Metrics,
+) {
+    let is = |e: zmq::SocketEvent| event == e as u16;
+    if is(zmq::SocketEvent::ACCEPTED) {
+        *connections += 1;
+        if *connections > port.max_connections {
+            refuse(value as RawFd, port.listen_port);
+            metrics.zmq_connections_refused.inc();
+        }
+    } else if is(zmq::SocketEvent::DISCONNECTED) {
+        *connections = connections.saturating_sub(1);
+    } else {
+        metrics.zmq_handshake_failures.inc();
+    }
+    metrics.zmq_connections.set(*connections as i64);
+}
+
+/// Shuts down an accepted connection beyond the cap; libzmq then sees it end and cleans up.
+/// The descriptor comes from the monitor event: it is checked to still be a socket on the node
+/// port, so a descriptor closed and reused meanwhile is never touched.
+fn refuse(fd: RawFd, listen_port: u16) {
+    use nix::sys::socket::{getsockname, shutdown, Shutdown, SockaddrStorage};
+    let on_node_port = getsockname::<SockaddrStorage>(fd).ok().and_then(|a| {
+        a.as_sockaddr_in()
+            .map(|v4| v4.port())
+            .or_else(|| a.as_sockaddr_in6().map(|v6| v6.port()))
+    }) == Some(listen_port);
+    if on_node_port {
+        let _ = shutdown(fd, Shutdown::Both);
+    }
 }
 
 /// One whole multipart message, keeping at most five frames; `None` when nothing is ready.

@@ -9,11 +9,14 @@ mod api;
 mod config;
 mod core;
 mod duplicate;
+#[cfg(test)]
+mod fuzz;
 mod idle;
 mod ingest;
 mod metrics;
 mod retention;
 mod rules;
+mod serve;
 mod store;
 mod webhook;
 
@@ -60,6 +63,25 @@ fn main() -> ExitCode {
         print!("{}", config.describe());
         return ExitCode::SUCCESS;
     }
+    if let Some(node) = &cli.node_secret {
+        let node = match vmwatch_common::protocol::NodeId::parse(node) {
+            Ok(n) => n,
+            Err(e) => {
+                eprintln!("vmwatch-master: --node-secret: {e}");
+                return ExitCode::from(64);
+            }
+        };
+        return match config.node_config_lines(&node) {
+            Some(lines) => {
+                print!("{lines}");
+                ExitCode::SUCCESS
+            }
+            None => {
+                eprintln!("vmwatch-master: --node-secret needs `secret` in the configuration");
+                ExitCode::from(EX_CONFIG as u8)
+            }
+        };
+    }
     let log = match LogFile::open(&config.log_file) {
         Ok(l) => l,
         Err(e) => {
@@ -81,6 +103,9 @@ fn main() -> ExitCode {
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
         notify_barrier(std::time::Duration::from_secs(5));
         return ExitCode::SUCCESS;
+    }
+    if !config.node_keys_derived {
+        tracing::warn!("node_keys=shared: every node signs with the master secret, so any hypervisor can sign as any other; switch to node_keys=derived (vmwatch-master --node-secret NODE_ID)");
     }
     if is_world_readable(&cli.config) {
         tracing::warn!(path = %cli.config.display(), "configuration file holding secrets is world-readable; chmod 0640 it");
@@ -104,7 +129,8 @@ fn run(config: config::MasterConfig, log: LogFile) -> Result<(), String> {
     let inventory = store.load_inventory().map_err(|e| e.to_string())?;
     tracing::info!(nodes = inventory.nodes.len(), vms = inventory.vm_count(), db = %config.db_path.display(), "inventory loaded");
     let readers = Arc::new(api::ReaderPool::open(&config.db_path, 4).map_err(|e| e.to_string())?);
-    let (zmq_ctx, socket) = ingest::bind(&config)?;
+    let max_connections = ingest::raise_fd_limit(config.max_connections);
+    let node_port = ingest::bind(&config, max_connections)?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -136,18 +162,21 @@ fn run(config: config::MasterConfig, log: LogFile) -> Result<(), String> {
     };
     let reject_log = Arc::new(metrics::RejectLog::new(Duration::from_secs(10)));
     let (committed, _) = tokio::sync::watch::channel(0u64);
+    let (stopping, _) = tokio::sync::watch::channel(false);
     let (vm_changes, _) = tokio::sync::broadcast::channel(1024);
     let shared = Arc::new(core::Shared {
         committed,
         vm_changes,
         last_turn_ms: AtomicU64::new(now_ms()),
         db_ok: AtomicBool::new(true),
+        stopping,
     });
     let (to_core, from_ingest) = std::sync::mpsc::sync_channel(16_384);
     let core = core::Core {
         store,
         inventory,
         rules: rules::Rules {
+            max_nodes: config.max_nodes,
             max_clock_skew_ms: config.max_clock_skew * 1000,
             node_timeout_ms: config.node_timeout * 1000,
             idle_windows: config.idle_windows,
@@ -164,8 +193,7 @@ fn run(config: config::MasterConfig, log: LogFile) -> Result<(), String> {
         .map_err(|e| format!("cannot spawn the core thread: {e}"))?;
     let stop_ingest = Arc::new(AtomicBool::new(false));
     let ingest_thread = ingest::spawn(
-        zmq_ctx,
-        socket,
+        node_port,
         config.clone(),
         to_core,
         metrics.clone(),
@@ -183,17 +211,13 @@ fn run(config: config::MasterConfig, log: LogFile) -> Result<(), String> {
             .as_ref()
             .map(|t| Arc::new(String::from_utf8_lossy(t.expose()).into_owned())),
     };
-    tracing::info!(listen = %config.listen, http = %config.http_listen, version = vmwatch_common::VERSION, "vmwatch-master started");
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tracing::info!(listen = %config.listen, http = %config.http_listen, max_connections, node_keys = if config.node_keys_derived { "derived" } else { "shared" }, version = vmwatch_common::VERSION, "vmwatch-master started");
+    let stop_rx = shared.stopping.subscribe();
     let webhook = match &config.panel_url {
         Some(url) => {
-            let key = config
-                .panel_secret
-                .as_ref()
-                .or(config.secret.as_ref())
-                .map(|s| s.expose().to_vec());
-            let Some(key) = key else {
-                return Err("panel_url is set but neither panel_secret nor secret is".into());
+            // Checked with the rest of the configuration: never a node key.
+            let Some(key) = config.panel_secret.as_ref().map(|s| s.expose().to_vec()) else {
+                return Err("panel_url is set but panel_secret is not".into());
             };
             let Some(outbox) = outbox else {
                 return Err("internal: outbox not opened".into());
@@ -210,20 +234,28 @@ fn run(config: config::MasterConfig, log: LogFile) -> Result<(), String> {
         }
         None => None,
     };
-    runtime.block_on(async move {
-        let server = axum::serve(listener, api::router(state))
-            .with_graceful_shutdown(shutdown_signal(log, shared.clone()));
+    let metrics = state.metrics.clone();
+    runtime.block_on(async {
+        let server = tokio::spawn(serve::serve(
+            listener,
+            api::router(state),
+            metrics,
+            shared.stopping.subscribe(),
+            Duration::from_secs(2),
+        ));
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+        shutdown_signal(log, shared.clone()).await;
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+        tracing::info!("stopping: answering long-polls, draining HTTP, ingest and the core");
+        // One stop signal: long-polls answer, the accept loop ends, the webhook stops.
+        shared.stopping.send_replace(true);
         if let Err(e) = server.await {
-            tracing::error!(error = %e, "HTTP server failed");
+            tracing::error!(error = %e, "HTTP server task failed");
         }
     });
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
-    tracing::info!("stopping: draining ingest and committing");
-    let _ = stop_tx.send(true);
     if let Some(task) = webhook {
         let _ =
-            runtime.block_on(async { tokio::time::timeout(Duration::from_secs(5), task).await });
+            runtime.block_on(async { tokio::time::timeout(Duration::from_secs(1), task).await });
     }
     stop_ingest.store(true, Ordering::Relaxed);
     let _ = ingest_thread.join();

@@ -61,6 +61,11 @@ pub struct Metrics {
     pub webhook_failures: Counter,
     pub webhook_latency: Histogram,
     pub api_waiters: Gauge,
+    pub zmq_connections: Gauge,
+    pub zmq_connections_refused: Counter,
+    pub zmq_handshake_failures: Counter,
+    pub http_connections: Gauge,
+    pub http_connections_refused: Counter,
 }
 
 /// Registers `metric` under `name` and hands it back (metrics are cheap shared handles).
@@ -156,6 +161,26 @@ impl Metrics {
             ),
             api_waiters: reg(&mut r, "api_waiters", "Requests waiting in GET /api/v1/vms/{uuid}/wait", Gauge::default()),
             db_errors: reg(&mut r, "db_errors", "Failed database batches", Counter::default()),
+            zmq_connections: reg(&mut r, "zmq_connections", "TCP connections held on the node port", Gauge::default()),
+            zmq_connections_refused: reg(
+                &mut r,
+                "zmq_connections_refused",
+                "Connections on the node port closed at once because max_connections were held",
+                Counter::default(),
+            ),
+            zmq_handshake_failures: reg(
+                &mut r,
+                "zmq_handshake_failures",
+                "CURVE handshakes that failed (no key, a wrong key, a timeout or a protocol error)",
+                Counter::default(),
+            ),
+            http_connections: reg(&mut r, "http_connections", "HTTP connections open", Gauge::default()),
+            http_connections_refused: reg(
+                &mut r,
+                "http_connections_refused",
+                "HTTP connections closed at once because the connection cap was reached",
+                Counter::default(),
+            ),
             registry: r,
         };
         for reason in Reject::ALL {

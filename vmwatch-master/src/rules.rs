@@ -18,6 +18,8 @@ use crate::idle::{self, Usage};
 /// Parameters of the rules, from the configuration.
 #[derive(Debug, Clone, Copy)]
 pub struct Rules {
+    /// Distinct node ids kept; a message of a further new id is rejected (`too_many_nodes`).
+    pub max_nodes: usize,
     pub max_clock_skew_ms: u64,
     pub node_timeout_ms: u64,
     pub idle_windows: u32,
@@ -225,6 +227,9 @@ pub fn handle(
         now,
         rules,
     )?;
+    if admission == Admission::NewNode && inv.nodes.len() >= rules.max_nodes {
+        return Err(Reject::TooManyNodes);
+    }
     let mut out = Outcome::default();
     let node = inv.nodes.entry(node_id.clone()).or_insert_with(|| Node {
         node_id: node_id.clone(),
@@ -566,6 +571,7 @@ mod tests {
 
     const KEY: &[u8] = b"0123456789abcdef";
     const RULES: Rules = Rules {
+        max_nodes: 3,
         max_clock_skew_ms: 300_000,
         node_timeout_ms: 90_000,
         idle_windows: 1,

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use vmwatch_common::config::{parse_tcp_endpoint, ConfigError, RawConfig, Secret};
+use vmwatch_common::keys;
 use vmwatch_common::logging;
 use vmwatch_common::protocol::NodeId;
 
@@ -21,6 +22,15 @@ pub struct NodeConfig {
     pub send_queue: i32,
     pub log_file: PathBuf,
     pub log_level: String,
+    /// The master's CURVE public key and this node's transport keypair.
+    pub curve: CurveClient,
+}
+
+/// What the node needs for the CURVE handshake (docs/PROTOCOL.md, "Keys").
+#[derive(Debug, Clone)]
+pub struct CurveClient {
+    pub master_public: [u8; 32],
+    pub transport: keys::CurveKeyPair,
 }
 
 impl NodeConfig {
@@ -50,6 +60,8 @@ impl NodeConfig {
                 _ => Err(format!("`{v}` is not a queue length in 1..=10000000")),
             })?
             .unwrap_or(100_000);
+        let master_key = raw.take_with("master_key", keys::z85_decode)?;
+        let transport_key = raw.take_with("transport_key", keys::CurveKeyPair::from_z85_secret)?;
         let log_file = raw
             .take_str("log_file")
             .map(PathBuf::from)
@@ -68,6 +80,19 @@ impl NodeConfig {
         let connect = connect.ok_or_else(|| missing("connect"))?;
         let secret = secret.ok_or_else(|| missing("secret"))?;
         let node_id = node_id.ok_or_else(|| missing("node_id"))?;
+        let curve = match (master_key, transport_key) {
+            (Some(master_public), Some(transport)) => CurveClient {
+                master_public,
+                transport,
+            },
+            // node_keys=shared: this node holds the master secret and derives both itself.
+            (None, None) => CurveClient {
+                master_public: keys::server_keypair(secret.expose()).public,
+                transport: keys::transport_keypair(secret.expose()),
+            },
+            (Some(_), None) => return Err(missing("transport_key")),
+            (None, Some(_)) => return Err(missing("master_key")),
+        };
         raw.finish()?;
         Ok(NodeConfig {
             connect,
@@ -80,6 +105,7 @@ impl NodeConfig {
             send_queue,
             log_file,
             log_level,
+            curve,
         })
     }
 
@@ -87,7 +113,7 @@ impl NodeConfig {
     pub fn describe(&self) -> String {
         format!(
             "connect={}\nsecret={}\nnode_id={}\nlibvirt_uri={}\nstats_interval={}\nsnapshot_interval={}\n\
-             heartbeat_interval={}\nsend_queue={}\nlog_file={}\nlog_level={}\n",
+             heartbeat_interval={}\nsend_queue={}\nlog_file={}\nlog_level={}\nmaster_key={}\ntransport_key=********\n",
             self.connect,
             self.secret,
             self.node_id,
@@ -97,7 +123,8 @@ impl NodeConfig {
             self.heartbeat_interval,
             self.send_queue,
             self.log_file.display(),
-            self.log_level
+            self.log_level,
+            keys::z85_encode(&self.curve.master_public),
         )
     }
 }

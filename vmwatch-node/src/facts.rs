@@ -5,28 +5,7 @@
 
 use std::borrow::Cow;
 
-const STATES: &[&str] = &[
-    "nostate",
-    "running",
-    "blocked",
-    "paused",
-    "shutdown",
-    "shutoff",
-    "crashed",
-    "pmsuspended",
-];
-
-const EVENTS: &[&str] = &[
-    "defined",
-    "undefined",
-    "started",
-    "suspended",
-    "resumed",
-    "stopped",
-    "shutdown",
-    "pmsuspended",
-    "crashed",
-];
+use vmwatch_common::protocol::{EVENTS, STATES};
 
 fn pick(table: &[&'static str], code: i32) -> Cow<'static, str> {
     usize::try_from(code)
@@ -43,7 +22,8 @@ pub fn state_name(state: i32) -> Cow<'static, str> {
 
 /// `virDomainEventType` → `started`, `stopped`, …
 pub fn event_name(event: i32) -> Cow<'static, str> {
-    pick(EVENTS, event)
+    // The last entry, `reboot`, has its own event id, not a lifecycle code.
+    pick(&EVENTS[..EVENTS.len() - 1], event)
 }
 
 /// The detail code of a lifecycle event, named as libvirt names it.

@@ -82,7 +82,7 @@ fn main() -> ExitCode {
         tracing::error!(error = %e, "cannot start the libvirt event loop");
         return ExitCode::FAILURE;
     }
-    let sender = match sender::Sender::start(&config.connect, config.send_queue) {
+    let sender = match sender::Sender::start(&config.connect, config.send_queue, &config.curve) {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(error = %e, "cannot start the sender");

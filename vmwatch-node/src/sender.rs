@@ -38,12 +38,22 @@ pub struct Sender {
 
 impl Sender {
     /// Creates the socket and connects it (libzmq connects in the background).
-    pub fn start(endpoint: &str, send_queue: i32) -> Result<Sender, String> {
+    pub fn start(
+        endpoint: &str,
+        send_queue: i32,
+        curve: &crate::config::CurveClient,
+    ) -> Result<Sender, String> {
         let ctx = zmq::Context::new();
         let socket = ctx
             .socket(zmq::PUSH)
             .map_err(|e| format!("zmq socket: {e}"))?;
         let setup = || -> Result<(), zmq::Error> {
+            socket.set_curve_serverkey(&curve.master_public)?;
+            socket.set_curve_publickey(&curve.transport.public)?;
+            socket.set_curve_secretkey(&curve.transport.secret)?;
+            // ZMTP heartbeats: a master that vanished without a FIN is noticed and redialled.
+            socket.set_heartbeat_ivl(10_000)?;
+            socket.set_heartbeat_timeout(30_000)?;
             socket.set_sndhwm(send_queue)?;
             socket.set_linger(0)?;
             socket.set_reconnect_ivl(100)?;

@@ -169,7 +169,7 @@ fn main() -> Result<()> {
     }
     let t0 = Instant::now();
     let ctx = zmq::Context::new();
-    let socket = ctx.socket(zmq::PUSH)?;
+    let socket = vmwatch_tests::sim::curve_push(&ctx)?;
     socket.set_sndhwm(0)?;
     socket.set_linger(5000)?;
     socket.connect(&master.endpoint())?;
