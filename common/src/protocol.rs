@@ -56,6 +56,8 @@ pub mod bounds {
     pub const TEXT: usize = 256;
     /// `libvirt_version`, `version`: cut to this many bytes.
     pub const VERSION: usize = 64;
+    /// `boot_ts`, `seq`, `ts`, `event_ts`: at most 2^63 − 1, else `malformed`.
+    pub const MAX_INT: u64 = i64::MAX as u64;
 }
 
 type HmacSha256 = Hmac<Sha256>;
@@ -268,9 +270,11 @@ pub enum Reject {
     Signature,
     /// Authenticated, but the payload is not valid JSON of a known kind, or breaks a bound.
     Malformed,
-    /// `ts` is further than `max_clock_skew` from the master's clock.
+    /// `ts` is further than `max_clock_skew` ahead of the master's clock.
     ClockSkew,
-    /// `boot_ts` is older than the node's current boot.
+    /// `ts` is older than `max_message_age`.
+    TooOld,
+    /// A boot id this node has left behind (a replay of an older agent process).
     StaleBoot,
     /// `seq` not greater than the last seen in this boot.
     Replay,
@@ -279,7 +283,7 @@ pub enum Reject {
 }
 
 impl Reject {
-    pub const ALL: [Reject; 10] = [
+    pub const ALL: [Reject; 11] = [
         Reject::FrameCount,
         Reject::Tag,
         Reject::NodeId,
@@ -287,6 +291,7 @@ impl Reject {
         Reject::Signature,
         Reject::Malformed,
         Reject::ClockSkew,
+        Reject::TooOld,
         Reject::StaleBoot,
         Reject::Replay,
         Reject::TooManyNodes,
@@ -302,6 +307,7 @@ impl Reject {
             Reject::Signature => "bad_signature",
             Reject::Malformed => "malformed",
             Reject::ClockSkew => "clock_skew",
+            Reject::TooOld => "too_old",
             Reject::StaleBoot => "stale_boot",
             Reject::Replay => "replay",
             Reject::TooManyNodes => "too_many_nodes",
@@ -465,6 +471,21 @@ fn id(s: &str, what: &str) -> Result<(), String> {
 /// and free text cut, vocabulary words normalised (see [`bounds`]).
 fn bound(p: &mut Payload) -> Result<(), String> {
     id(&p.boot, "boot")?;
+    // The master stores these as SQLite integers (signed 64-bit): larger would not survive.
+    let event_ts = match &p.body {
+        Body::Event(e) => e.event_ts,
+        _ => 0,
+    };
+    for (what, v) in [
+        ("boot_ts", p.boot_ts),
+        ("seq", p.seq),
+        ("ts", p.ts),
+        ("event_ts", event_ts),
+    ] {
+        if v > bounds::MAX_INT {
+            return Err(format!("{what} {v} is above {}", bounds::MAX_INT));
+        }
+    }
     match &mut p.body {
         Body::Snapshot(s) => {
             for d in &mut s.domains {
@@ -495,6 +516,7 @@ fn bound(p: &mut Payload) -> Result<(), String> {
             if h.libvirt != "up" && h.libvirt != "down" {
                 return Err("heartbeat libvirt must be `up` or `down`".into());
             }
+            h.domains = h.domains.min(bounds::MAX_INT);
             cut(&mut h.version, bounds::VERSION);
         }
         Body::Bye(b) => cut(&mut b.reason, bounds::TEXT),

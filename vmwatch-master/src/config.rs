@@ -27,6 +27,7 @@ pub struct MasterConfig {
     pub panel_secret: Option<Secret>,
     pub node_timeout: u64,
     pub max_clock_skew: u64,
+    pub max_message_age: u64,
     pub idle_windows: u32,
     pub duplicate_grace: u64,
     pub event_retention_days: u64,
@@ -79,6 +80,9 @@ impl MasterConfig {
         let max_clock_skew = raw
             .take_seconds("max_clock_skew", 1, 86_400)?
             .unwrap_or(300);
+        let max_message_age = raw
+            .take_seconds("max_message_age", 1, 30 * 86_400)?
+            .unwrap_or(3600);
         let idle_windows = raw
             .take_parsed::<u32>("idle_windows", "a whole number")?
             .unwrap_or(1);
@@ -169,6 +173,7 @@ impl MasterConfig {
             panel_secret,
             node_timeout,
             max_clock_skew,
+            max_message_age,
             idle_windows,
             duplicate_grace,
             event_retention_days,
@@ -215,7 +220,7 @@ impl MasterConfig {
         let opt = |o: &Option<Secret>| o.as_ref().map(|s| s.to_string()).unwrap_or_default();
         format!(
             "disabled={}\nlisten={}\nsecret={}\nnode_secrets_file={} ({} nodes)\ndb_path={}\nhttp_listen={}\napi_token={}\n\
-             panel_url={}\npanel_secret={}\nnode_timeout={}\nmax_clock_skew={}\nidle_windows={}\nduplicate_grace={}\n\
+             panel_url={}\npanel_secret={}\nnode_timeout={}\nmax_clock_skew={}\nmax_message_age={}\nidle_windows={}\nduplicate_grace={}\n\
              event_retention_days={}\nmax_message_bytes={}\nnode_keys={}\nmax_nodes={}\nmax_connections={}\n\
              log_file={}\nlog_level={}\n",
             if self.disabled { "yes" } else { "no" },
@@ -230,6 +235,7 @@ impl MasterConfig {
             opt(&self.panel_secret),
             self.node_timeout,
             self.max_clock_skew,
+            self.max_message_age,
             self.idle_windows,
             self.duplicate_grace,
             self.event_retention_days,

@@ -7,11 +7,20 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use crate::rules::{Effect, Entry, EntryType, Inventory};
+use crate::rules::{Effect, Entry, EntryType, Inventory, Vm};
 
-/// States in which a domain holds its disks and identity.
-pub fn is_active(state: &str) -> bool {
-    matches!(state, "running" | "paused" | "blocked" | "pmsuspended")
+/// Reasons of a `paused` copy that a migration is bringing in (or carrying out): not a second
+/// copy, however long the migration takes.
+pub const MIGRATION_REASONS: &[&str] = &["starting_up", "migration", "postcopy"];
+
+/// Whether a row is a copy that holds its disks and identity: running, blocked, pmsuspended, or
+/// paused for any reason but a migration. An `unknown` row (its host cannot be seen) is not.
+pub fn is_active(vm: &Vm) -> bool {
+    match vm.state.as_str() {
+        "running" | "blocked" | "pmsuspended" => true,
+        "paused" => !MIGRATION_REASONS.contains(&vm.reason.as_str()),
+        _ => false,
+    }
 }
 
 /// Re-evaluates every uuid at `now`; returns the rows whose flag changed and their journal
@@ -19,7 +28,7 @@ pub fn is_active(state: &str) -> bool {
 pub fn check(inv: &mut Inventory, now: u64, grace_ms: u64) -> Vec<Effect> {
     let mut active: HashMap<&str, BTreeSet<&str>> = HashMap::new();
     for (node_id, vms) in &inv.vms {
-        for vm in vms.values().filter(|vm| is_active(&vm.state)) {
+        for vm in vms.values().filter(|vm| is_active(vm)) {
             active
                 .entry(vm.uuid.as_str())
                 .or_default()
@@ -53,7 +62,7 @@ pub fn check(inv: &mut Inventory, now: u64, grace_ms: u64) -> Vec<Effect> {
             let flagged = dup_since
                 .get(&vm.uuid)
                 .is_some_and(|since| now.saturating_sub(*since) > grace_ms)
-                && is_active(&vm.state);
+                && is_active(vm);
             if vm.duplicate == flagged {
                 continue;
             }
@@ -82,7 +91,6 @@ pub fn check(inv: &mut Inventory, now: u64, grace_ms: u64) -> Vec<Effect> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rules::Vm;
 
     fn put(inv: &mut Inventory, node: &str, uuid: &str, state: &str) {
         let vm = Vm {
@@ -95,6 +103,9 @@ mod tests {
             updated_at: 0,
             usage: Default::default(),
             duplicate: false,
+            last_state: None,
+            unknown_since: None,
+            unknown_reason: None,
         };
         let old = inv
             .vms

@@ -20,6 +20,7 @@ fn rules() -> Rules {
     Rules {
         max_nodes: 2,
         max_clock_skew_ms: 300_000,
+        max_message_age_ms: 3_600_000,
         node_timeout_ms: 90_000,
         idle_windows: 1,
         duplicate_grace_ms: 1_000,

@@ -178,6 +178,7 @@ fn run(config: config::MasterConfig, log: LogFile) -> Result<(), String> {
         rules: rules::Rules {
             max_nodes: config.max_nodes,
             max_clock_skew_ms: config.max_clock_skew * 1000,
+            max_message_age_ms: config.max_message_age * 1000,
             node_timeout_ms: config.node_timeout * 1000,
             idle_windows: config.idle_windows,
             duplicate_grace_ms: config.duplicate_grace * 1000,

@@ -21,6 +21,8 @@ pub struct Rules {
     /// Distinct node ids kept; a message of a further new id is rejected (`too_many_nodes`).
     pub max_nodes: usize,
     pub max_clock_skew_ms: u64,
+    /// A message queued at the node is accepted this long after it was sent.
+    pub max_message_age_ms: u64,
     pub node_timeout_ms: u64,
     pub idle_windows: u32,
     pub duplicate_grace_ms: u64,
@@ -45,6 +47,11 @@ pub struct Node {
     /// Number of sequence gaps seen, and messages lost in them.
     pub gaps: u64,
     pub lost: u64,
+    /// Unix ms since when the node's libvirt has been down (0 while up).
+    pub libvirt_down_since: u64,
+    /// Boot ids this node has left behind, with when (unix ms); a message of one is a replay.
+    #[serde(skip)]
+    pub superseded: Vec<(String, u64)>,
 }
 
 /// One VM row: one domain on one node.
@@ -61,7 +68,18 @@ pub struct Vm {
     pub usage: Usage,
     /// Active on two or more nodes for longer than the grace (see `duplicate.rs`).
     pub duplicate: bool,
+    /// While the row reads `unknown`: the state last seen, since when, and why
+    /// (`node-down` or `libvirt-down`); all `None` otherwise.
+    pub last_state: Option<String>,
+    pub unknown_since: Option<u64>,
+    pub unknown_reason: Option<String>,
 }
+
+/// The state of a VM row whose host cannot be seen.
+pub const UNKNOWN: &str = "unknown";
+
+/// Superseded boot ids remembered per node, at most (the oldest go first).
+pub const MAX_SUPERSEDED: usize = 64;
 
 /// The kinds of journal entries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -162,29 +180,32 @@ pub enum Admission {
     Next { lost: u64 },
 }
 
-/// Checks `ts` against the clock, `boot_ts` against the node's current boot and `seq` against
-/// the last one seen, in that order.
+/// Checks `ts` against the clock (not further ahead than `max_clock_skew`, not older than
+/// `max_message_age`), then the boot (a superseded boot id is a replay; `boot_ts` is never
+/// compared across boots, so a node whose clock was stepped back is never locked out), then
+/// `seq` within the current boot.
 pub fn admit(
     node: Option<&Node>,
     boot: &str,
-    boot_ts: u64,
     seq: u64,
     ts: u64,
     now: u64,
     rules: &Rules,
 ) -> Result<Admission, Reject> {
-    if ts.abs_diff(now) > rules.max_clock_skew_ms {
+    if ts > now.saturating_add(rules.max_clock_skew_ms) {
         return Err(Reject::ClockSkew);
+    }
+    if now.saturating_sub(ts) > rules.max_message_age_ms {
+        return Err(Reject::TooOld);
     }
     let Some(node) = node else {
         return Ok(Admission::NewNode);
     };
-    if boot_ts < node.boot_ts {
-        return Err(Reject::StaleBoot);
-    }
     if boot != node.boot {
-        // A boot with the same start time but another id is a new process too (the clock is
-        // only millisecond-precise); a forged one would need the key.
+        if node.superseded.iter().any(|(b, _)| b == boot) {
+            return Err(Reject::StaleBoot);
+        }
+        // A forged new boot would need the node's key.
         return Ok(Admission::NewBoot);
     }
     if seq <= node.last_seq {
@@ -221,7 +242,6 @@ pub fn handle(
     let admission = admit(
         inv.nodes.get(&node_id),
         &payload.boot,
-        payload.boot_ts,
         payload.seq,
         payload.ts,
         now,
@@ -246,6 +266,8 @@ pub fn handle(
         domains: 0,
         gaps: 0,
         lost: 0,
+        libvirt_down_since: 0,
+        superseded: Vec::new(),
     });
     let lost = match admission {
         Admission::NewNode | Admission::NewBoot => {
@@ -253,6 +275,13 @@ pub fn handle(
                 let mut e = entry(now, &node_id, EntryType::Node, "restarted");
                 e.detail = format!("boot {}", payload.boot);
                 out.effects.push(Effect::Journal(e));
+                let old = std::mem::take(&mut node.boot);
+                node.superseded.push((old, now));
+                let age = rules.max_message_age_ms;
+                node.superseded
+                    .retain(|(_, at)| now.saturating_sub(*at) <= age);
+                let excess = node.superseded.len().saturating_sub(MAX_SUPERSEDED);
+                node.superseded.drain(..excess);
             }
             node.boot = payload.boot.clone();
             node.boot_ts = payload.boot_ts;
@@ -296,7 +325,11 @@ pub fn handle(
                 e.detail = format!("bye: {}", bye.reason);
                 out.effects.push(Effect::Journal(e));
             }
-            None
+            out.effects.push(Effect::UpsertNode(node.clone()));
+            if let Some(vms) = inv.vms.get_mut(&node_id) {
+                mark_unknown(vms, &node_id, now, "node-down", &mut out.effects);
+            }
+            return Ok(out);
         }
         Body::Snapshot(s) => {
             set_libvirt(node, &mut out, now, true);
@@ -327,6 +360,7 @@ pub fn handle(
 fn set_libvirt(node: &mut Node, out: &mut Outcome, now: u64, up: bool) {
     if node.libvirt_up != up {
         node.libvirt_up = up;
+        node.libvirt_down_since = if up { 0 } else { now };
         let event = if up { "libvirt-up" } else { "libvirt-down" };
         out.effects.push(Effect::Journal(entry(
             now,
@@ -368,6 +402,7 @@ fn apply_snapshot(
     for d in s.domains {
         let (detail, changed_state) = match vms.get(&d.uuid) {
             None => ("new", true),
+            Some(vm) if vm.state == UNKNOWN => ("known", true),
             Some(vm) if vm.state != d.state => ("changed", true),
             Some(vm) if vm.name != d.name || vm.reason != d.reason => ("", false),
             Some(_) => continue,
@@ -390,6 +425,9 @@ fn apply_snapshot(
             updated_at: now,
             usage,
             duplicate,
+            last_state: None,
+            unknown_since: None,
+            unknown_reason: None,
         };
         if changed_state {
             // The snapshot found a change no event told us about (or a domain not seen before).
@@ -452,6 +490,9 @@ fn apply_event(
         updated_at: now,
         usage,
         duplicate,
+        last_state: None,
+        unknown_since: None,
+        unknown_reason: None,
     };
     out.effects.push(Effect::UpsertVm(vm.clone()));
     vms.insert(e.uuid, vm);
@@ -543,8 +584,10 @@ pub fn coalesce(effects: Vec<Effect>) -> Vec<Effect> {
         .collect()
 }
 
-/// Marks down every node silent for longer than `node_timeout`. `started_at` is when this
-/// master started: a node is given a full timeout after a master restart before it is judged.
+/// Marks down every node silent for longer than `node_timeout`, and makes unknown every VM row
+/// of a node that is down or whose libvirt has been down longer than `node_timeout`. `started_at`
+/// is when this master started: a node is given a full timeout after a master restart before it
+/// is judged.
 pub fn check_liveness(
     inv: &mut Inventory,
     rules: &Rules,
@@ -560,8 +603,48 @@ pub fn check_liveness(
             effects.push(Effect::Journal(e));
             effects.push(Effect::UpsertNode(node.clone()));
         }
+        let reason = if !node.up {
+            "node-down"
+        } else if !node.libvirt_up
+            && node.libvirt_down_since > 0
+            && now.saturating_sub(node.libvirt_down_since.max(started_at)) > rules.node_timeout_ms
+        {
+            "libvirt-down"
+        } else {
+            continue;
+        };
+        if let Some(vms) = inv.vms.get_mut(&node.node_id) {
+            mark_unknown(vms, &node.node_id, now, reason, &mut effects);
+        }
     }
     effects
+}
+
+/// Makes every row of one node read `unknown` (rows already unknown are left as they are):
+/// the state last seen is kept in `last_state`, and one `lifecycle`/`unknown` journal entry per
+/// VM tells the panel. The node's next snapshot puts every row back to what libvirt says.
+fn mark_unknown(
+    vms: &mut BTreeMap<String, Vm>,
+    node_id: &str,
+    now: u64,
+    reason: &str,
+    effects: &mut Vec<Effect>,
+) {
+    for vm in vms.values_mut().filter(|vm| vm.state != UNKNOWN) {
+        vm.last_state = Some(std::mem::replace(&mut vm.state, UNKNOWN.to_owned()));
+        vm.unknown_since = Some(now);
+        vm.unknown_reason = Some(reason.to_owned());
+        vm.state_since = now;
+        vm.updated_at = now;
+        effects.push(Effect::Journal(Entry {
+            uuid: vm.uuid.clone(),
+            name: vm.name.clone(),
+            detail: reason.to_owned(),
+            state: UNKNOWN.to_owned(),
+            ..entry(now, node_id, EntryType::Lifecycle, UNKNOWN)
+        }));
+        effects.push(Effect::UpsertVm(vm.clone()));
+    }
 }
 
 #[cfg(test)]
@@ -573,6 +656,7 @@ mod tests {
     const RULES: Rules = Rules {
         max_nodes: 3,
         max_clock_skew_ms: 300_000,
+        max_message_age_ms: 3_600_000,
         node_timeout_ms: 90_000,
         idle_windows: 1,
         duplicate_grace_ms: 60_000,
@@ -650,26 +734,16 @@ mod tests {
     fn admission_order_and_reasons() {
         let mut inv = Inventory::default();
         feed(&mut inv, 1, hb("up")).unwrap();
-        // Skewed clock, either direction.
+        // Ahead by more than the skew; older than max_message_age. A message queued for an
+        // hour at the node (master away) is still accepted.
+        let at = |ts| msg("hv1", "b1", 100, 2, ts, hb("up"));
         assert_eq!(
-            handle(
-                &mut inv,
-                &RULES,
-                NOW,
-                msg("hv1", "b1", 100, 2, NOW - 300_001, hb("up"))
-            )
-            .unwrap_err(),
+            handle(&mut inv, &RULES, NOW, at(NOW + 300_001)).unwrap_err(),
             Reject::ClockSkew
         );
         assert_eq!(
-            handle(
-                &mut inv,
-                &RULES,
-                NOW,
-                msg("hv1", "b1", 100, 2, NOW + 300_001, hb("up"))
-            )
-            .unwrap_err(),
-            Reject::ClockSkew
+            handle(&mut inv, &RULES, NOW, at(NOW - 3_600_001)).unwrap_err(),
+            Reject::TooOld
         );
         // Replay of seq 1 and a duplicate.
         assert_eq!(feed(&mut inv, 1, hb("up")).unwrap_err(), Reject::Replay);
@@ -687,6 +761,110 @@ mod tests {
         // A rejected message changed nothing.
         assert_eq!(inv.nodes["hv1"].boot, "b2");
         assert_eq!(inv.nodes["hv1"].last_seq, 1);
+        // The clock was stepped back an hour before the next restart: boot_ts is never
+        // compared across boots, so the new boot is not locked out.
+        handle(
+            &mut inv,
+            &RULES,
+            NOW,
+            msg("hv1", "b3", 50, 1, NOW, hb("up")),
+        )
+        .unwrap();
+        // A message 59 minutes old of the current boot (queued while the master was away).
+        handle(
+            &mut inv,
+            &RULES,
+            NOW,
+            msg("hv1", "b3", 1, 2, NOW - 3_540_000, hb("up")),
+        )
+        .unwrap();
+        assert_eq!(
+            handle(
+                &mut inv,
+                &RULES,
+                NOW,
+                msg("hv1", "b2", 200, 9, NOW, hb("up"))
+            )
+            .unwrap_err(),
+            Reject::StaleBoot
+        );
+    }
+
+    #[test]
+    fn unknown_while_node_down_or_libvirt_down_then_known_again() {
+        let mut inv = Inventory::default();
+        feed(&mut inv, 1, snap(&[("u1", "running"), ("u2", "shutoff")])).unwrap();
+        // Silent for longer than node_timeout: every row reads unknown, one entry per VM.
+        let later = NOW + RULES.node_timeout_ms + 1;
+        let effects = check_liveness(&mut inv, &RULES, later, NOW);
+        let unknown: Vec<_> = effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Journal(j) if j.event == UNKNOWN => {
+                    Some((j.uuid.as_str(), j.detail.as_str()))
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(unknown, [("u1", "node-down"), ("u2", "node-down")]);
+        let u1 = &inv.vms["hv1"]["u1"];
+        assert_eq!(
+            (
+                u1.state.as_str(),
+                u1.last_state.as_deref(),
+                u1.unknown_since,
+                u1.unknown_reason.as_deref()
+            ),
+            (UNKNOWN, Some("running"), Some(later), Some("node-down"))
+        );
+        // Judged again: nothing more.
+        assert!(check_liveness(&mut inv, &RULES, later + 1000, NOW).is_empty());
+        // The node's next snapshot puts every row back.
+        let o = handle(
+            &mut inv,
+            &RULES,
+            later,
+            msg(
+                "hv1",
+                "b1",
+                100,
+                2,
+                later,
+                snap(&[("u1", "running"), ("u2", "shutoff")]),
+            ),
+        )
+        .unwrap();
+        assert_eq!(inv.vms["hv1"]["u1"].state, "running");
+        assert_eq!(inv.vms["hv1"]["u1"].last_state, None);
+        assert!(journal(&o).contains(&(EntryType::Lifecycle, "snapshot".into(), "known".into())));
+        // libvirt down: unknown only once it has been down longer than node_timeout.
+        let t = later + 1000;
+        handle(&mut inv, &RULES, t, msg("hv1", "b1", 100, 3, t, hb("down"))).unwrap();
+        assert!(check_liveness(&mut inv, &RULES, t + RULES.node_timeout_ms, NOW).is_empty());
+        handle(
+            &mut inv,
+            &RULES,
+            t + 60_000,
+            msg("hv1", "b1", 100, 4, t + 60_000, hb("down")),
+        )
+        .unwrap();
+        check_liveness(&mut inv, &RULES, t + RULES.node_timeout_ms + 1, NOW);
+        assert_eq!(
+            inv.vms["hv1"]["u2"].unknown_reason.as_deref(),
+            Some("libvirt-down")
+        );
+        // A bye makes them unknown at once.
+        let mut inv = Inventory::default();
+        feed(&mut inv, 1, snap(&[("u1", "running")])).unwrap();
+        feed(
+            &mut inv,
+            2,
+            Body::Bye(Bye {
+                reason: "sigterm".into(),
+            }),
+        )
+        .unwrap();
+        assert_eq!(inv.vms["hv1"]["u1"].state, UNKNOWN);
     }
 
     #[test]

@@ -11,7 +11,16 @@ use serde::Serialize;
 
 use crate::rules::{Effect, Inventory, Node, Vm};
 
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
+
+/// From schema 1 (v0.1) to 2: unknown rows and superseded boots.
+const MIGRATE_TO_2: &str = "
+ALTER TABLE vms ADD COLUMN last_state TEXT;
+ALTER TABLE vms ADD COLUMN unknown_since INTEGER;
+ALTER TABLE vms ADD COLUMN unknown_reason TEXT;
+ALTER TABLE nodes ADD COLUMN libvirt_down_since INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE nodes ADD COLUMN superseded TEXT NOT NULL DEFAULT '[]';
+";
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS nodes (
@@ -91,7 +100,7 @@ pub struct Store {
 impl Store {
     /// Opens (creating if needed) the database and brings its schema up to date.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        let conn = Connection::open(path)
+        let mut conn = Connection::open(path)
             .map_err(|e| StoreError(format!("cannot open database {}: {e}", path.display())))?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(ctx("enable WAL"))?;
@@ -109,9 +118,16 @@ impl Store {
                 path.display()
             )));
         }
-        conn.execute_batch(SCHEMA).map_err(ctx("create schema"))?;
-        conn.pragma_update(None, "user_version", SCHEMA_VERSION)
+        // Schema 1's tables, then each migration, in one transaction.
+        let tx = conn.transaction().map_err(ctx("begin schema upgrade"))?;
+        tx.execute_batch(SCHEMA).map_err(ctx("create schema"))?;
+        if version < 2 {
+            tx.execute_batch(MIGRATE_TO_2)
+                .map_err(ctx("upgrade the schema to version 2"))?;
+        }
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION)
             .map_err(ctx("set schema version"))?;
+        tx.commit().map_err(ctx("commit schema upgrade"))?;
         Ok(Store {
             conn,
             outbox: false,
@@ -204,8 +220,8 @@ fn apply(tx: &Transaction<'_>, effects: &[Effect]) -> Result<Vec<i64>, StoreErro
                 let mut stmt = tx
                     .prepare_cached(
                         "INSERT OR REPLACE INTO nodes (node_id, up, libvirt_up, first_seen, last_seen, boot, boot_ts, \
-                         last_seq, version, hostname, libvirt_version, domains, gaps, lost) \
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                         last_seq, version, hostname, libvirt_version, domains, gaps, lost, libvirt_down_since, superseded) \
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
                     )
                     .map_err(ctx("write node"))?;
                 stmt.execute(params![
@@ -222,7 +238,10 @@ fn apply(tx: &Transaction<'_>, effects: &[Effect]) -> Result<Vec<i64>, StoreErro
                     n.libvirt_version,
                     n.domains as i64,
                     n.gaps as i64,
-                    n.lost as i64
+                    n.lost as i64,
+                    n.libvirt_down_since as i64,
+                    // A list of (string, number) pairs always serialises.
+                    serde_json::to_string(&n.superseded).unwrap_or_else(|_| "[]".into())
                 ])
                 .map_err(ctx("write node"))?;
             }
@@ -230,7 +249,8 @@ fn apply(tx: &Transaction<'_>, effects: &[Effect]) -> Result<Vec<i64>, StoreErro
                 let mut stmt = tx
                     .prepare_cached(
                         "INSERT OR REPLACE INTO vms (node_id, uuid, name, state, reason, state_since, updated_at, \
-                         idle_net, idle_disk, duplicate, usage) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                         idle_net, idle_disk, duplicate, usage, last_state, unknown_since, unknown_reason) \
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
                     )
                     .map_err(ctx("write vm"))?;
                 stmt.execute(params![
@@ -245,7 +265,10 @@ fn apply(tx: &Transaction<'_>, effects: &[Effect]) -> Result<Vec<i64>, StoreErro
                     vm.usage.disk.idle,
                     vm.duplicate,
                     // Plain structs of numbers and booleans always serialise.
-                    serde_json::to_string(&vm.usage).unwrap_or_else(|_| "{}".into())
+                    serde_json::to_string(&vm.usage).unwrap_or_else(|_| "{}".into()),
+                    vm.last_state,
+                    vm.unknown_since.map(|t| t as i64),
+                    vm.unknown_reason
                 ])
                 .map_err(ctx("write vm"))?;
             }
@@ -302,6 +325,9 @@ fn node_from_row(row: &Row<'_>) -> rusqlite::Result<Node> {
         domains: get_u64(row, "domains")?,
         gaps: get_u64(row, "gaps")?,
         lost: get_u64(row, "lost")?,
+        libvirt_down_since: get_u64(row, "libvirt_down_since")?,
+        // Unreadable: forgetting old boots only weakens replay protection for max_message_age.
+        superseded: serde_json::from_str(&row.get::<_, String>("superseded")?).unwrap_or_default(),
     })
 }
 
@@ -317,6 +343,11 @@ fn vm_from_row(row: &Row<'_>) -> rusqlite::Result<Vm> {
         // A usage column we cannot read costs only the idle history, never the row.
         usage: serde_json::from_str(&row.get::<_, String>("usage")?).unwrap_or_default(),
         duplicate: row.get("duplicate")?,
+        last_state: row.get("last_state")?,
+        unknown_since: row
+            .get::<_, Option<i64>>("unknown_since")?
+            .map(|t| t.max(0) as u64),
+        unknown_reason: row.get("unknown_reason")?,
     })
 }
 
@@ -560,6 +591,9 @@ mod tests {
             updated_at: 6,
             usage: Default::default(),
             duplicate: false,
+            last_state: Some("running".into()),
+            unknown_since: Some(u64::MAX >> 1),
+            unknown_reason: Some("node-down".into()),
         };
         let entry = Entry {
             received_at: 1,
