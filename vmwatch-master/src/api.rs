@@ -48,6 +48,8 @@ impl ReaderPool {
 
 #[derive(Clone)]
 pub struct AppState {
+    /// For the few writes the API makes (retrying a dead letter), on a connection of their own.
+    pub db_path: std::path::PathBuf,
     pub readers: Arc<ReaderPool>,
     pub metrics: Arc<Metrics>,
     pub shared: Arc<Shared>,
@@ -97,6 +99,11 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/vms/{uuid}/wait", get(wait_vm))
         .route("/api/v1/nodes", get(list_nodes))
         .route("/api/v1/events", get(list_events))
+        .route("/api/v1/dead-letters", get(list_dead_letters))
+        .route(
+            "/api/v1/dead-letters/{id}/retry",
+            axum::routing::post(retry_dead_letter),
+        )
         .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
@@ -311,6 +318,45 @@ async fn list_events(
     let events = read(&state, move |r| r.events(&filter)).await?;
     let last_id = events.last().map(|e| e.id).unwrap_or(after);
     Ok(Json(json!({ "events": events, "last_id": last_id })))
+}
+
+async fn list_dead_letters(
+    State(state): State<AppState>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let letters = read(&state, |r| r.dead_letters(MAX_PAGE)).await?;
+    Ok(Json(json!({ "dead_letters": letters })))
+}
+
+/// Puts a dead letter back into the outbox; the webhook delivers it in journal order.
+async fn retry_dead_letter(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let id: i64 = id
+        .parse()
+        .map_err(|_| bad_request(format!("`{id}` is not a journal id")))?;
+    let path = state.db_path.clone();
+    let found = tokio::task::spawn_blocking(move || {
+        crate::store::Outbox::open(&path).and_then(|mut o| o.retry_dead_letter(id))
+    })
+    .await
+    .map_err(|e| {
+        ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("retry task failed: {e}"),
+        )
+    })??;
+    if !found {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no dead letter with journal id {id}"),
+        ));
+    }
+    state.metrics.dead_letters.dec();
+    state.metrics.outbox_depth.inc();
+    // Wake the webhook deliverer.
+    state.shared.committed.send_modify(|n| *n += 1);
+    Ok(Json(json!({ "retried": id })))
 }
 
 async fn healthz(State(state): State<AppState>) -> Response {

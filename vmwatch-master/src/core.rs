@@ -39,7 +39,17 @@ pub struct VmChange {
     pub state: Option<String>,
 }
 
+/// A decided batch: its effects and what to count once it is committed.
+pub struct Decided {
+    effects: Vec<Effect>,
+    accepted: Vec<(&'static str, u64)>,
+    gaps: Vec<(String, u64)>,
+}
+
 pub struct Core {
+    /// A batch whose commit failed (disk full, I/O error): retried before anything new is
+    /// read, so ingest pushes back and nothing accepted is lost.
+    pub pending: Option<Decided>,
     pub store: Store,
     pub inventory: Inventory,
     pub rules: Rules,
@@ -63,6 +73,23 @@ impl Core {
         let mut next_purge = Instant::now() + Duration::from_secs(60);
         loop {
             self.shared.last_turn_ms.store(now_ms(), Ordering::Relaxed);
+            if let Some(decided) = self.pending.take() {
+                let stopping = *self.shared.stopping.borrow();
+                if let Err(decided) = self.commit(decided) {
+                    if stopping {
+                        let n = decided.effects.len();
+                        tracing::error!(
+                            writes = n,
+                            "stopping with a batch the database still refuses; it is lost"
+                        );
+                        return;
+                    }
+                    self.pending = Some(decided);
+                    std::thread::sleep(Duration::from_millis(500));
+                    continue;
+                }
+                tracing::info!("database writes succeed again; the held batch is committed");
+            }
             let mut batch = Vec::new();
             let mut closed = false;
             match rx.recv_timeout(Duration::from_millis(250)) {
@@ -151,70 +178,86 @@ impl Core {
         if effects.is_empty() {
             return;
         }
-        let effects = rules::coalesce(effects);
+        let decided = Decided {
+            effects: rules::coalesce(effects),
+            accepted,
+            gaps,
+        };
+        if let Err(decided) = self.commit(decided) {
+            self.pending = Some(decided);
+        }
+    }
+
+    /// Commits one decided batch, then counts, logs and wakes waiters; on failure hands the
+    /// batch back to be retried (the in-memory inventory already reflects it).
+    fn commit(&mut self, decided: Decided) -> Result<(), Decided> {
+        let Decided {
+            effects,
+            accepted,
+            gaps,
+        } = &decided;
         let started = Instant::now();
-        let result = self.store.commit(&effects);
-        match result {
-            Ok(ids) => {
-                self.shared.db_ok.store(true, Ordering::Relaxed);
-                self.metrics
-                    .commit_seconds
-                    .observe(started.elapsed().as_secs_f64());
-                self.metrics.journal_entries.inc_by(ids.len() as u64);
-                self.metrics.journal_size.inc_by(ids.len() as i64);
-                if self.store.outbox_enabled() {
-                    self.metrics.outbox_depth.inc_by(ids.len() as i64);
-                }
-                let committed = now_ms();
-                for (kind, ts) in accepted {
-                    self.metrics
-                        .accepted
-                        .get_or_create(&KindLabel { kind: kind.into() })
-                        .inc();
-                    self.metrics
-                        .ingest_latency
-                        .observe(committed.saturating_sub(ts) as f64 / 1000.0);
-                }
-                for (node_id, lost) in gaps {
-                    self.metrics.gaps.inc();
-                    self.metrics.lost.inc_by(lost);
-                    tracing::warn!(node_id = %node_id, lost, "sequence gap: messages lost; the next snapshot repairs the state");
-                }
-                for e in &effects {
-                    if let Effect::Journal(j) = e {
-                        tracing::info!(node_id = %j.node_id, uuid = %j.uuid, name = %j.name, r#type = j.kind.as_str(), event = %j.event, detail = %j.detail, state = %j.state, "journal");
-                    }
-                }
-                self.shared.committed.send_modify(|n| *n += 1);
-                let changes: Vec<VmChange> = effects
-                    .iter()
-                    .filter_map(|e| match e {
-                        Effect::UpsertVm(vm) => Some(VmChange {
-                            uuid: vm.uuid.clone(),
-                            state: Some(vm.state.clone()),
-                        }),
-                        Effect::RemoveVm { uuid, .. } => Some(VmChange {
-                            uuid: uuid.clone(),
-                            state: None,
-                        }),
-                        _ => None,
-                    })
-                    .collect();
-                if !changes.is_empty() {
-                    // No receiver (no waiter) is fine.
-                    let _ = self.shared.vm_changes.send(Arc::new(changes));
-                }
-            }
+        let ids = match self.store.commit(effects) {
+            Ok(ids) => ids,
             Err(e) => {
                 self.metrics.db_errors.inc();
-                self.shared.db_ok.store(false, Ordering::Relaxed);
-                tracing::error!(error = %e, "database write failed; this batch is lost and the inventory is reloaded (the next snapshots repair it)");
-                match self.store.load_inventory() {
-                    Ok(inv) => self.inventory = inv,
-                    Err(e) => tracing::error!(error = %e, "cannot reload the inventory"),
+                if self.shared.db_ok.swap(false, Ordering::Relaxed) {
+                    tracing::error!(error = %e, "database write failed; holding the batch and retrying every 0.5 s (ingest pushes back meanwhile)");
                 }
+                return Err(decided);
+            }
+        };
+        self.shared.db_ok.store(true, Ordering::Relaxed);
+        self.metrics
+            .commit_seconds
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics.journal_entries.inc_by(ids.len() as u64);
+        self.metrics.journal_size.inc_by(ids.len() as i64);
+        if self.store.outbox_enabled() {
+            self.metrics.outbox_depth.inc_by(ids.len() as i64);
+        }
+        let committed = now_ms();
+        for (kind, ts) in accepted {
+            self.metrics
+                .accepted
+                .get_or_create(&KindLabel {
+                    kind: (*kind).into(),
+                })
+                .inc();
+            self.metrics
+                .ingest_latency
+                .observe(committed.saturating_sub(*ts) as f64 / 1000.0);
+        }
+        for (node_id, lost) in gaps {
+            self.metrics.gaps.inc();
+            self.metrics.lost.inc_by(*lost);
+            tracing::warn!(node_id = %node_id, lost, "sequence gap: messages lost; the next snapshot repairs the state");
+        }
+        for e in effects {
+            if let Effect::Journal(j) = e {
+                tracing::info!(node_id = %j.node_id, uuid = %j.uuid, name = %j.name, r#type = j.kind.as_str(), event = %j.event, detail = %j.detail, state = %j.state, "journal");
             }
         }
+        self.shared.committed.send_modify(|n| *n += 1);
+        let changes: Vec<VmChange> = effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::UpsertVm(vm) => Some(VmChange {
+                    uuid: vm.uuid.clone(),
+                    state: Some(vm.state.clone()),
+                }),
+                Effect::RemoveVm { uuid, .. } => Some(VmChange {
+                    uuid: uuid.clone(),
+                    state: None,
+                }),
+                _ => None,
+            })
+            .collect();
+        if !changes.is_empty() {
+            // No receiver (no waiter) is fine.
+            let _ = self.shared.vm_changes.send(Arc::new(changes));
+        }
+        Ok(())
     }
 
     fn purge(&mut self) {

@@ -156,6 +156,12 @@ fn run(config: config::MasterConfig, log: LogFile) -> Result<(), String> {
                     .map(|d| d as i64)
                     .map_err(|e| e.to_string())?,
             );
+            metrics.dead_letters.set(
+                outbox
+                    .dead_letter_count()
+                    .map(|d| d as i64)
+                    .map_err(|e| e.to_string())?,
+            );
             Some(outbox)
         }
         None => None,
@@ -173,6 +179,7 @@ fn run(config: config::MasterConfig, log: LogFile) -> Result<(), String> {
     });
     let (to_core, from_ingest) = std::sync::mpsc::sync_channel(16_384);
     let core = core::Core {
+        pending: None,
         store,
         inventory,
         rules: rules::Rules {
@@ -204,6 +211,7 @@ fn run(config: config::MasterConfig, log: LogFile) -> Result<(), String> {
     .map_err(|e| format!("cannot spawn the ingest thread: {e}"))?;
 
     let state = api::AppState {
+        db_path: config.db_path.clone(),
         readers,
         metrics,
         shared: shared.clone(),

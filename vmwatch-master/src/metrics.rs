@@ -66,6 +66,7 @@ pub struct Metrics {
     pub zmq_handshake_failures: Counter,
     pub http_connections: Gauge,
     pub http_connections_refused: Counter,
+    pub dead_letters: Gauge,
 }
 
 /// Registers `metric` under `name` and hands it back (metrics are cheap shared handles).
@@ -174,6 +175,7 @@ impl Metrics {
                 "CURVE handshakes that failed (no key, a wrong key, a timeout or a protocol error)",
                 Counter::default(),
             ),
+            dead_letters: reg(&mut r, "dead_letters", "Journal entries the panel refused for good (GET /api/v1/dead-letters)", Gauge::default()),
             http_connections: reg(&mut r, "http_connections", "HTTP connections open", Gauge::default()),
             http_connections_refused: reg(
                 &mut r,

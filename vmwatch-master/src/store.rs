@@ -71,6 +71,12 @@ CREATE INDEX IF NOT EXISTS journal_received ON journal(received_at);
 CREATE TABLE IF NOT EXISTS outbox (
     journal_id INTEGER PRIMARY KEY
 );
+CREATE TABLE IF NOT EXISTS dead_letters (
+    journal_id INTEGER PRIMARY KEY,
+    status INTEGER NOT NULL,
+    attempts INTEGER NOT NULL,
+    dead_at INTEGER NOT NULL
+);
 CREATE INDEX IF NOT EXISTS journal_node ON journal(node_id, id);
 ";
 
@@ -175,7 +181,8 @@ impl Store {
     pub fn purge_journal(&mut self, cutoff: u64) -> Result<usize, StoreError> {
         self.conn
             .execute(
-                "DELETE FROM journal WHERE received_at < ?1 AND id NOT IN (SELECT journal_id FROM outbox)",
+                "DELETE FROM journal WHERE received_at < ?1 AND id NOT IN (SELECT journal_id FROM outbox) \
+                 AND id NOT IN (SELECT journal_id FROM dead_letters)",
                 params![cutoff as i64],
             )
             .map_err(ctx("purge journal"))
@@ -351,6 +358,16 @@ fn vm_from_row(row: &Row<'_>) -> rusqlite::Result<Vm> {
     })
 }
 
+/// A journal entry the panel refused for good (`GET /api/v1/dead-letters`).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// The panel's last HTTP status for it.
+    pub status: u16,
+    pub attempts: u64,
+    pub dead_at: u64,
+    pub entry: JournalRow,
+}
+
 /// A journal entry as the API shows it.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct JournalRow {
@@ -431,6 +448,56 @@ impl Outbox {
             }
         }
         tx.commit().map_err(ctx("commit outbox ack"))
+    }
+
+    /// Moves an entry the panel refuses for good from the outbox to the dead letters.
+    pub fn dead_letter(
+        &mut self,
+        id: i64,
+        status: u16,
+        attempts: u32,
+        now: u64,
+    ) -> Result<(), StoreError> {
+        let tx = self.conn.transaction().map_err(ctx("begin dead letter"))?;
+        tx.execute(
+            "INSERT OR REPLACE INTO dead_letters (journal_id, status, attempts, dead_at) VALUES (?1, ?2, ?3, ?4)",
+            params![id, status, attempts, now as i64],
+        )
+        .map_err(ctx("write dead letter"))?;
+        tx.execute("DELETE FROM outbox WHERE journal_id = ?1", params![id])
+            .map_err(ctx("write dead letter"))?;
+        tx.commit().map_err(ctx("commit dead letter"))
+    }
+
+    /// Puts a dead letter back at its place in the outbox (journal order). `false` if there is
+    /// no dead letter with this id.
+    pub fn retry_dead_letter(&mut self, id: i64) -> Result<bool, StoreError> {
+        let tx = self.conn.transaction().map_err(ctx("begin retry"))?;
+        let n = tx
+            .execute(
+                "DELETE FROM dead_letters WHERE journal_id = ?1",
+                params![id],
+            )
+            .map_err(ctx("retry dead letter"))?;
+        if n == 1 {
+            tx.execute(
+                "INSERT OR IGNORE INTO outbox (journal_id) VALUES (?1)",
+                params![id],
+            )
+            .map_err(ctx("retry dead letter"))?;
+        }
+        tx.commit().map_err(ctx("commit retry"))?;
+        Ok(n == 1)
+    }
+
+    /// Dead letters stored.
+    pub fn dead_letter_count(&self) -> Result<u64, StoreError> {
+        self.conn
+            .query_row("SELECT count(*) FROM dead_letters", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map(|n| n.max(0) as u64)
+            .map_err(ctx("count dead letters"))
     }
 
     /// Entries waiting.
@@ -545,6 +612,30 @@ impl Reader {
             .map_err(ctx("list nodes"))?;
         rows.collect::<Result<Vec<_>, _>>()
             .map_err(ctx("list nodes"))
+    }
+
+    /// The dead letters, oldest journal entry first, each with its entry.
+    pub fn dead_letters(&self, limit: u32) -> Result<Vec<DeadLetter>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT dead_letters.status, dead_letters.attempts, dead_letters.dead_at, journal.* \
+                 FROM dead_letters JOIN journal ON journal.id = dead_letters.journal_id \
+                 ORDER BY dead_letters.journal_id LIMIT ?1",
+            )
+            .map_err(ctx("list dead letters"))?;
+        let rows = stmt
+            .query_map(params![limit], |row| {
+                Ok(DeadLetter {
+                    status: row.get::<_, i64>("status")?.clamp(0, 999) as u16,
+                    attempts: get_u64(row, "attempts")?,
+                    dead_at: get_u64(row, "dead_at")?,
+                    entry: journal_from_row(row)?,
+                })
+            })
+            .map_err(ctx("list dead letters"))?;
+        rows.collect::<Result<Vec<_>, _>>()
+            .map_err(ctx("list dead letters"))
     }
 
     pub fn events(&self, f: &EventFilter) -> Result<Vec<JournalRow>, StoreError> {

@@ -21,6 +21,13 @@ const BACKOFF_MIN: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(300);
 /// Acknowledged ids are written at least this often (and at the end of every batch).
 const ACK_EVERY: usize = 64;
+/// Refusals for good (a 4xx but 408, 425, 429) before an entry moves to the dead letters.
+pub const DEAD_AFTER: u32 = 3;
+
+/// Whether the panel's answer says the entry itself is refused, so retrying cannot help.
+pub fn refused_for_good(status: u16) -> bool {
+    (400..500).contains(&status) && !matches!(status, 408 | 425 | 429)
+}
 
 /// `sha256=<hex HMAC-SHA256 of body>` with the panel key.
 pub fn signature(key: &[u8], body: &[u8]) -> String {
@@ -118,6 +125,7 @@ impl Webhook {
                     }
                 };
                 let mut attempt = 0u32;
+                let mut refusals = 0u32;
                 loop {
                     attempt += 1;
                     let sent_at = Instant::now();
@@ -146,7 +154,40 @@ impl Webhook {
                             acked.push(entry.id);
                             break;
                         }
+                        Err(Failure::Status(status))
+                            if refused_for_good(status) && refusals + 1 >= DEAD_AFTER =>
+                        {
+                            metrics.webhook_failures.inc();
+                            if !acked.is_empty() {
+                                outbox =
+                                    record_acks(outbox, std::mem::take(&mut acked), &metrics).await;
+                            }
+                            let id = entry.id;
+                            let now = vmwatch_common::time::now_ms();
+                            let (o, r) =
+                                blocking(outbox, move |o| o.dead_letter(id, status, attempt, now))
+                                    .await;
+                            outbox = o;
+                            match r {
+                                Ok(()) => {
+                                    metrics.outbox_depth.dec();
+                                    metrics.dead_letters.inc();
+                                    tracing::error!(id, status, attempts = attempt, "the panel refuses this journal entry for good; moved to the dead letters (GET /api/v1/dead-letters), delivery goes on");
+                                }
+                                Err(e) => {
+                                    tracing::error!(error = %e, id, "cannot move an entry to the dead letters; retrying it");
+                                    continue;
+                                }
+                            }
+                            backoff = BACKOFF_MIN;
+                            break;
+                        }
                         Err(why) => {
+                            if let Failure::Status(status) = &why {
+                                if refused_for_good(*status) {
+                                    refusals += 1;
+                                }
+                            }
                             metrics.webhook_failures.inc();
                             if last_failure_log
                                 .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
@@ -248,6 +289,16 @@ mod tests {
             signature(b"panel-secret-0123456789", br#"{"id":1}"#),
             "sha256=f6bcdc7736219e9788a631dc679de8c33de987b66b0031f2c902b96132af2c24"
         );
+    }
+
+    #[test]
+    fn which_answers_refuse_for_good() {
+        for s in [400, 401, 403, 404, 413, 422] {
+            assert!(refused_for_good(s), "{s}");
+        }
+        for s in [200, 408, 425, 429, 500, 502, 503] {
+            assert!(!refused_for_good(s), "{s}");
+        }
     }
 
     #[test]
