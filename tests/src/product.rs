@@ -430,6 +430,14 @@ impl Node {
         Ok(status.code().unwrap_or(-1))
     }
 
+    /// SIGKILL (no `bye`) and reap.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     pub fn start_again(&mut self) -> Result<()> {
         if self.child.is_some() {
             bail!("node already running");

@@ -28,6 +28,8 @@ pub struct PanelReceiver {
     pub port: u16,
     key: Vec<u8>,
     pub deliveries: Arc<Mutex<Vec<Delivery>>>,
+    /// Entries whose `name` is listed here are answered 413 (refused for good), not recorded.
+    pub refuse_names: Arc<Mutex<Vec<String>>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -39,6 +41,7 @@ impl PanelReceiver {
             port,
             key: key.to_vec(),
             deliveries: Arc::new(Mutex::new(Vec::new())),
+            refuse_names: Arc::new(Mutex::new(Vec::new())),
             stop: Arc::new(AtomicBool::new(false)),
             thread: None,
         };
@@ -55,17 +58,25 @@ impl PanelReceiver {
         self.port = listener.local_addr()?.port();
         listener.set_nonblocking(true)?;
         self.stop = Arc::new(AtomicBool::new(false));
-        let (stop, key, deliveries) =
-            (self.stop.clone(), self.key.clone(), self.deliveries.clone());
+        let (stop, key, deliveries, refuse) = (
+            self.stop.clone(),
+            self.key.clone(),
+            self.deliveries.clone(),
+            self.refuse_names.clone(),
+        );
         self.thread = Some(std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((stream, _)) => {
                         // One thread per connection: keep-alive connections stay open.
-                        let (key, deliveries, stop) =
-                            (key.clone(), deliveries.clone(), stop.clone());
+                        let (key, deliveries, stop, refuse) = (
+                            key.clone(),
+                            deliveries.clone(),
+                            stop.clone(),
+                            refuse.clone(),
+                        );
                         std::thread::spawn(move || {
-                            let _ = serve(stream, &key, &deliveries, &stop);
+                            let _ = serve(stream, &key, &deliveries, &refuse, &stop);
                         });
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
@@ -108,6 +119,7 @@ fn serve(
     stream: TcpStream,
     key: &[u8],
     deliveries: &Mutex<Vec<Delivery>>,
+    refuse: &Mutex<Vec<String>>,
     stop: &AtomicBool,
 ) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
@@ -136,7 +148,7 @@ fn serve(
         if stop.load(Ordering::Relaxed) {
             return Ok(());
         }
-        handle(&line, &mut reader, &mut writer, key, deliveries)?;
+        handle(&line, &mut reader, &mut writer, key, deliveries, refuse)?;
     }
 }
 
@@ -146,6 +158,7 @@ fn handle(
     stream: &mut TcpStream,
     key: &[u8],
     deliveries: &Mutex<Vec<Delivery>>,
+    refuse: &Mutex<Vec<String>>,
 ) -> std::io::Result<()> {
     reader
         .get_ref()
@@ -180,6 +193,19 @@ fn handle(
         signature_ok: line.starts_with("POST ") && signature == expected,
         at_ms: vmwatch_common::time::now_ms(),
     };
+    let refused = delivery.body["name"].as_str().is_some_and(|n| {
+        refuse
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|r| r == n)
+    });
+    if refused {
+        stream.write_all(
+            b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        )?;
+        return stream.flush();
+    }
     deliveries
         .lock()
         .unwrap_or_else(|p| p.into_inner())

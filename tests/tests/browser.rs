@@ -11,7 +11,7 @@ use vmwatch_common::time::now_ms;
 use vmwatch_tests::browser::{require_browser_env, Driver};
 use vmwatch_tests::guests::GuestKind;
 use vmwatch_tests::libvirtd::PrivateLibvirtd;
-use vmwatch_tests::product::{temp_dir, wait_for, Master, Node, SECRET};
+use vmwatch_tests::product::{temp_dir, wait_for, Master, Node};
 use vmwatch_tests::require_root_env;
 
 /// `target/<name>`: where the screenshots go.
