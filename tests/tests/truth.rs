@@ -90,7 +90,9 @@ fn event(uuid: &str, name: &str, event_ts: u64) -> Body {
 
 fn rejected(master: &Master, reason: &str) -> f64 {
     master
-        .metric(&format!("vmwatch_messages_rejected_total{{reason=\"{reason}\"}}"))
+        .metric(&format!(
+            "vmwatch_messages_rejected_total{{reason=\"{reason}\"}}"
+        ))
         .unwrap_or(-1.0)
 }
 
@@ -107,7 +109,9 @@ fn node_sigkill_makes_its_vms_unknown_then_known_again() {
         return;
     }
     let lv = PrivateLibvirtd::start("unknown").expect("libvirtd");
-    let running = lv.start_guest("unk-running", GuestKind::Idle).expect("guest");
+    let running = lv
+        .start_guest("unk-running", GuestKind::Idle)
+        .expect("guest");
     lv.define_guest("unk-off", GuestKind::Idle).expect("guest");
     let dir = temp_dir("unknown");
     let master = Master::start(&dir, &[("node_timeout", "3")]).expect("master");
@@ -125,9 +129,11 @@ fn node_sigkill_makes_its_vms_unknown_then_known_again() {
 
     node.kill9();
     let t0 = Instant::now();
-    wait_for(Duration::from_secs(3 + 2), "every row unknown (node-down)", || {
-        all_unknown(&master, "unk", "node-down").then_some(())
-    });
+    wait_for(
+        Duration::from_secs(3 + 2),
+        "every row unknown (node-down)",
+        || all_unknown(&master, "unk", "node-down").then_some(()),
+    );
     eprintln!("node SIGKILL → unknown in the API: {:?}", t0.elapsed());
     let row = master.vm_row(&running, "unk").expect("row");
     assert_eq!(row["last_state"], "running");
@@ -147,11 +153,16 @@ fn node_sigkill_makes_its_vms_unknown_then_known_again() {
     });
 
     node.start_again().expect("node again");
-    wait_for(Duration::from_secs(20), "rows back to libvirt's states", || {
-        matches_libvirt(&master, &lv, "unk").then_some(())
-    });
+    wait_for(
+        Duration::from_secs(20),
+        "rows back to libvirt's states",
+        || matches_libvirt(&master, &lv, "unk").then_some(()),
+    );
     let row = master.vm_row(&running, "unk").expect("row");
-    assert_eq!((&row["state"], &row["last_state"]), (&"running".into(), &Value::Null));
+    assert_eq!(
+        (&row["state"], &row["last_state"]),
+        (&"running".into(), &Value::Null)
+    );
 }
 
 #[test]
@@ -160,7 +171,8 @@ fn libvirtd_down_longer_than_node_timeout_makes_vms_unknown() {
         return;
     }
     let mut lv = PrivateLibvirtd::start("lvdown").expect("libvirtd");
-    lv.start_guest("lvd-running", GuestKind::Idle).expect("guest");
+    lv.start_guest("lvd-running", GuestKind::Idle)
+        .expect("guest");
     let dir = temp_dir("lvdown");
     let master = Master::start(&dir, &[("node_timeout", "3")]).expect("master");
     let _node = Node::start(
@@ -176,18 +188,22 @@ fn libvirtd_down_longer_than_node_timeout_makes_vms_unknown() {
     });
     lv.kill();
     let t0 = Instant::now();
-    wait_for(Duration::from_secs(3 + 3), "every row unknown (libvirt-down)", || {
-        all_unknown(&master, "lvd", "libvirt-down").then_some(())
-    });
+    wait_for(
+        Duration::from_secs(3 + 3),
+        "every row unknown (libvirt-down)",
+        || all_unknown(&master, "lvd", "libvirt-down").then_some(()),
+    );
     assert!(
         t0.elapsed() >= Duration::from_secs(3),
         "unknown before node_timeout: {:?}",
         t0.elapsed()
     );
     lv.restart().expect("libvirtd again");
-    wait_for(Duration::from_secs(40), "rows back to libvirt's states", || {
-        matches_libvirt(&master, &lv, "lvd").then_some(())
-    });
+    wait_for(
+        Duration::from_secs(40),
+        "rows back to libvirt's states",
+        || matches_libvirt(&master, &lv, "lvd").then_some(()),
+    );
 }
 
 /// Live-migrates `name` from `src` to `dst` the way shared/libvirt-testing.md describes.
@@ -195,7 +211,15 @@ fn migrate(src: &PrivateLibvirtd, dst: &PrivateLibvirtd, name: &str, n: usize) -
     let sock = src.dir().join(format!("mig-{n}.sock"));
     let t0 = Instant::now();
     let out = Command::new("virsh")
-        .args(["-c", &src.uri(), "migrate", "--live", "--p2p", "--unsafe", name])
+        .args([
+            "-c",
+            &src.uri(),
+            "migrate",
+            "--live",
+            "--p2p",
+            "--unsafe",
+            name,
+        ])
         .arg(dst.uri())
         .arg("--migrateuri")
         .arg(format!("unix://{}", sock.display()))
@@ -232,12 +256,21 @@ fn live_migrations_are_never_duplicates_but_a_second_copy_is() {
             (&b, &a, "miga")
         };
         took.push(migrate(src, dst, "mig-vm", n));
-        wait_for(Duration::from_secs(20), "rows follow libvirt", || {
-            (master.vm_state(&uuid, dst_node).as_deref() == Some("running")
-                && matches_libvirt(&master, &a, "miga")
-                && matches_libvirt(&master, &b, "migb"))
-            .then_some(())
-        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !(master.vm_state(&uuid, dst_node).as_deref() == Some("running")
+            && matches_libvirt(&master, &a, "miga")
+            && matches_libvirt(&master, &b, "migb"))
+        {
+            assert!(
+                Instant::now() < deadline,
+                "rows did not follow libvirt after migration {n}:\n a: {:?} / {:?}\n b: {:?} / {:?}",
+                libvirt_inventory(&a),
+                master.vms_of("miga"),
+                libvirt_inventory(&b),
+                master.vms_of("migb"),
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
     eprintln!("6 live migrations took {took:?}");
     // Longer than the grace and a second of duplicate checks later: no entry at all.
@@ -292,14 +325,18 @@ fn clock_steps_restarts_old_boots_and_backlogs() {
     send(right.message_now(heartbeat("up")));
     // The captured message of the old boot, replayed: a superseded boot.
     send(captured);
-    wait_for(Duration::from_secs(10), "three heartbeats and one stale boot", || {
-        (master
-            .metric("vmwatch_messages_accepted_total{kind=\"heartbeat\"}")
-            .ok()
-            == Some(3.0)
-            && rejected(&master, "stale_boot") == 1.0)
-            .then_some(())
-    });
+    wait_for(
+        Duration::from_secs(10),
+        "three heartbeats and one stale boot",
+        || {
+            (master
+                .metric("vmwatch_messages_accepted_total{kind=\"heartbeat\"}")
+                .ok()
+                == Some(3.0)
+                && rejected(&master, "stale_boot") == 1.0)
+                .then_some(())
+        },
+    );
     assert_eq!(master.node("clock").expect("node")["boot"], "clock-boot-2");
 
     // A backlog queued for ten minutes while the master was away: accepted, in order, with
@@ -307,23 +344,32 @@ fn clock_steps_restarts_old_boots_and_backlogs() {
     let mut queued = SimNode::new("backlog", now - 700_000).expect("node");
     for i in 0..20u64 {
         let sent = now - 600_000 + i * 1000;
-        send(queued.message(sent, event(&format!("bl-{i}"), &format!("bl-{i}"), sent - 5)));
+        send(queued.message(
+            sent,
+            event(&format!("bl-{i}"), &format!("bl-{i}"), sent - 5),
+        ));
     }
     let entries = wait_for(Duration::from_secs(10), "the backlog journaled", || {
         let e = master.events("node=backlog&type=lifecycle").ok()?;
         (e.len() == 20).then_some(e)
     });
-    let times: Vec<u64> = entries.iter().filter_map(|e| e["event_ts"].as_u64()).collect();
+    let times: Vec<u64> = entries
+        .iter()
+        .filter_map(|e| e["event_ts"].as_u64())
+        .collect();
     let want: Vec<u64> = (0..20).map(|i| now - 600_000 + i * 1000 - 5).collect();
     assert_eq!(times, want);
-    assert_eq!(rejected(&master, "clock_skew") + rejected(&master, "too_old"), 0.0);
+    assert_eq!(
+        rejected(&master, "clock_skew") + rejected(&master, "too_old"),
+        0.0
+    );
 }
 
 #[test]
 fn ha_restart_is_not_a_duplicate_but_the_returning_zombie_is() {
     let dir = temp_dir("ha");
-    let master = Master::start(&dir, &[("node_timeout", "2"), ("duplicate_grace", "1")])
-        .expect("master");
+    let master =
+        Master::start(&dir, &[("node_timeout", "2"), ("duplicate_grace", "1")]).expect("master");
     let ctx = zmq::Context::new();
     let push = curve_push(&ctx).expect("socket");
     push.connect(&master.endpoint()).expect("connect");
@@ -425,18 +471,27 @@ fn a_full_disk_holds_the_batch_and_loses_nothing_accepted() {
         } else {
             format!("6b1e0000-0000-4000-8000-{i:012}")
         };
-        push.send_multipart(node.message_now(event(&uuid, &"n".repeat(200), now_ms())), 0)
-            .expect("send");
+        push.send_multipart(
+            node.message_now(event(&uuid, &"n".repeat(200), now_ms())),
+            0,
+        )
+        .expect("send");
     }
-    wait_for(Duration::from_secs(10), "/healthz 503 while the disk is full", || {
-        (master.get_raw("/healthz").ok()?.0 == 503).then_some(())
-    });
+    wait_for(
+        Duration::from_secs(10),
+        "/healthz 503 while the disk is full",
+        || (master.get_raw("/healthz").ok()?.0 == 503).then_some(()),
+    );
     std::fs::remove_file(&filler).expect("free the disk");
     let t0 = Instant::now();
-    wait_for(Duration::from_secs(20), "every accepted event journaled", || {
-        let e = master.events("node=full&type=lifecycle").ok()?;
-        (e.len() == 300).then_some(())
-    });
+    wait_for(
+        Duration::from_secs(20),
+        "every accepted event journaled",
+        || {
+            let e = master.events("node=full&type=lifecycle").ok()?;
+            (e.len() == 300).then_some(())
+        },
+    );
     eprintln!("recovered {:?} after the disk was freed", t0.elapsed());
     assert_eq!(master.get_raw("/healthz").expect("healthz").0, 200);
     assert!(master.vm_row(crashed, "full").is_some());
@@ -465,7 +520,10 @@ fn an_entry_the_panel_refuses_is_dead_lettered_and_the_rest_arrive() {
     let push = curve_push(&ctx).expect("socket");
     push.connect(&master.endpoint()).expect("connect");
     let mut node = SimNode::new("dl", now_ms()).expect("node");
-    for (i, name) in ["first", "refuse-me", "after-1", "after-2"].iter().enumerate() {
+    for (i, name) in ["first", "refuse-me", "after-1", "after-2"]
+        .iter()
+        .enumerate()
+    {
         let uuid = format!("7c1e0000-0000-4000-8000-{i:012}");
         push.send_multipart(node.message_now(event(&uuid, name, now_ms())), 0)
             .expect("send");
@@ -476,10 +534,14 @@ fn an_entry_the_panel_refuses_is_dead_lettered_and_the_rest_arrive() {
             .filter_map(|d| d.body["name"].as_str().map(str::to_owned))
             .collect()
     };
-    wait_for(Duration::from_secs(20), "the entries after the refused one", || {
-        let n = names(&panel);
-        (n.contains(&"after-2".to_owned())).then_some(())
-    });
+    wait_for(
+        Duration::from_secs(20),
+        "the entries after the refused one",
+        || {
+            let n = names(&panel);
+            (n.contains(&"after-2".to_owned())).then_some(())
+        },
+    );
     let letters = master.get("/api/v1/dead-letters").expect("dead letters");
     let letters = letters["dead_letters"].as_array().expect("list").clone();
     assert_eq!(letters.len(), 1, "{letters:?}");
@@ -492,9 +554,15 @@ fn an_entry_the_panel_refuses_is_dead_lettered_and_the_rest_arrive() {
         .call()
         .expect("retry");
     assert_eq!(r.status(), 200);
-    wait_for(Duration::from_secs(10), "the retried entry delivered", || {
-        names(&panel).contains(&"refuse-me".to_owned()).then_some(())
-    });
+    wait_for(
+        Duration::from_secs(10),
+        "the retried entry delivered",
+        || {
+            names(&panel)
+                .contains(&"refuse-me".to_owned())
+                .then_some(())
+        },
+    );
     let missing = ureq::post(&master.url("/api/v1/dead-letters/999999/retry")).call();
     assert!(matches!(missing, Err(ureq::Error::Status(404, _))));
     assert_eq!(

@@ -300,6 +300,7 @@ impl Core {
             // Only fixed vocabulary becomes a label: a node's own words are counted as `other`.
             let state = vmwatch_common::protocol::STATES
                 .iter()
+                .chain(&[rules::UNKNOWN])
                 .find(|s| **s == vm.state)
                 .copied()
                 .unwrap_or("other");

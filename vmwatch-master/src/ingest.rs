@@ -112,6 +112,9 @@ pub fn bind(config: &MasterConfig, max_connections: usize) -> Result<NodePort, S
         pull.set_heartbeat_timeout(HEARTBEAT_TIMEOUT_MS)?;
         pull.set_maxmsgsize(config.max_message_bytes)?;
         pull.set_rcvhwm(100_000)?;
+        // Many nodes reconnect at once after a master restart: a deep accept queue keeps
+        // them from waiting a retry interval each (libzmq's default is 100).
+        pull.set_backlog(1024)?;
         pull.set_linger(0)?;
         pull.set_tcp_keepalive(1)?;
         pull.set_tcp_keepalive_idle(60)?;

@@ -207,6 +207,11 @@ impl Agent {
                 };
                 // Events are hints: the state read now is the truth we report.
                 let current = libvirt::domain_state(&domain).ok();
+                if current.is_none() {
+                    // The domain is gone already (a transient domain that stopped, e.g. the
+                    // source of a live migration): no event says so, a snapshot does.
+                    self.next_snapshot = Instant::now();
+                }
                 let facts = EventFacts {
                     uuid,
                     name,

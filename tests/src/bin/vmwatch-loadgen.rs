@@ -95,7 +95,7 @@ fn arg(args: &[String], name: &str, default: u64) -> Result<u64> {
 }
 
 fn push_socket(ctx: &zmq::Context, master: &Master) -> Result<zmq::Socket> {
-    let s = vmwatch_tests::sim::curve_push(&ctx)?;
+    let s = vmwatch_tests::sim::curve_push(ctx)?;
     s.set_sndhwm(0)?;
     s.set_linger(5000)?;
     s.connect(&master.endpoint())?;
