@@ -16,6 +16,9 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo build --workspace --all-targets
 cargo test --workspace -- --test-threads="${VMWATCH_TEST_THREADS:-3}"
+# The edge attacks again, against the release master the packages ship.
+cargo build --release -p vmwatch-master
+VMWATCH_BIN_DIR="$PWD/target/release" cargo test -p vmwatch-tests --test edge -- --test-threads=1
 # Packages: build .deb/.rpm, install, upgrade and purge them on this machine.
 bash tests/packages.sh
 # systemd: both .debs in a debootstrapped Debian 12 root booted with systemd-nspawn.

@@ -317,6 +317,17 @@ impl PrivateLibvirtd {
 
     /// Every domain (active and inactive), sorted by uuid, with its state as one lower-case
     /// word (see [`DomainInfo::state`]).
+    /// libvirt's view in the master's shape: (uuid, name, state), sorted.
+    pub fn inventory(&self) -> Result<Vec<(String, String, String)>> {
+        let mut v: Vec<_> = self
+            .list_all()?
+            .into_iter()
+            .map(|d| (d.uuid, d.name, d.state))
+            .collect();
+        v.sort();
+        Ok(v)
+    }
+
     pub fn list_all(&self) -> Result<Vec<DomainInfo>> {
         let list = self.virsh(&["list", "--all", "--uuid", "--name"])?;
         let mut names: BTreeMap<String, String> = BTreeMap::new(); // name -> uuid

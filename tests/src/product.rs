@@ -544,3 +544,50 @@ impl Master {
         bail!("master did not answer /healthz within 20 s under a descriptor limit of {soft}")
     }
 }
+
+/// Parses OpenMetrics text with Python's `prometheus_client` parser (a real, independent,
+/// strict parser) into (name, labels, value) samples; panics naming the parser's complaint.
+pub fn parse_openmetrics(
+    text: &str,
+) -> Vec<(String, std::collections::BTreeMap<String, String>, f64)> {
+    use std::io::Write;
+    let script = r#"
+import json, sys
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
+out = []
+for family in text_string_to_metric_families(sys.stdin.read()):
+    for s in family.samples:
+        out.append([s.name, s.labels, repr(float(s.value))])
+print(json.dumps(out))
+"#;
+    let mut child = Command::new("/usr/bin/python3")
+        .args(["-c", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("write metrics");
+    let out = child.wait_with_output().expect("parser");
+    assert!(
+        out.status.success(),
+        "the OpenMetrics parser rejected /metrics: {}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let samples: Vec<(String, std::collections::BTreeMap<String, String>, String)> =
+        serde_json::from_slice(&out.stdout).expect("parser output");
+    samples
+        .into_iter()
+        .map(|(n, l, v)| {
+            let v = v
+                .parse()
+                .unwrap_or_else(|_| panic!("sample {n}: value {v}"));
+            (n, l, v)
+        })
+        .collect()
+}

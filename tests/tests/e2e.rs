@@ -10,16 +10,8 @@ use vmwatch_tests::product::{temp_dir, wait_for, Master, Node};
 use vmwatch_tests::receiver::{Delivery, PanelReceiver};
 use vmwatch_tests::require_root_env;
 
-/// libvirt's view of the inventory in the master's shape: (uuid, name, state), sorted.
 fn libvirt_inventory(lv: &PrivateLibvirtd) -> Vec<(String, String, String)> {
-    let mut v: Vec<_> = lv
-        .list_all()
-        .expect("virsh list")
-        .into_iter()
-        .map(|d| (d.uuid, d.name, d.state))
-        .collect();
-    v.sort();
-    v
+    lv.inventory().expect("virsh list")
 }
 
 /// Waits until the master's inventory of `node` equals what libvirt lists.
@@ -1011,40 +1003,15 @@ fn log_reopened_on_sighup_loses_no_line() {
     );
 }
 
-/// Parses OpenMetrics text with Python's `prometheus_client` parser (a real, independent
-/// parser) into {"name{label=value,...}": value}.
+/// `/metrics` through a real, independent parser, as {"name{label=value,...}": value}.
 fn parse_with_prometheus_client(text: &str) -> std::collections::BTreeMap<String, f64> {
-    let script = r#"
-import json, sys
-from prometheus_client.openmetrics.parser import text_string_to_metric_families
-out = {}
-for family in text_string_to_metric_families(sys.stdin.read()):
-    for s in family.samples:
-        labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
-        out[f"{s.name}{{{labels}}}"] = s.value
-print(json.dumps(out))
-"#;
-    let mut child = std::process::Command::new("/usr/bin/python3")
-        .args(["-c", script])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("python3");
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(text.as_bytes())
-        .expect("write metrics");
-    let out = child.wait_with_output().expect("parser");
-    assert!(
-        out.status.success(),
-        "the OpenMetrics parser rejected /metrics: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("parser output")
+    vmwatch_tests::product::parse_openmetrics(text)
+        .into_iter()
+        .map(|(name, labels, value)| {
+            let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            (format!("{name}{{{}}}", labels.join(",")), value)
+        })
+        .collect()
 }
 
 #[test]

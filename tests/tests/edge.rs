@@ -7,7 +7,6 @@
 //! The tests measure time, CPU and memory of the master on a small machine, so they take a
 //! file-wide lock and run one at a time even when the harness runs tests in parallel.
 
-use std::collections::BTreeMap;
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -19,7 +18,8 @@ use vmwatch_common::protocol::{
 };
 use vmwatch_common::time::now_ms;
 use vmwatch_tests::product::{
-    cpu_ticks, require_python_module, rss_kib, temp_dir, wait_for, Master, SECRET,
+    cpu_ticks, parse_openmetrics, require_python_module, rss_kib, temp_dir, wait_for, Master,
+    SECRET,
 };
 use vmwatch_tests::sim::{curve_push, master_key, node_key, transport_key, SimNode};
 
@@ -577,50 +577,6 @@ fn a_node_cannot_sign_as_another_in_derived_mode() {
         || shared.vm_state(VM, "hv-a").filter(|s| s == "running"),
     );
     assert_eq!(rejected(&shared, "bad_signature"), 0.0);
-}
-
-/// Parses OpenMetrics text with Python's `prometheus_client` parser (as e2e.rs's
-/// `parse_with_prometheus_client` does) into (name, labels, value) samples.
-fn parse_openmetrics(text: &str) -> Vec<(String, BTreeMap<String, String>, f64)> {
-    let script = r#"
-import json, sys
-from prometheus_client.openmetrics.parser import text_string_to_metric_families
-out = []
-for family in text_string_to_metric_families(sys.stdin.read()):
-    for s in family.samples:
-        out.append([s.name, s.labels, repr(float(s.value))])
-print(json.dumps(out))
-"#;
-    let mut child = std::process::Command::new("/usr/bin/python3")
-        .args(["-c", script])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("python3");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(text.as_bytes())
-        .expect("write metrics");
-    let out = child.wait_with_output().expect("parser");
-    assert!(
-        out.status.success(),
-        "the OpenMetrics parser rejected /metrics: {}\n{text}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let samples: Vec<(String, BTreeMap<String, String>, String)> =
-        serde_json::from_slice(&out.stdout).expect("parser output");
-    samples
-        .into_iter()
-        .map(|(n, l, v)| {
-            let v = v
-                .parse()
-                .unwrap_or_else(|e| panic!("value {v} of {n}: {e}"));
-            (n, l, v)
-        })
-        .collect()
 }
 
 #[test]

@@ -18,16 +18,8 @@ use vmwatch_tests::receiver::PanelReceiver;
 use vmwatch_tests::require_root_env;
 use vmwatch_tests::sim::{curve_push, SimNode};
 
-/// libvirt's view of one host in the master's shape: (uuid, name, state), sorted.
 fn libvirt_inventory(lv: &PrivateLibvirtd) -> Vec<(String, String, String)> {
-    let mut v: Vec<_> = lv
-        .list_all()
-        .expect("virsh list")
-        .into_iter()
-        .map(|d| (d.uuid, d.name, d.state))
-        .collect();
-    v.sort();
-    v
+    lv.inventory().expect("virsh list")
 }
 
 fn matches_libvirt(master: &Master, lv: &PrivateLibvirtd, node: &str) -> bool {
