@@ -207,9 +207,11 @@ impl Agent {
                 };
                 // Events are hints: the state read now is the truth we report.
                 let current = libvirt::domain_state(&domain).ok();
-                if current.is_none() {
-                    // The domain is gone already (a transient domain that stopped, e.g. the
-                    // source of a live migration): no event says so, a snapshot does.
+                // A transient domain that stopped (e.g. the source of a live migration) is
+                // gone, or about to be: no event says so, a snapshot (which leaves inactive
+                // transient domains out) does.
+                let stopped = matches!(current, None | Some((5, _))); // 5: VIR_DOMAIN_SHUTOFF
+                if stopped && !libvirt::is_persistent(&domain) {
                     self.next_snapshot = Instant::now();
                 }
                 let facts = EventFacts {

@@ -328,10 +328,19 @@ pub fn domain_facts(domain: &Domain) -> Result<DomainFacts, LibvirtError> {
 
 /// Every domain libvirt knows, active or not. A domain that disappears between the listing
 /// and the state read is left out (the next snapshot or its event will tell).
+///
+/// Every active domain and every persistent one: an inactive transient domain exists only for
+/// the instant between its stop and its removal (e.g. the source of a live migration), so it
+/// is left out rather than reported as a `shutoff` row that is about to vanish.
 pub fn list_domains(conn: &Connect) -> Result<Vec<DomainFacts>, LibvirtError> {
-    let domains = conn
-        .list_all_domains(0)
-        .map_err(|e| LibvirtError(format!("virConnectListAllDomains: {}", e.message())))?;
+    let list = |flags| {
+        conn.list_all_domains(flags)
+            .map_err(|e| LibvirtError(format!("virConnectListAllDomains: {}", e.message())))
+    };
+    let mut domains = list(sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE)?;
+    domains.extend(list(
+        sys::VIR_CONNECT_LIST_DOMAINS_INACTIVE | sys::VIR_CONNECT_LIST_DOMAINS_PERSISTENT,
+    )?);
     let mut out = Vec::with_capacity(domains.len());
     for d in &domains {
         match domain_facts(d) {
@@ -340,6 +349,11 @@ pub fn list_domains(conn: &Connect) -> Result<Vec<DomainFacts>, LibvirtError> {
         }
     }
     Ok(out)
+}
+
+/// Whether the domain is persistent; a domain gone meanwhile counts as not.
+pub fn is_persistent(domain: &Domain) -> bool {
+    domain.is_persistent().unwrap_or(false)
 }
 
 /// libvirt's library version as `major.minor.micro`.
