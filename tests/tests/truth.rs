@@ -445,7 +445,9 @@ fn a_full_disk_holds_the_batch_and_loses_nothing_accepted() {
     let fs = SmallFs::mount(&dir.join("db"), "4m");
     let db = fs.0.join("master.db");
     let db = db.display().to_string();
-    let master = Master::start(&dir, &[("db_path", &db)]).expect("master");
+    // A short max_message_age: what the master held while the disk was full must not age.
+    let master =
+        Master::start(&dir, &[("db_path", &db), ("max_message_age", "2")]).expect("master");
     let ctx = zmq::Context::new();
     let push = curve_push(&ctx).expect("socket");
     push.connect(&master.endpoint()).expect("connect");
@@ -457,7 +459,7 @@ fn a_full_disk_holds_the_batch_and_loses_nothing_accepted() {
     let filler = fs.0.join("filler");
     fill(&filler);
     let crashed = "6b1e0000-0000-4000-8000-00000000dead";
-    for i in 0..300 {
+    let mut send = |i: u64| {
         let uuid = if i == 0 {
             crashed.to_owned()
         } else {
@@ -468,11 +470,32 @@ fn a_full_disk_holds_the_batch_and_loses_nothing_accepted() {
             0,
         )
         .expect("send");
+    };
+    // The first half makes a commit fail; the second half arrives while the master holds it.
+    for i in 0..150 {
+        send(i);
     }
     wait_for(
         Duration::from_secs(10),
         "/healthz 503 while the disk is full",
         || (master.get_raw("/healthz").ok()?.0 == 503).then_some(()),
+    );
+    for i in 150..300 {
+        send(i);
+    }
+    // The disk stays full for longer than max_message_age: what the master holds must not age.
+    let full_since = Instant::now();
+    wait_for(
+        Duration::from_secs(10),
+        "four seconds of a full disk",
+        || {
+            assert_eq!(
+                master.get_raw("/healthz").ok()?.0,
+                503,
+                "healthy on a full disk"
+            );
+            (full_since.elapsed() >= Duration::from_secs(4)).then_some(())
+        },
     );
     std::fs::remove_file(&filler).expect("free the disk");
     let t0 = Instant::now();
@@ -487,6 +510,7 @@ fn a_full_disk_holds_the_batch_and_loses_nothing_accepted() {
     eprintln!("recovered {:?} after the disk was freed", t0.elapsed());
     assert_eq!(master.get_raw("/healthz").expect("healthz").0, 200);
     assert!(master.vm_row(crashed, "full").is_some());
+    assert_eq!(rejected(&master, "too_old"), 0.0);
 }
 
 #[test]

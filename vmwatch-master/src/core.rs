@@ -141,7 +141,9 @@ impl Core {
                 vmwatch_common::protocol::Body::Heartbeat(h) => Some(h.agent),
                 _ => None,
             };
-            match rules::handle(&mut self.inventory, &self.rules, now, received.message) {
+            // Judged as of its arrival: time the master held it (a full disk) never ages it.
+            let at = received.arrived.min(now);
+            match rules::handle(&mut self.inventory, &self.rules, at, received.message) {
                 Ok(outcome) => {
                     if let Some(agent) = agent {
                         self.metrics.set_agent(&node_id, &agent);

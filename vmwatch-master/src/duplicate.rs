@@ -1,9 +1,10 @@
 //! The duplicate rule (pure): one uuid active on two or more nodes for longer than
 //! `duplicate_grace` flags every such row; the flags clear when at most one stays active.
 //!
-//! A live migration is briefly active on both nodes (source paused, destination running): the
-//! grace keeps it from being flagged. Rows of a node that is down still count — a partitioned
-//! hypervisor that still runs the guest is the most dangerous duplicate of all.
+//! A live migration is not a second copy: the destination reads `paused` (reason `starting_up`,
+//! then `migration`) while the source runs, for as long as the migration takes. An `unknown`
+//! row (a host that cannot be seen) is not active either; when that node returns still running
+//! the VM that meanwhile runs elsewhere (the zombie after an HA restart), it is flagged.
 
 use std::collections::{BTreeSet, HashMap};
 

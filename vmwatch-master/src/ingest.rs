@@ -30,6 +30,9 @@ use crate::metrics::{Metrics, RejectLog};
 /// What the ingest thread hands to the core.
 pub struct Received {
     pub message: Authenticated,
+    /// Unix ms when it was read off the socket: its age is judged from then, so what the
+    /// master itself held (a full disk) is never rejected as too old.
+    pub arrived: u64,
 }
 
 /// The ZAP endpoint libzmq asks (RFC 27).
@@ -111,7 +114,8 @@ pub fn bind(config: &MasterConfig, max_connections: usize) -> Result<NodePort, S
         pull.set_heartbeat_ivl(HEARTBEAT_IVL_MS)?;
         pull.set_heartbeat_timeout(HEARTBEAT_TIMEOUT_MS)?;
         pull.set_maxmsgsize(config.max_message_bytes)?;
-        pull.set_rcvhwm(100_000)?;
+        // Per connection: the nodes' own queues (`send_queue`) absorb a backlog, not our memory.
+        pull.set_rcvhwm(1000)?;
         // Many nodes reconnect at once after a master restart: a deep accept queue keeps
         // them from waiting a retry interval each (libzmq's default is 100).
         pull.set_backlog(1024)?;
@@ -196,7 +200,7 @@ fn run(
         }
         let (zap_ready, monitor_ready) = (items[0].is_readable(), items[1].is_readable());
         if zap_ready {
-            answer_zap(&port.zap, &port.transport_public);
+            while answer_zap(&port.zap, &port.transport_public) {}
         }
         if monitor_ready {
             while let Some(event) = monitor_event(&port.monitor) {
@@ -215,7 +219,14 @@ fn run(
         }
         // Drain what is ready, one message at a time, up to a turn's worth (so ZAP and the
         // monitor are answered between bursts).
-        for _ in 0..1024 {
+        for n in 0..1024 {
+            if n % 64 == 63 {
+                // Handshakes are not kept waiting behind a burst of messages.
+                while answer_zap(&port.zap, &port.transport_public) {}
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+            }
             let frames = match receive(&port.pull) {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
@@ -225,7 +236,10 @@ fn run(
                 }
             };
             match authenticate(&frames, |n| config.key_for(n)) {
-                Ok(message) => match to_core.try_send(Received { message }) {
+                Ok(message) => match to_core.try_send(Received {
+                    message,
+                    arrived: vmwatch_common::time::now_ms(),
+                }) {
                     Ok(()) => {}
                     Err(TrySendError::Full(r)) => {
                         pending = Some(r);
@@ -251,9 +265,10 @@ fn run(
 }
 
 /// Answers one ZAP request (RFC 27): 200 for the fleet transport key, 400 for anything else.
-fn answer_zap(zap: &zmq::Socket, transport_public: &[u8; 32]) {
+/// Returns whether there was one.
+fn answer_zap(zap: &zmq::Socket, transport_public: &[u8; 32]) -> bool {
     let Ok(frames) = zap.recv_multipart(zmq::DONTWAIT) else {
-        return;
+        return false;
     };
     // version, request id, domain, address, routing id, mechanism, credentials…
     let request_id = frames.get(1).cloned().unwrap_or_default();
@@ -270,6 +285,7 @@ fn answer_zap(zap: &zmq::Socket, transport_public: &[u8; 32]) {
     if let Err(e) = zap.send_multipart(reply, zmq::DONTWAIT) {
         tracing::warn!(error = %e, "cannot answer a ZAP request");
     }
+    true
 }
 
 /// One socket-monitor event: (event, value). For ACCEPTED and DISCONNECTED the value is the

@@ -256,8 +256,10 @@ fn run(config: config::MasterConfig, log: LogFile) -> Result<(), String> {
         shutdown_signal(log, shared.clone()).await;
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
         tracing::info!("stopping: answering long-polls, draining HTTP, ingest and the core");
-        // One stop signal: long-polls answer, the accept loop ends, the webhook stops.
+        // One stop signal: long-polls answer, the accept loop ends, the webhook stops, and
+        // ingest stops reading while HTTP drains.
         shared.stopping.send_replace(true);
+        stop_ingest.store(true, Ordering::Relaxed);
         if let Err(e) = server.await {
             tracing::error!(error = %e, "HTTP server task failed");
         }

@@ -333,14 +333,13 @@ pub fn domain_facts(domain: &Domain) -> Result<DomainFacts, LibvirtError> {
 /// the instant between its stop and its removal (e.g. the source of a live migration), so it
 /// is left out rather than reported as a `shutoff` row that is about to vanish.
 pub fn list_domains(conn: &Connect) -> Result<Vec<DomainFacts>, LibvirtError> {
-    let list = |flags| {
-        conn.list_all_domains(flags)
-            .map_err(|e| LibvirtError(format!("virConnectListAllDomains: {}", e.message())))
-    };
-    let mut domains = list(sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE)?;
-    domains.extend(list(
-        sys::VIR_CONNECT_LIST_DOMAINS_INACTIVE | sys::VIR_CONNECT_LIST_DOMAINS_PERSISTENT,
-    )?);
+    // One listing (two would miss a domain that starts between them), then the filter.
+    let domains: Vec<Domain> = conn
+        .list_all_domains(0)
+        .map_err(|e| LibvirtError(format!("virConnectListAllDomains: {}", e.message())))?
+        .into_iter()
+        .filter(|d| d.is_active().unwrap_or(false) || is_persistent(d))
+        .collect();
     let mut out = Vec::with_capacity(domains.len());
     for d in &domains {
         match domain_facts(d) {
