@@ -30,6 +30,7 @@ systemctl daemon-reload
 systemctl restart vmwatch-master vmwatch-node
 
 check "master unit active (Type=notify: READY=1 sent)" wait_for 20 is vmwatch-master active
+is vmwatch-master active || { journalctl -u vmwatch-master --no-pager -n 30; tail -5 /var/log/vmwatch-master.log; }
 check "node unit active although libvirt is absent" wait_for 20 is vmwatch-node active
 check "master runs as vmwatch" sh -c '[ "$(ps -o user= -p "$(systemctl show -P MainPID vmwatch-master)")" = vmwatch ]'
 check "master receives the node's heartbeats over loopback" wait_for 20 sh -c \
