@@ -1095,6 +1095,8 @@ fn metrics_parse_with_a_real_parser_and_count_a_known_sequence() {
             && s.get("vmwatch_messages_accepted_total{kind=heartbeat}") == Some(&1.0)
             && s.get("vmwatch_nodes_up{}") == Some(&1.0)
             && s.get("vmwatch_vms{state=paused}") == Some(&1.0)
+            // The VM gauges are recomputed once a second: wait for the final states too.
+            && s.get("vmwatch_vms{state=running}") == Some(&2.0)
             && s.get("vmwatch_journal_size{}") == Some(&8.0))
         .then_some(s)
     });
