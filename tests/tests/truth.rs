@@ -436,20 +436,22 @@ fn fill(path: &std::path::Path) {
     let _ = f.sync_all();
 }
 
-#[test]
-fn a_full_disk_holds_the_batch_and_loses_nothing_accepted() {
-    if !require_root_env("a_full_disk_holds_the_batch_and_loses_nothing_accepted") {
-        return;
-    }
-    let dir = temp_dir("diskfull");
-    let fs = SmallFs::mount(&dir.join("db"), "4m");
-    let db = fs.0.join("master.db");
-    let db = db.display().to_string();
-    // A short max_message_age: what the master held while the disk was full must not age.
-    let master =
-        Master::start(&dir, &[("db_path", &db), ("max_message_age", "2")]).expect("master");
+/// One disk-full episode: `total` events (the first `held_first` make a commit fail, the rest
+/// arrive while the master holds that batch), the disk full for `hold`, then freed: every event
+/// is journaled, none rejected or lost, and the node's connection stayed up.
+fn disk_full_episode(name: &str, max_message_age: &str, total: u64, hold: Duration) {
+    let dir = temp_dir(name);
+    let fs = SmallFs::mount(&dir.join("db"), "64m");
+    let db = fs.0.join("master.db").display().to_string();
+    let master = Master::start(
+        &dir,
+        &[("db_path", &db), ("max_message_age", max_message_age)],
+    )
+    .expect("master");
     let ctx = zmq::Context::new();
     let push = curve_push(&ctx).expect("socket");
+    // Unbounded here: the test thread must not block while the master pushes back.
+    push.set_sndhwm(0).expect("sndhwm");
     push.connect(&master.endpoint()).expect("connect");
     let mut node = SimNode::new("full", now_ms()).expect("node");
     push.send_multipart(node.message_now(heartbeat("up")), 0)
@@ -458,10 +460,9 @@ fn a_full_disk_holds_the_batch_and_loses_nothing_accepted() {
 
     let filler = fs.0.join("filler");
     fill(&filler);
-    let crashed = "6b1e0000-0000-4000-8000-00000000dead";
     let mut send = |i: u64| {
         let uuid = if i == 0 {
-            crashed.to_owned()
+            CRASHED.to_owned()
         } else {
             format!("6b1e0000-0000-4000-8000-{i:012}")
         };
@@ -471,7 +472,7 @@ fn a_full_disk_holds_the_batch_and_loses_nothing_accepted() {
         )
         .expect("send");
     };
-    // The first half makes a commit fail; the second half arrives while the master holds it.
+    // The first 150 make a commit fail; the rest arrive while the master holds that batch.
     for i in 0..150 {
         send(i);
     }
@@ -480,37 +481,77 @@ fn a_full_disk_holds_the_batch_and_loses_nothing_accepted() {
         "/healthz 503 while the disk is full",
         || (master.get_raw("/healthz").ok()?.0 == 503).then_some(()),
     );
-    for i in 150..300 {
+    for i in 150..total {
         send(i);
     }
-    // The disk stays full for longer than max_message_age: what the master holds must not age.
     let full_since = Instant::now();
     wait_for(
-        Duration::from_secs(10),
-        "four seconds of a full disk",
+        hold + Duration::from_secs(10),
+        "the disk full for the hold",
         || {
             assert_eq!(
                 master.get_raw("/healthz").ok()?.0,
                 503,
                 "healthy on a full disk"
             );
-            (full_since.elapsed() >= Duration::from_secs(4)).then_some(())
+            (full_since.elapsed() >= hold).then_some(())
         },
     );
     std::fs::remove_file(&filler).expect("free the disk");
     let t0 = Instant::now();
     wait_for(
-        Duration::from_secs(20),
+        Duration::from_secs(60),
         "every accepted event journaled",
         || {
             let e = master.events("node=full&type=lifecycle").ok()?;
-            (e.len() == 300).then_some(())
+            (e.len() == total as usize).then_some(())
         },
     );
-    eprintln!("recovered {:?} after the disk was freed", t0.elapsed());
+    eprintln!(
+        "{name}: recovered {:?} after the disk was freed",
+        t0.elapsed()
+    );
     assert_eq!(master.get_raw("/healthz").expect("healthz").0, 200);
-    assert!(master.vm_row(crashed, "full").is_some());
-    assert_eq!(rejected(&master, "too_old"), 0.0);
+    assert!(master.vm_row(CRASHED, "full").is_some());
+    for reason in ["too_old", "replay"] {
+        assert_eq!(rejected(&master, reason), 0.0, "{reason}");
+    }
+    assert_eq!(
+        master.metric("vmwatch_sequence_gaps_total").expect("gaps"),
+        0.0
+    );
+    // The node's connection survived the episode.
+    assert_eq!(
+        master
+            .metric("vmwatch_zmq_connections")
+            .expect("connections"),
+        1.0
+    );
+}
+
+/// The event a full disk must not lose.
+const CRASHED: &str = "6b1e0000-0000-4000-8000-00000000dead";
+
+#[test]
+fn a_full_disk_holds_the_batch_and_loses_nothing_accepted() {
+    if !require_root_env("a_full_disk_holds_the_batch_and_loses_nothing_accepted") {
+        return;
+    }
+    // All 300 fit in the master's channel; the disk stays full for longer than
+    // max_message_age, and what the master holds must not age.
+    disk_full_episode("diskfull", "2", 300, Duration::from_secs(4));
+}
+
+#[test]
+fn a_long_push_back_keeps_every_node_connection() {
+    if !require_root_env("a_long_push_back_keeps_every_node_connection") {
+        return;
+    }
+    // 30,000 events: more than the master's channel (16,384) and receive queue (1,000) take,
+    // so libzmq stops reading the node for longer than a ZMTP heartbeat timeout (30 s after a
+    // PING sent every 10 s) would
+    // allow. The connection must stay up and nothing may be lost or replayed.
+    disk_full_episode("pushback", "3600", 30_000, Duration::from_secs(45));
 }
 
 #[test]

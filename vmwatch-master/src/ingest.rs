@@ -6,7 +6,10 @@
 //! handler below checks. A peer without it is dropped in the handshake, so the unauthenticated
 //! cost of a connection is libzmq's handshake state, bounded in time (`ZMQ_HANDSHAKE_IVL`) and in
 //! number (`max_connections`, enforced from the socket monitor: a connection accepted beyond the
-//! cap is shut down at once). ZMTP heartbeats drop peers that went silent.
+//! cap is shut down at once). TCP keepalive (60 s idle, 3 probes 10 s apart) drops peers that
+//! vanished. Not ZMTP heartbeats: under back-pressure libzmq stops reading a connection, so its
+//! PONGs go unread too, and the heartbeat timeout would drop every node (losing what was in
+//! flight) whenever the core is slower than the nodes for 30 s.
 //!
 //! libzmq enforces `ZMQ_MAXMSGSIZE` per frame; this thread keeps at most five frames of any
 //! message (more is already a `frame_count` rejection). Authentication (frames, node id, HMAC)
@@ -40,9 +43,6 @@ const ZAP_ENDPOINT: &str = "inproc://zeromq.zap.01";
 const MONITOR_ENDPOINT: &str = "inproc://vmwatch-node-port-monitor";
 /// A peer must finish the CURVE handshake within this time.
 pub const HANDSHAKE_MS: i32 = 10_000;
-/// ZMTP heartbeats: a PING this often; a peer that answers nothing for the timeout is dropped.
-pub const HEARTBEAT_IVL_MS: i32 = 10_000;
-pub const HEARTBEAT_TIMEOUT_MS: i32 = 30_000;
 /// Descriptors kept beyond `max_connections` for the database, HTTP and the log.
 pub const FD_RESERVE: u64 = 1024;
 
@@ -111,8 +111,6 @@ pub fn bind(config: &MasterConfig, max_connections: usize) -> Result<NodePort, S
         pull.set_curve_secretkey(&server.secret)?;
         pull.set_zap_domain("vmwatch")?;
         pull.set_handshake_ivl(HANDSHAKE_MS)?;
-        pull.set_heartbeat_ivl(HEARTBEAT_IVL_MS)?;
-        pull.set_heartbeat_timeout(HEARTBEAT_TIMEOUT_MS)?;
         pull.set_maxmsgsize(config.max_message_bytes)?;
         // Per connection: the nodes' own queues (`send_queue`) absorb a backlog, not our memory.
         pull.set_rcvhwm(1000)?;
@@ -122,6 +120,8 @@ pub fn bind(config: &MasterConfig, max_connections: usize) -> Result<NodePort, S
         pull.set_linger(0)?;
         pull.set_tcp_keepalive(1)?;
         pull.set_tcp_keepalive_idle(60)?;
+        pull.set_tcp_keepalive_intvl(10)?;
+        pull.set_tcp_keepalive_cnt(3)?;
         pull.monitor(
             MONITOR_ENDPOINT,
             (zmq::SocketEvent::ACCEPTED as i32)

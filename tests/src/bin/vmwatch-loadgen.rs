@@ -111,8 +111,14 @@ fn accepted(master: &Master, kind: &str) -> f64 {
 }
 
 /// Sends pre-built messages from two threads (two sockets), returns when all are handed over.
-/// A node's messages always go through the same socket, so their order is kept.
-fn blast(ctx: &zmq::Context, master: &Master, messages: Vec<[Vec<u8>; 4]>) -> Result<()> {
+/// A node's messages always go through the same socket, so their order is kept. The sockets
+/// are handed back: keep them until the master has applied everything, since the master pushes
+/// back (its receive queue is short) and dropping a socket discards what it still queues.
+fn blast(
+    ctx: &zmq::Context,
+    master: &Master,
+    messages: Vec<[Vec<u8>; 4]>,
+) -> Result<Vec<zmq::Socket>> {
     let mut parts: [Vec<[Vec<u8>; 4]>; 2] = [Vec::new(), Vec::new()];
     for m in messages {
         let lane = m[1]
@@ -125,20 +131,22 @@ fn blast(ctx: &zmq::Context, master: &Master, messages: Vec<[Vec<u8>; 4]>) -> Re
         .into_iter()
         .map(|part| {
             let s = push_socket(ctx, master);
-            std::thread::spawn(move || -> Result<()> {
+            std::thread::spawn(move || -> Result<zmq::Socket> {
                 let s = s?;
                 for m in part {
                     s.send_multipart(m, 0)?;
                 }
-                Ok(())
+                Ok(s)
             })
         })
         .collect();
-    for h in handles {
-        h.join()
-            .map_err(|_| anyhow::anyhow!("sender thread panicked"))??;
-    }
-    Ok(())
+    handles
+        .into_iter()
+        .map(|h| {
+            h.join()
+                .map_err(|_| anyhow::anyhow!("sender thread panicked"))?
+        })
+        .collect()
 }
 
 struct Usage {
@@ -173,7 +181,7 @@ fn setup(ctx: &zmq::Context, master: &Master, nodes: usize, vms: usize) -> Resul
     let mut sims: Vec<SimNode> = (0..nodes).map(|i| SimNode::new(i, vms)).collect();
     let snaps: Vec<_> = sims.iter_mut().map(SimNode::snapshot).collect();
     let t0 = Instant::now();
-    blast(ctx, master, snaps)?;
+    let _senders = blast(ctx, master, snaps)?;
     wait_for(Duration::from_secs(600), "all snapshots applied", || {
         (accepted(master, "snapshot") >= nodes as f64).then_some(())
     });
@@ -221,7 +229,7 @@ fn main() -> Result<()> {
             let before = accepted(&master, kind);
             let usage = Usage::start(&master)?;
             let t0 = Instant::now();
-            blast(&ctx, &master, messages)?;
+            let _senders = blast(&ctx, &master, messages)?;
             wait_for(Duration::from_secs(900), "all messages applied", || (accepted(&master, kind) - before >= count as f64).then_some(()));
             let secs = t0.elapsed().as_secs_f64();
             let per_msg = if mode == "stats" { vms } else { 1 };
@@ -322,7 +330,7 @@ fn main() -> Result<()> {
             // Drain: a backlog built while the panel is down.
             panel.stop();
             let messages: Vec<_> = (0..count).map(|n| sims[n % 10].event(n / 10)).collect();
-            blast(&ctx, &master, messages)?;
+            let _senders = blast(&ctx, &master, messages)?;
             wait_for(Duration::from_secs(300), "the backlog in the outbox", || {
                 master.metric("vmwatch_outbox_depth").ok().filter(|d| *d >= count as f64)
             });
