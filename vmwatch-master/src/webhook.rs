@@ -144,7 +144,7 @@ impl Webhook {
                         ok = result.is_ok(),
                         "webhook attempt"
                     );
-                    match result {
+                    let why = match result {
                         Ok(()) => {
                             metrics.webhook_deliveries.inc();
                             let age =
@@ -154,16 +154,19 @@ impl Webhook {
                             acked.push(entry.id);
                             break;
                         }
-                        Err(Failure::Status(status))
-                            if refused_for_good(status) && refusals + 1 >= DEAD_AFTER =>
-                        {
-                            metrics.webhook_failures.inc();
-                            if !acked.is_empty() {
-                                outbox =
-                                    record_acks(outbox, std::mem::take(&mut acked), &metrics).await;
-                            }
-                            let id = entry.id;
-                            let now = vmwatch_common::time::now_ms();
+                        Err(why) => why,
+                    };
+                    metrics.webhook_failures.inc();
+                    // Save what was delivered before waiting or moving on.
+                    if !acked.is_empty() {
+                        outbox = record_acks(outbox, std::mem::take(&mut acked), &metrics).await;
+                    }
+                    if let Failure::Status(status) = why {
+                        if refused_for_good(status) {
+                            refusals += 1;
+                        }
+                        if refusals >= DEAD_AFTER {
+                            let (id, now) = (entry.id, vmwatch_common::time::now_ms());
                             let (o, r) =
                                 blocking(outbox, move |o| o.dead_letter(id, status, attempt, now))
                                     .await;
@@ -173,42 +176,27 @@ impl Webhook {
                                     metrics.outbox_depth.dec();
                                     metrics.dead_letters.inc();
                                     tracing::error!(id, status, attempts = attempt, "the panel refuses this journal entry for good; moved to the dead letters (GET /api/v1/dead-letters), delivery goes on");
+                                    backoff = BACKOFF_MIN;
+                                    break;
                                 }
+                                // Retried after the backoff like any failed delivery.
                                 Err(e) => {
-                                    tracing::error!(error = %e, id, "cannot move an entry to the dead letters; retrying it");
-                                    continue;
+                                    tracing::error!(error = %e, id, "cannot move an entry to the dead letters")
                                 }
                             }
-                            backoff = BACKOFF_MIN;
-                            break;
                         }
-                        Err(why) => {
-                            if let Failure::Status(status) = &why {
-                                if refused_for_good(*status) {
-                                    refusals += 1;
-                                }
-                            }
-                            metrics.webhook_failures.inc();
-                            if last_failure_log
-                                .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
-                            {
-                                tracing::warn!(id = entry.id, error = %why, retry_in_s = backoff.as_secs(), "panel webhook delivery failed (logged at most every 10 s)");
-                                last_failure_log = Some(Instant::now());
-                            }
-                            // Save what was delivered before waiting.
-                            if !acked.is_empty() {
-                                outbox =
-                                    record_acks(outbox, std::mem::take(&mut acked), &metrics).await;
-                            }
-                            tokio::select! {
-                                _ = tokio::time::sleep(backoff) => {}
-                                _ = shutdown.changed() => return,
-                            }
-                            backoff = next_backoff(backoff);
-                            if *shutdown.borrow() {
-                                return;
-                            }
-                        }
+                    }
+                    if last_failure_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                        tracing::warn!(id = entry.id, error = %why, retry_in_s = backoff.as_secs(), "panel webhook delivery failed (logged at most every 10 s)");
+                        last_failure_log = Some(Instant::now());
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.changed() => return,
+                    }
+                    backoff = next_backoff(backoff);
+                    if *shutdown.borrow() {
+                        return;
                     }
                 }
                 if acked.len() >= ACK_EVERY {
