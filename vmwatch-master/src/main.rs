@@ -245,6 +245,8 @@ fn run(config: config::MasterConfig, log: LogFile) -> Result<(), String> {
     };
     let metrics = state.metrics.clone();
     runtime.block_on(async {
+        // Installed before the API answers: a SIGTERM from then on is always handled.
+        let signals = Signals::install();
         let server = tokio::spawn(serve::serve(
             listener,
             api::router(state),
@@ -253,7 +255,10 @@ fn run(config: config::MasterConfig, log: LogFile) -> Result<(), String> {
             Duration::from_secs(2),
         ));
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-        shutdown_signal(log, shared.clone()).await;
+        match signals {
+            Ok(signals) => shutdown_signal(signals, log, shared.clone()).await,
+            Err(e) => tracing::error!(error = %e, "cannot install signal handlers; stopping"),
+        }
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
         tracing::info!("stopping: answering long-polls, draining HTTP, ingest and the core");
         // One stop signal: long-polls answer, the accept loop ends, the webhook stops, and
@@ -304,18 +309,33 @@ fn notify_barrier(timeout: Duration) {
     let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(ms));
 }
 
+/// SIGTERM, SIGINT and SIGHUP, caught from the moment they are installed.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Needs the tokio runtime (call inside it).
+    fn install() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+}
+
 /// Resolves on SIGTERM or SIGINT; reopens the log on SIGHUP; pings the systemd watchdog while
 /// the core loop is turning.
-async fn shutdown_signal(log: LogFile, shared: Arc<core::Shared>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) else {
-        tracing::error!("cannot install signal handlers");
-        return;
-    };
+async fn shutdown_signal(signals: Signals, log: LogFile, shared: Arc<core::Shared>) {
+    let Signals {
+        mut term,
+        mut int,
+        mut hup,
+    } = signals;
     let mut usec = 0u64;
     let watchdog =
         sd_notify::watchdog_enabled(false, &mut usec).then(|| Duration::from_micros(usec / 2));
