@@ -173,10 +173,19 @@ impl RawConfig {
         min: u64,
         max: u64,
     ) -> Result<Option<u64>, ConfigError> {
+        self.take_range(key, "a whole number of seconds", min, max)
+    }
+
+    /// Takes a whole number (`what` names it in the message) within `min..=max`.
+    pub fn take_range(
+        &mut self,
+        key: &str,
+        what: &str,
+        min: u64,
+        max: u64,
+    ) -> Result<Option<u64>, ConfigError> {
         self.take_with(key, |v| {
-            let n: u64 = v
-                .parse()
-                .map_err(|_| format!("`{v}` is not a whole number of seconds"))?;
+            let n: u64 = v.parse().map_err(|_| format!("`{v}` is not {what}"))?;
             if n < min || n > max {
                 return Err(format!("{n} is out of range {min}..={max}"));
             }

@@ -102,13 +102,9 @@ pub fn z85_decode(text: &str) -> Result<[u8; 32], String> {
 }
 
 /// What `vmwatch-master --node-secret NODE_ID` prints: the lines of that node's configuration
-/// that carry key material.
-pub fn node_config_lines(master_secret: &[u8], node_id: &NodeId, derived: bool) -> String {
-    let secret = if derived {
-        node_secret(master_secret, node_id)
-    } else {
-        String::from_utf8_lossy(master_secret).into_owned()
-    };
+/// that carry key material, `node_secret` being the HMAC secret the master expects of it.
+pub fn node_config_lines(master_secret: &[u8], node_id: &NodeId, node_secret: &[u8]) -> String {
+    let secret = String::from_utf8_lossy(node_secret);
     format!(
         "node_id={node_id}\nsecret={secret}\nmaster_key={}\ntransport_key={}\n",
         z85_encode(&server_keypair(master_secret).public),

@@ -32,8 +32,7 @@ pub struct MasterConfig {
     pub duplicate_grace: u64,
     pub event_retention_days: u64,
     pub max_message_bytes: i64,
-    /// `derived` (true): node N signs with `keys::node_secret(secret, N)`; `shared`: with `secret`.
-    pub node_keys_derived: bool,
+    pub node_keys: NodeKeys,
     /// Distinct node ids the master keeps; messages of further new ids are rejected.
     pub max_nodes: usize,
     /// ZeroMQ connections held at once; further ones are closed as they are accepted.
@@ -98,25 +97,19 @@ impl MasterConfig {
                 _ => Err(format!("`{v}` is not a size in bytes in 1024..=1073741824")),
             })?
             .unwrap_or(1_048_576);
-        let node_keys_derived = raw
+        let node_keys = raw
             .take_with("node_keys", |v| match v {
-                "derived" => Ok(true),
-                "shared" => Ok(false),
+                "derived" => Ok(NodeKeys::Derived),
+                "shared" => Ok(NodeKeys::Shared),
                 _ => Err(format!("`{v}` is neither `derived` nor `shared`")),
             })?
-            .unwrap_or(true);
+            .unwrap_or(NodeKeys::Derived);
         let max_nodes = raw
-            .take_with("max_nodes", |v| match v.parse::<usize>() {
-                Ok(n) if (1..=1_000_000).contains(&n) => Ok(n),
-                _ => Err(format!("`{v}` is not a whole number in 1..=1000000")),
-            })?
-            .unwrap_or(10_000);
+            .take_range("max_nodes", "a number of nodes", 1, 1_000_000)?
+            .unwrap_or(10_000) as usize;
         let max_connections = raw
-            .take_with("max_connections", |v| match v.parse::<usize>() {
-                Ok(n) if (16..=1_000_000).contains(&n) => Ok(n),
-                _ => Err(format!("`{v}` is not a whole number in 16..=1000000")),
-            })?
-            .unwrap_or(max_nodes + 1024);
+            .take_range("max_connections", "a number of connections", 16, 1_000_000)?
+            .map_or(max_nodes + 1024, |n| n as usize);
         let log_file = raw
             .take_str("log_file")
             .map(PathBuf::from)
@@ -178,7 +171,7 @@ impl MasterConfig {
             duplicate_grace,
             event_retention_days,
             max_message_bytes,
-            node_keys_derived,
+            node_keys,
             max_nodes,
             max_connections,
             log_file,
@@ -193,26 +186,20 @@ impl MasterConfig {
             return Some(own.expose().to_vec());
         }
         let secret = self.secret.as_ref()?.expose();
-        Some(if self.node_keys_derived {
-            keys::node_secret(secret, node_id).into_bytes()
-        } else {
-            secret.to_vec()
+        Some(match self.node_keys {
+            NodeKeys::Derived => keys::node_secret(secret, node_id).into_bytes(),
+            NodeKeys::Shared => secret.to_vec(),
         })
     }
 
     /// What `--node-secret NODE_ID` prints: the key lines of that node's configuration.
     pub fn node_config_lines(&self, node_id: &NodeId) -> Option<String> {
         let secret = self.secret.as_ref()?.expose();
-        let mut lines = keys::node_config_lines(secret, node_id, self.node_keys_derived);
-        if let Some(own) = self.node_secrets.get(node_id.as_str()) {
-            // A node listed in node_secrets_file signs with that secret.
-            let derived = lines.lines().nth(1).unwrap_or_default().to_owned();
-            lines = lines.replace(
-                &derived,
-                &format!("secret={}", String::from_utf8_lossy(own.expose())),
-            );
-        }
-        Some(lines)
+        Some(keys::node_config_lines(
+            secret,
+            node_id,
+            &self.key_for(node_id)?,
+        ))
     }
 
     /// The effective configuration as `KEY=VALUE` lines, secrets masked.
@@ -240,12 +227,30 @@ impl MasterConfig {
             self.duplicate_grace,
             self.event_retention_days,
             self.max_message_bytes,
-            if self.node_keys_derived { "derived" } else { "shared" },
+            self.node_keys.as_str(),
             self.max_nodes,
             self.max_connections,
             self.log_file.display(),
             self.log_level
         )
+    }
+}
+
+/// Which secret a node signs with (`node_keys`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeKeys {
+    /// Node N: `keys::node_secret(secret, N)`, so no hypervisor can sign as another.
+    Derived,
+    /// Every node: `secret` itself (the original system's mode).
+    Shared,
+}
+
+impl NodeKeys {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeKeys::Derived => "derived",
+            NodeKeys::Shared => "shared",
+        }
     }
 }
 

@@ -104,7 +104,7 @@ fn main() -> ExitCode {
         notify_barrier(std::time::Duration::from_secs(5));
         return ExitCode::SUCCESS;
     }
-    if !config.node_keys_derived {
+    if config.node_keys == config::NodeKeys::Shared {
         tracing::warn!("node_keys=shared: every node signs with the master secret, so any hypervisor can sign as any other; switch to node_keys=derived (vmwatch-master --node-secret NODE_ID)");
     }
     if is_world_readable(&cli.config) {
@@ -220,7 +220,7 @@ fn run(config: config::MasterConfig, log: LogFile) -> Result<(), String> {
             .as_ref()
             .map(|t| Arc::new(String::from_utf8_lossy(t.expose()).into_owned())),
     };
-    tracing::info!(listen = %config.listen, http = %config.http_listen, max_connections, node_keys = if config.node_keys_derived { "derived" } else { "shared" }, version = vmwatch_common::VERSION, "vmwatch-master started");
+    tracing::info!(listen = %config.listen, http = %config.http_listen, max_connections, node_keys = config.node_keys.as_str(), version = vmwatch_common::VERSION, "vmwatch-master started");
     let stop_rx = shared.stopping.subscribe();
     let webhook = match &config.panel_url {
         Some(url) => {
