@@ -17,15 +17,16 @@
 //! through a bounded channel: when it is full this thread stops reading (libzmq's queues push
 //! back to the nodes) but keeps answering ZAP and the monitor.
 
+use std::borrow::Cow;
+use std::collections::HashMap;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use vmwatch_common::keys;
-use vmwatch_common::protocol::{authenticate, Authenticated};
+use vmwatch_common::protocol::{authenticate, Authenticated, NodeId};
 
 use crate::config::MasterConfig;
 use crate::metrics::{Metrics, RejectLog};
@@ -46,12 +47,14 @@ pub const HANDSHAKE_MS: i32 = 10_000;
 /// Descriptors kept beyond `max_connections` for the database, HTTP and the log.
 pub const FD_RESERVE: u64 = 1024;
 
-/// The bound node port and its helpers, all in one ZeroMQ context.
+/// The bound node port and its helpers, all in one ZeroMQ context. Fields drop in order: the
+/// sockets before the context (whose drop waits for every socket to close).
 pub struct NodePort {
-    ctx: zmq::Context,
     pull: zmq::Socket,
     zap: zmq::Socket,
     monitor: zmq::Socket,
+    // Held only to outlive the sockets.
+    _ctx: zmq::Context,
     transport_public: [u8; 32],
     listen_port: u16,
     max_connections: usize,
@@ -148,7 +151,7 @@ pub fn bind(config: &MasterConfig, max_connections: usize) -> Result<NodePort, S
         .and_then(|p| p.parse().ok())
         .unwrap_or(0);
     Ok(NodePort {
-        ctx,
+        _ctx: ctx,
         pull,
         zap,
         monitor,
@@ -164,7 +167,7 @@ pub fn spawn(
     to_core: SyncSender<Received>,
     metrics: Arc<Metrics>,
     reject_log: Arc<RejectLog>,
-    stop: Arc<AtomicBool>,
+    stop: tokio::sync::watch::Receiver<bool>,
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name("zmq-pull".into())
@@ -177,12 +180,16 @@ fn run(
     to_core: SyncSender<Received>,
     metrics: &Metrics,
     reject_log: &RejectLog,
-    stop: &AtomicBool,
+    stop: &tokio::sync::watch::Receiver<bool>,
 ) {
     let mut connections = 0usize;
+    // Keys of nodes that have authenticated once: deriving a node's key costs an HMAC per
+    // message otherwise. Filled only after a valid HMAC (a forged id never enters), at most
+    // `max_nodes` entries.
+    let mut keyring: HashMap<NodeId, Vec<u8>> = HashMap::new();
     // A message the core had no room for yet; while it waits, nothing more is read.
     let mut pending: Option<Received> = None;
-    while !stop.load(Ordering::Relaxed) {
+    while !*stop.borrow() {
         let mut items = [
             port.zap.as_poll_item(zmq::POLLIN),
             port.monitor.as_poll_item(zmq::POLLIN),
@@ -223,7 +230,7 @@ fn run(
             if n % 64 == 63 {
                 // Handshakes are not kept waiting behind a burst of messages.
                 while answer_zap(&port.zap, &port.transport_public) {}
-                if stop.load(Ordering::Relaxed) {
+                if *stop.borrow() {
                     break;
                 }
             }
@@ -235,7 +242,18 @@ fn run(
                     break;
                 }
             };
-            match authenticate(&frames, |n| config.key_for(n)) {
+            let verified = authenticate(&frames, |n| match keyring.get(n) {
+                Some(k) => Some(Cow::Borrowed(k.as_slice())),
+                None => config.key_for(n).map(Cow::Owned),
+            });
+            if let Ok(m) = &verified {
+                if !keyring.contains_key(m.node_id()) && keyring.len() < config.max_nodes {
+                    if let Some(k) = config.key_for(m.node_id()) {
+                        keyring.insert(m.node_id().clone(), k);
+                    }
+                }
+            }
+            match verified {
                 Ok(message) => match to_core.try_send(Received {
                     message,
                     arrived: vmwatch_common::time::now_ms(),
@@ -258,10 +276,6 @@ fn run(
         // Stopping: the core is still draining and takes this last one.
         let _ = to_core.send(r);
     }
-    drop(port.pull);
-    drop(port.monitor);
-    drop(port.zap);
-    drop(port.ctx);
 }
 
 /// Answers one ZAP request (RFC 27): 200 for the fleet transport key, 400 for anything else.

@@ -199,14 +199,13 @@ fn run(config: config::MasterConfig, log: LogFile) -> Result<(), String> {
     let core_thread = core
         .spawn(from_ingest)
         .map_err(|e| format!("cannot spawn the core thread: {e}"))?;
-    let stop_ingest = Arc::new(AtomicBool::new(false));
     let ingest_thread = ingest::spawn(
         node_port,
         config.clone(),
         to_core,
         metrics.clone(),
         reject_log,
-        stop_ingest.clone(),
+        shared.stopping.subscribe(),
     )
     .map_err(|e| format!("cannot spawn the ingest thread: {e}"))?;
 
@@ -264,7 +263,6 @@ fn run(config: config::MasterConfig, log: LogFile) -> Result<(), String> {
         // One stop signal: long-polls answer, the accept loop ends, the webhook stops, and
         // ingest stops reading while HTTP drains.
         shared.stopping.send_replace(true);
-        stop_ingest.store(true, Ordering::Relaxed);
         if let Err(e) = server.await {
             tracing::error!(error = %e, "HTTP server task failed");
         }
@@ -273,7 +271,6 @@ fn run(config: config::MasterConfig, log: LogFile) -> Result<(), String> {
         let _ =
             runtime.block_on(async { tokio::time::timeout(Duration::from_secs(1), task).await });
     }
-    stop_ingest.store(true, Ordering::Relaxed);
     let _ = ingest_thread.join();
     // The ingest thread held the only sender: the core commits what it has, then returns.
     let _ = core_thread.join();
