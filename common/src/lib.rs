@@ -5,10 +5,13 @@
 //! - [`keys`]: derivation of node secrets and CURVE keys from the master secret.
 //! - [`config`]: the strict `KEY=VALUE` configuration parser.
 //! - [`logging`]: a log file that is reopened on SIGHUP.
+//! - [`daemon`]: the skeleton both binaries run: CLI → config (exit 78) → log → run, one
+//!   shutdown token, the signal and watchdog threads, bounded drains.
 //! - [`time`]: the one place that reads the wall clock as unix milliseconds.
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod daemon;
 pub mod keys;
 pub mod logging;
 pub mod protocol;

@@ -122,18 +122,33 @@ impl<'a> MakeWriter<'a> for LogFile {
     }
 }
 
+/// Why logging could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("log_level `{level}`: {source}")]
+    Level {
+        level: String,
+        source: tracing_subscriber::filter::ParseError,
+    },
+    #[error("cannot install the logger: {0}")]
+    Install(String),
+}
+
 /// Installs the global subscriber writing to `log` at `level` (`error` … `trace`, or a filter
-/// directive). Returns an error message naming the bad level.
-pub fn init(log: LogFile, level: &str) -> Result<(), String> {
-    let filter = tracing_subscriber::EnvFilter::try_new(level)
-        .map_err(|e| format!("log_level `{level}`: {e}"))?;
+/// directive).
+pub fn init(log: LogFile, level: &str) -> Result<(), LogError> {
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(level).map_err(|source| LogError::Level {
+            level: level.to_owned(),
+            source,
+        })?;
     tracing_subscriber::fmt()
         .with_writer(log)
         .with_ansi(false)
         .with_target(false)
         .with_env_filter(filter)
         .try_init()
-        .map_err(|e| format!("cannot install logger: {e}"))
+        .map_err(|e| LogError::Install(e.to_string()))
 }
 
 /// Checks a `log_level` value without installing anything.

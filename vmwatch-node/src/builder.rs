@@ -10,8 +10,7 @@ use vmwatch_common::protocol::{
     Payload, Snapshot, Stats,
 };
 
-use crate::facts;
-use crate::libvirt::{DomainCounters, DomainFacts};
+use crate::facts::{self, DomainCounters, DomainFacts, EventFacts};
 
 /// How the sender treats a message when its queue is full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,19 +91,6 @@ pub fn snapshot(domains: &[DomainFacts], hostname: &str, libvirt_version: &str) 
         hostname: hostname.to_owned(),
         libvirt_version: libvirt_version.to_owned(),
     })
-}
-
-/// What an event callback reported, plus the state re-read afterwards (`None` if the domain
-/// could no longer be read, e.g. after `undefined`).
-#[derive(Debug, Clone)]
-pub struct EventFacts {
-    pub uuid: String,
-    pub name: String,
-    pub event: i32,
-    pub detail: i32,
-    pub reboot: bool,
-    pub event_ts: u64,
-    pub current: Option<(i32, i32)>,
 }
 
 /// An `event` body.
@@ -249,6 +235,7 @@ mod tests {
             reboot: false,
             event_ts: 5,
             current: None,
+            persistent: true,
         };
         let Body::Event(e) = event(&f) else {
             panic!("not an event")
@@ -269,6 +256,7 @@ mod tests {
             reboot: false,
             event_ts: 5,
             current: Some((3, 1)),
+            persistent: true,
         };
         let Body::Event(e) = event(&f) else {
             panic!("not an event")
@@ -289,6 +277,7 @@ mod tests {
             reboot: true,
             event_ts: 5,
             current: Some((1, 1)),
+            persistent: true,
         };
         let Body::Event(e) = event(&f) else {
             panic!("not an event")

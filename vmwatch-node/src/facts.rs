@@ -1,11 +1,68 @@
-//! Turns libvirt's raw codes into the wire vocabulary of docs/PROTOCOL.md (pure functions).
+//! What libvirt tells the node, as plain data, and its raw codes turned into the wire
+//! vocabulary of docs/PROTOCOL.md (pure functions).
 //!
-//! An unknown code becomes `unknown-N`, never a panic: a newer libvirtd may report codes this
-//! agent was not built with.
+//! The libvirt adapter produces these facts; the core and the builder consume them. An unknown
+//! code becomes `unknown-N`, never a panic: a newer libvirtd may report codes this agent was not
+//! built with.
 
 use std::borrow::Cow;
 
 use vmwatch_common::protocol::{EVENTS, STATES};
+
+/// `VIR_DOMAIN_SHUTOFF`.
+pub const STATE_SHUTOFF: i32 = 5;
+
+/// Raw facts of one domain (a snapshot row).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainFacts {
+    pub uuid: String,
+    pub name: String,
+    pub state: i32,
+    pub reason: i32,
+}
+
+/// What an event callback reported, plus what the adapter read right after it: the state
+/// (`None` if the domain could no longer be read, e.g. after `undefined`) and whether the
+/// domain is persistent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventFacts {
+    pub uuid: String,
+    pub name: String,
+    pub event: i32,
+    pub detail: i32,
+    pub reboot: bool,
+    pub event_ts: u64,
+    pub current: Option<(i32, i32)>,
+    pub persistent: bool,
+}
+
+impl EventFacts {
+    /// A transient domain that stopped (e.g. the source of a live migration) is gone, or about
+    /// to be: no event says so, only a fresh snapshot (which leaves it out) does.
+    pub fn transient_domain_stopped(&self) -> bool {
+        let stopped = matches!(self.current, None | Some((STATE_SHUTOFF, _)));
+        stopped && !self.persistent
+    }
+}
+
+/// The numeric counters libvirt reported for one domain, by field name (`net.0.tx.pkts`, …).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainCounters {
+    pub uuid: String,
+    pub name: String,
+    pub fields: Vec<(String, u64)>,
+}
+
+/// Why libvirt closed a connection (`virConnectCloseReason`).
+pub fn close_reason(reason: i32) -> &'static str {
+    match reason {
+        0 => "error",
+        1 => "end of file",
+        2 => "keepalive timeout",
+        3 => "closed by client",
+        _ => "unknown reason",
+    }
+}
 
 fn pick(table: &[&'static str], code: i32) -> Cow<'static, str> {
     usize::try_from(code)

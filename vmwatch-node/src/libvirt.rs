@@ -1,32 +1,37 @@
-//! The libvirt adapter: the only module of the workspace that calls `virt::sys`.
+//! The libvirt adapter: the only module of the workspace that calls `virt::sys`, and the only
+//! one of the node allowed `unsafe`.
 //!
 //! The safe `virt` crate lacks lifecycle-event registration, the close callback and a
-//! non-leaking stats call, so this module wraps those raw calls in a small safe API:
+//! non-leaking stats call, so this module wraps those raw calls in a small safe API that speaks
+//! in facts (`facts.rs`) and core inputs, never in libvirt handles:
 //!
 //! - [`start_event_loop`] registers libvirt's default event implementation (it must happen
 //!   before any connection is opened) and keeps a thread running it.
 //! - [`open`] opens a connection with keepalive.
-//! - [`Watch`] registers the lifecycle, reboot and close callbacks; they only copy what they
-//!   are given into a [`Signal`] and send it on a channel, so the event thread never blocks.
-//!   Dropping the `Watch` deregisters them.
-//! - [`list_domains`] and [`domain_facts`] read the inventory, returning raw libvirt codes that
-//!   `facts.rs` turns into the wire vocabulary.
+//! - [`Watch`] registers the lifecycle, reboot and close callbacks. They only copy what they
+//!   are given and return, so the event thread never blocks; a `libvirt-facts` thread of the
+//!   watch then reads each domain's identity, state and persistence and hands the core an
+//!   [`Input::Event`] (or [`Input::Closed`]). Dropping the `Watch` deregisters the callbacks,
+//!   and the thread ends with them.
+//! - [`list_domains`] and [`all_domain_counters`] read the inventory and the counters.
 //!
-//! Every callback's `opaque` is a `Box<Sender<Signal>>` freed by libvirt through `free_sender`
+//! Every callback's `opaque` is a `Box<Sender<Raw>>` freed by libvirt through `free_sender`
 //! when the registration goes away, so nothing leaks and nothing is freed twice.
 #![allow(unsafe_code)]
 
 use std::ffi::{c_int, c_void, CStr};
-use std::sync::mpsc::Sender;
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Once;
 
 use virt::connect::Connect;
 use virt::domain::Domain;
 use virt::sys;
 
-/// Something libvirt told us, as plain data.
-#[derive(Debug)]
-pub enum Signal {
+use crate::core::Input;
+use crate::facts::{DomainCounters, DomainFacts, EventFacts};
+
+/// What a callback copied out of libvirt, before the facts thread reads the rest.
+enum Raw {
     /// A lifecycle (`reboot == false`) or reboot event. `domain` is a new reference.
     Event {
         domain: Domain,
@@ -35,43 +40,38 @@ pub enum Signal {
         reboot: bool,
         event_ts: u64,
     },
-    /// The connection closed (`reason`: 0 error, 1 EOF, 2 keepalive, 3 client).
-    Closed { reason: i32 },
-    /// One stats collection (from the stats thread's own connection).
-    Counters(Vec<DomainCounters>),
+    /// The connection closed (`reason`: 0 error, 1 EOF, 2 keepalive, 3 client); `alive` is
+    /// what `virConnectIsAlive` said at that moment.
+    Closed { reason: i32, alive: bool },
 }
 
-/// Raw facts of one domain.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DomainFacts {
-    pub uuid: String,
-    pub name: String,
-    pub state: i32,
-    pub reason: i32,
+/// An error from libvirt, with the call or step that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LibvirtError {
+    #[error("cannot connect to {uri}: {message}")]
+    Connect { uri: String, message: String },
+    #[error("{call}: {message}")]
+    Call { call: &'static str, message: String },
+    #[error("cannot spawn the {thread} thread: {source}")]
+    Spawn {
+        thread: &'static str,
+        source: std::io::Error,
+    },
 }
 
-/// An error from libvirt with its message.
-#[derive(Debug, Clone)]
-pub struct LibvirtError(pub String);
-
-impl std::fmt::Display for LibvirtError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+impl LibvirtError {
+    fn from_virt(call: &'static str, e: virt::error::Error) -> LibvirtError {
+        LibvirtError::Call {
+            call,
+            message: e.message().to_owned(),
+        }
     }
 }
 
-impl std::error::Error for LibvirtError {}
-
-impl From<virt::error::Error> for LibvirtError {
-    fn from(e: virt::error::Error) -> Self {
-        LibvirtError(e.message().to_owned())
-    }
-}
-
-fn last_error(what: &str) -> LibvirtError {
+fn last_error(call: &'static str) -> LibvirtError {
     // SAFETY: virGetLastErrorMessage returns a thread-local string owned by libvirt, never NULL
     // (it returns "no error" when there is none); we copy it at once.
-    let msg = unsafe {
+    let message = unsafe {
         let p = sys::virGetLastErrorMessage();
         if p.is_null() {
             "unknown error".to_owned()
@@ -79,7 +79,7 @@ fn last_error(what: &str) -> LibvirtError {
             CStr::from_ptr(p).to_string_lossy().into_owned()
         }
     };
-    LibvirtError(format!("{what}: {msg}"))
+    LibvirtError::Call { call, message }
 }
 
 static EVENT_LOOP: Once = Once::new();
@@ -103,8 +103,11 @@ pub fn start_event_loop() -> Result<(), LibvirtError> {
                 std::thread::sleep(std::time::Duration::from_millis(100));
             }
         });
-        if let Err(e) = spawned {
-            result = Err(LibvirtError(format!("cannot spawn the libvirt event thread: {e}")));
+        if let Err(source) = spawned {
+            result = Err(LibvirtError::Spawn {
+                thread: "libvirt-events",
+                source,
+            });
         }
     });
     result
@@ -116,8 +119,10 @@ pub fn open(
     keepalive_interval: i32,
     keepalive_count: u32,
 ) -> Result<Connect, LibvirtError> {
-    let conn = Connect::open(Some(uri))
-        .map_err(|e| LibvirtError(format!("cannot connect to {uri}: {}", e.message())))?;
+    let conn = Connect::open(Some(uri)).map_err(|e| LibvirtError::Connect {
+        uri: uri.to_owned(),
+        message: e.message().to_owned(),
+    })?;
     // Drivers without a daemon (test:///, some local ones) have no keepalive: not fatal.
     if let Err(e) = conn.set_keep_alive(keepalive_interval, keepalive_count) {
         tracing::debug!(
@@ -138,13 +143,13 @@ pub struct Watch {
 
 unsafe extern "C" fn free_sender(opaque: *mut c_void) {
     if !opaque.is_null() {
-        // SAFETY: every opaque handed to libvirt is a Box<Sender<Signal>> from `boxed_sender`,
+        // SAFETY: every opaque handed to libvirt is a Box<Sender<Raw>> from `boxed_sender`,
         // and libvirt calls the free callback exactly once per registration.
-        drop(unsafe { Box::from_raw(opaque as *mut Sender<Signal>) });
+        drop(unsafe { Box::from_raw(opaque as *mut Sender<Raw>) });
     }
 }
 
-fn boxed_sender(tx: &Sender<Signal>) -> *mut c_void {
+fn boxed_sender(tx: &Sender<Raw>) -> *mut c_void {
     Box::into_raw(Box::new(tx.clone())) as *mut c_void
 }
 
@@ -173,11 +178,11 @@ unsafe extern "C" fn on_lifecycle(
     opaque: *mut c_void,
 ) -> c_int {
     let event_ts = now_ms();
-    // SAFETY: opaque is the Box<Sender<Signal>> registered with this callback, alive until
+    // SAFETY: opaque is the Box<Sender<Raw>> registered with this callback, alive until
     // free_sender runs; dom is valid during the callback.
-    let tx = unsafe { &*(opaque as *const Sender<Signal>) };
+    let tx = unsafe { &*(opaque as *const Sender<Raw>) };
     if let Some(domain) = unsafe { own_domain(dom) } {
-        let _ = tx.send(Signal::Event {
+        let _ = tx.send(Raw::Event {
             domain,
             event,
             detail,
@@ -195,9 +200,9 @@ unsafe extern "C" fn on_reboot(
 ) {
     let event_ts = now_ms();
     // SAFETY: as in on_lifecycle.
-    let tx = unsafe { &*(opaque as *const Sender<Signal>) };
+    let tx = unsafe { &*(opaque as *const Sender<Raw>) };
     if let Some(domain) = unsafe { own_domain(dom) } {
-        let _ = tx.send(Signal::Event {
+        let _ = tx.send(Raw::Event {
             domain,
             event: 0,
             detail: 0,
@@ -207,15 +212,32 @@ unsafe extern "C" fn on_reboot(
     }
 }
 
-unsafe extern "C" fn on_close(_conn: sys::virConnectPtr, reason: c_int, opaque: *mut c_void) {
-    // SAFETY: as in on_lifecycle.
-    let tx = unsafe { &*(opaque as *const Sender<Signal>) };
-    let _ = tx.send(Signal::Closed { reason });
+unsafe extern "C" fn on_close(conn: sys::virConnectPtr, reason: c_int, opaque: *mut c_void) {
+    // SAFETY: as in on_lifecycle; conn is valid during the callback, and virConnectIsAlive
+    // only reads the client's local state (no round trip).
+    let tx = unsafe { &*(opaque as *const Sender<Raw>) };
+    let alive = unsafe { sys::virConnectIsAlive(conn) } == 1;
+    let _ = tx.send(Raw::Closed { reason, alive });
 }
 
 impl Watch {
-    /// Registers lifecycle, reboot and close callbacks on `conn`, all reporting to `tx`.
-    pub fn register(conn: &Connect, tx: &Sender<Signal>) -> Result<Watch, LibvirtError> {
+    /// Registers lifecycle, reboot and close callbacks on `conn`; the facts they lead to reach
+    /// `tx` tagged with `generation`.
+    pub fn register(
+        conn: &Connect,
+        generation: u64,
+        tx: &Sender<Input>,
+    ) -> Result<Watch, LibvirtError> {
+        let (raw_tx, raw_rx) = mpsc::channel();
+        let to_core = tx.clone();
+        std::thread::Builder::new()
+            .name("libvirt-facts".into())
+            .spawn(move || turn_into_facts(generation, raw_rx, to_core))
+            .map_err(|source| LibvirtError::Spawn {
+                thread: "libvirt-facts",
+                source,
+            })?;
+        let tx = &raw_tx;
         let mut watch = Watch {
             conn: conn.clone(),
             callback_ids: Vec::new(),
@@ -238,8 +260,16 @@ impl Watch {
         };
         let reboot: sys::virConnectDomainEventGenericCallback = Some(on_reboot);
         for (event_id, cb, what) in [
-            (sys::VIR_DOMAIN_EVENT_ID_LIFECYCLE, lifecycle, "lifecycle"),
-            (sys::VIR_DOMAIN_EVENT_ID_REBOOT, reboot, "reboot"),
+            (
+                sys::VIR_DOMAIN_EVENT_ID_LIFECYCLE,
+                lifecycle,
+                "virConnectDomainEventRegisterAny(lifecycle)",
+            ),
+            (
+                sys::VIR_DOMAIN_EVENT_ID_REBOOT,
+                reboot,
+                "virConnectDomainEventRegisterAny(reboot)",
+            ),
         ] {
             let opaque = boxed_sender(tx);
             // SAFETY: conn is a live connection; libvirt owns opaque from here and frees it
@@ -257,7 +287,7 @@ impl Watch {
             if id < 0 {
                 // Whether libvirt already ran the free callback on failure differs between
                 // versions; leaking one Sender on this rare path is safer than a double free.
-                return Err(last_error(&format!("cannot register the {what} callback")));
+                return Err(last_error(what));
             }
             watch.callback_ids.push(id);
         }
@@ -273,7 +303,7 @@ impl Watch {
         };
         if rc < 0 {
             // Leaked on purpose, as above.
-            return Err(last_error("cannot register the close callback"));
+            return Err(last_error("virConnectRegisterCloseCallback"));
         }
         watch.close_registered = true;
         Ok(watch)
@@ -296,7 +326,7 @@ impl Drop for Watch {
 }
 
 /// The current state and reason of a domain (`virDomainGetState`), as raw codes.
-pub fn domain_state(domain: &Domain) -> Result<(i32, i32), LibvirtError> {
+fn domain_state(domain: &Domain) -> Result<(i32, i32), LibvirtError> {
     let mut state: c_int = -1;
     let mut reason: c_int = -1;
     // SAFETY: domain is a live reference; the out-pointers are valid locals.
@@ -308,14 +338,18 @@ pub fn domain_state(domain: &Domain) -> Result<(i32, i32), LibvirtError> {
 }
 
 /// Uuid and name of a domain (local, no round trip to libvirtd).
-pub fn domain_identity(domain: &Domain) -> Result<(String, String), LibvirtError> {
-    let uuid = domain.uuid_string().map_err(LibvirtError::from)?;
-    let name = domain.name().map_err(LibvirtError::from)?;
+fn domain_identity(domain: &Domain) -> Result<(String, String), LibvirtError> {
+    let uuid = domain
+        .uuid_string()
+        .map_err(|e| LibvirtError::from_virt("virDomainGetUUIDString", e))?;
+    let name = domain
+        .name()
+        .map_err(|e| LibvirtError::from_virt("virDomainGetName", e))?;
     Ok((uuid, name))
 }
 
 /// All facts of one domain, re-read from libvirt.
-pub fn domain_facts(domain: &Domain) -> Result<DomainFacts, LibvirtError> {
+fn domain_facts(domain: &Domain) -> Result<DomainFacts, LibvirtError> {
     let (uuid, name) = domain_identity(domain)?;
     let (state, reason) = domain_state(domain)?;
     Ok(DomainFacts {
@@ -324,6 +358,47 @@ pub fn domain_facts(domain: &Domain) -> Result<DomainFacts, LibvirtError> {
         state,
         reason,
     })
+}
+
+/// The facts thread of one [`Watch`]: each raw callback report becomes a core input, in order.
+/// Ends when libvirt has freed every callback (the watch was dropped or its connection died).
+fn turn_into_facts(generation: u64, raw: Receiver<Raw>, tx: Sender<Input>) {
+    for report in raw {
+        let input = match report {
+            Raw::Event {
+                domain,
+                event,
+                detail,
+                reboot,
+                event_ts,
+            } => {
+                let (uuid, name) = match domain_identity(&domain) {
+                    Ok(id) => id,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "event for a domain without identity; ignored");
+                        continue;
+                    }
+                };
+                // Events are hints: the state read now is the truth we report.
+                Input::Event(EventFacts {
+                    uuid,
+                    name,
+                    event,
+                    detail,
+                    reboot,
+                    event_ts,
+                    current: domain_state(&domain).ok(),
+                    persistent: is_persistent(&domain),
+                })
+            }
+            // A close report while the connection still works is not a loss.
+            Raw::Closed { alive: true, .. } => continue,
+            Raw::Closed { reason, .. } => Input::Closed { generation, reason },
+        };
+        if tx.send(input).is_err() {
+            return;
+        }
+    }
 }
 
 /// Every domain libvirt knows, active or not. A domain that disappears between the listing
@@ -336,7 +411,7 @@ pub fn list_domains(conn: &Connect) -> Result<Vec<DomainFacts>, LibvirtError> {
     // One listing (two would miss a domain that starts between them), then the filter.
     let domains: Vec<Domain> = conn
         .list_all_domains(0)
-        .map_err(|e| LibvirtError(format!("virConnectListAllDomains: {}", e.message())))?
+        .map_err(|e| LibvirtError::from_virt("virConnectListAllDomains", e))?
         .into_iter()
         .filter(|d| d.is_active().unwrap_or(false) || is_persistent(d))
         .collect();
@@ -351,7 +426,7 @@ pub fn list_domains(conn: &Connect) -> Result<Vec<DomainFacts>, LibvirtError> {
 }
 
 /// Whether the domain is persistent; a domain gone meanwhile counts as not.
-pub fn is_persistent(domain: &Domain) -> bool {
+fn is_persistent(domain: &Domain) -> bool {
     domain.is_persistent().unwrap_or(false)
 }
 
@@ -366,14 +441,6 @@ pub fn libvirt_version(conn: &Connect) -> String {
 /// True while the connection is open and alive.
 pub fn is_alive(conn: &Connect) -> bool {
     conn.is_alive().unwrap_or(false)
-}
-
-/// The numeric counters libvirt reported for one domain, by field name (`net.0.tx.pkts`, …).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DomainCounters {
-    pub uuid: String,
-    pub name: String,
-    pub fields: Vec<(String, u64)>,
 }
 
 /// One `virConnectGetAllDomainStats` call for the groups we use (state, cpu total, interface,
