@@ -2,35 +2,39 @@
 //! benchmarks that speak to a real master without libvirt.
 
 use anyhow::{anyhow, Result};
+use vmwatch_common::config::Secret;
 use vmwatch_common::keys;
-use vmwatch_common::protocol::{encode, Body, NodeId, Payload};
+use vmwatch_common::protocol::{encode, Body, NodeId};
 use vmwatch_common::time::now_ms;
+use vmwatch_node::builder::MessageBuilder;
 
 use crate::product::SECRET;
 
-/// One simulated agent process: a node id, a boot, and `seq` counting up.
+/// One simulated agent process: the node's own message builder (boot id, `seq`, signing) with
+/// the node's key under the tests' secret.
 pub struct SimNode {
-    pub id: NodeId,
-    pub boot: String,
-    pub boot_ts: u64,
-    pub seq: u64,
+    builder: MessageBuilder,
 }
 
 impl SimNode {
-    /// A new boot of node `id` started at `boot_ts` (unix ms).
+    /// A new boot of node `id` started at `boot_ts` (unix ms), with the boot id
+    /// `{id}-boot-{boot_ts}`.
     pub fn new(id: &str, boot_ts: u64) -> Result<SimNode> {
+        SimNode::with_boot(id, &format!("{id}-boot-{boot_ts}"), boot_ts)
+    }
+
+    /// A new boot of node `id` with the boot id `boot`.
+    pub fn with_boot(id: &str, boot: &str, boot_ts: u64) -> Result<SimNode> {
+        let node_id = NodeId::parse(id).map_err(|e| anyhow!("node id {id}: {e}"))?;
+        let key = Secret::new(node_key(id)).map_err(|e| anyhow!("node key: {e}"))?;
         Ok(SimNode {
-            id: NodeId::parse(id).map_err(|e| anyhow!("node id {id}: {e}"))?,
-            boot: format!("{id}-boot-{boot_ts}"),
-            boot_ts,
-            seq: 0,
+            builder: MessageBuilder::new(node_id, key, boot.to_owned(), boot_ts),
         })
     }
 
-    /// The next message of this boot, sent at `ts`, signed with the tests' secret.
+    /// The next message of this boot, sent at `ts`, signed with the node's key.
     pub fn message(&mut self, ts: u64, body: Body) -> [Vec<u8>; 4] {
-        let key = node_key(self.id.as_str());
-        self.message_with_key(ts, body, key.as_bytes())
+        self.builder.build(ts, body).frames
     }
 
     /// The next message sent now.
@@ -40,15 +44,21 @@ impl SimNode {
 
     /// The next message, signed with another key (to test rejections).
     pub fn message_with_key(&mut self, ts: u64, body: Body, key: &[u8]) -> [Vec<u8>; 4] {
-        self.seq += 1;
-        let payload = Payload {
-            boot: self.boot.clone(),
-            boot_ts: self.boot_ts,
-            seq: self.seq,
-            ts,
-            body,
-        };
-        encode(key, &self.id, &payload)
+        let payload = self.builder.next_payload(ts, body);
+        encode(key, self.builder.node_id(), &payload)
+    }
+
+    /// The simulated node's id.
+    pub fn id(&self) -> &NodeId {
+        self.builder.node_id()
+    }
+
+    /// Builds `n` messages that are never sent: the master sees a gap of `n`.
+    pub fn lose(&mut self, n: u64) {
+        for _ in 0..n {
+            self.builder
+                .next_payload(now_ms(), vmwatch_node::builder::bye("lost"));
+        }
     }
 }
 

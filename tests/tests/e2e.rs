@@ -1076,7 +1076,7 @@ fn metrics_parse_with_a_real_parser_and_count_a_known_sequence() {
         node.message_now(snapshot),
         node.message_now(event("a", "suspended", "paused")),
     ];
-    node.seq += 3; // seq jump: 3 lost
+    node.lose(3); // seq jump: 3 lost
     messages.push(node.message_now(event("c", "started", "running")));
     let hb = node.message_now(heartbeat);
     messages.push(hb.clone());

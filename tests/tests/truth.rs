@@ -312,8 +312,7 @@ fn clock_steps_restarts_old_boots_and_backlogs() {
     let captured = ahead.message_now(heartbeat("up"));
     send(captured.clone());
     // It restarts with the right clock: an older boot_ts, not locked out.
-    let mut right = SimNode::new("clock", now).expect("node");
-    right.boot = "clock-boot-2".into();
+    let mut right = SimNode::with_boot("clock", "clock-boot-2", now).expect("node");
     send(right.message_now(heartbeat("up")));
     // The captured message of the old boot, replayed: a superseded boot.
     send(captured);
@@ -388,8 +387,7 @@ fn ha_restart_is_not_a_duplicate_but_the_returning_zombie_is() {
         std::thread::sleep(Duration::from_millis(300));
     }
     // The old node returns, still running it: the zombie is a duplicate.
-    let mut back = SimNode::new("ha-old", now_ms()).expect("node");
-    back.boot = "ha-old-boot-2".into();
+    let mut back = SimNode::with_boot("ha-old", "ha-old-boot-2", now_ms()).expect("node");
     send(back.message_now(snapshot(&[(vm, "running", "booted")])));
     wait_for(Duration::from_secs(10), "the zombie flagged", || {
         let n = master

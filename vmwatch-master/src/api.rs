@@ -240,7 +240,7 @@ async fn wait_vm(
     state.metrics.api_waiters.inc();
     let _waiting = Waiting(state.metrics.api_waiters.clone());
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(timeout_s);
-    let mut stopping = state.shared.stopping.subscribe();
+    let mut stopping = state.shared.shutdown.subscribe();
     loop {
         let key = uuid.clone();
         let rows = read(&state, move |r| r.vm(&key)).await?;
@@ -361,9 +361,8 @@ async fn retry_dead_letter(
 
 async fn healthz(State(state): State<AppState>) -> Response {
     let db_ok = state.shared.db_ok.load(Ordering::Relaxed);
-    let core_age_ms = vmwatch_common::time::now_ms()
-        .saturating_sub(state.shared.last_turn_ms.load(Ordering::Relaxed));
-    let ok = db_ok && core_age_ms < 10_000;
+    let core_age_ms = state.shared.pulse.age_ms(vmwatch_common::time::now_ms());
+    let ok = db_ok && core_age_ms < vmwatch_common::daemon::PULSE_STALE_MS;
     let status = if ok {
         StatusCode::OK
     } else {

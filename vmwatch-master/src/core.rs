@@ -1,12 +1,13 @@
 //! The core thread: the one writer. Feeds authenticated messages to the rules in batches,
 //! writes the effects in one transaction per batch, then updates metrics and wakes waiters.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use vmwatch_common::daemon::{Pulse, Shutdown};
 use vmwatch_common::protocol::Rejected;
 use vmwatch_common::time::now_ms;
 
@@ -24,12 +25,12 @@ pub struct Shared {
     pub committed: tokio::sync::watch::Sender<u64>,
     /// The VM rows each commit changed; long-polls (`/wait`) listen to it.
     pub vm_changes: tokio::sync::broadcast::Sender<Arc<Vec<VmChange>>>,
-    /// Unix ms of the core loop's last turn (the watchdog checks it).
-    pub last_turn_ms: AtomicU64,
+    /// Beats on every turn of the core loop (the watchdog and `/healthz` check it).
+    pub pulse: Pulse,
     /// Whether the last commit succeeded (`/healthz`).
     pub db_ok: AtomicBool,
-    /// Turns true once when the master stops: long-polls answer, servers drain.
-    pub stopping: tokio::sync::watch::Sender<bool>,
+    /// The daemon's one shutdown token: long-polls answer, servers drain, ingest stops.
+    pub shutdown: Shutdown,
 }
 
 /// One VM row written by a commit (`state` is `None` when the row was removed).
@@ -72,9 +73,9 @@ impl Core {
         let mut next_gauges = Instant::now();
         let mut next_purge = Instant::now() + Duration::from_secs(60);
         loop {
-            self.shared.last_turn_ms.store(now_ms(), Ordering::Relaxed);
+            self.shared.pulse.beat(now_ms());
             if let Some(decided) = self.pending.take() {
-                let stopping = *self.shared.stopping.borrow();
+                let stopping = self.shared.shutdown.is_triggered();
                 if let Err(decided) = self.commit(decided) {
                     if stopping {
                         let n = decided.effects.len();

@@ -25,6 +25,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use vmwatch_common::daemon::Shutdown;
 use vmwatch_common::keys;
 use vmwatch_common::protocol::{authenticate, Authenticated, NodeId};
 
@@ -91,24 +92,42 @@ pub fn raise_fd_limit(max_connections: usize) -> usize {
     max_connections
 }
 
+/// Why the node port could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("no secret: the CURVE keys cannot be derived")]
+    NoSecret,
+    #[error("{step}: {source}")]
+    Zmq {
+        step: &'static str,
+        source: zmq::Error,
+    },
+    #[error("cannot listen on {endpoint}: {source}")]
+    Listen {
+        endpoint: String,
+        source: zmq::Error,
+    },
+}
+
+fn zmq_err(step: &'static str) -> impl Fn(zmq::Error) -> BindError {
+    move |source| BindError::Zmq { step, source }
+}
+
 /// Binds the ZAP handler, then the PULL socket (before anything else starts, so a busy port
 /// fails at once).
-pub fn bind(config: &MasterConfig, max_connections: usize) -> Result<NodePort, String> {
+pub fn bind(config: &MasterConfig, max_connections: usize) -> Result<NodePort, BindError> {
     let Some(secret) = config.secret.as_ref() else {
-        return Err("no secret: the CURVE keys cannot be derived".into());
+        return Err(BindError::NoSecret);
     };
     let server = keys::server_keypair(secret.expose());
     let transport = keys::transport_keypair(secret.expose());
     let ctx = zmq::Context::new();
-    let zmq_err = |what: &str, e: zmq::Error| format!("{what}: {e}");
     // The handler must be bound before any CURVE socket exists in this context.
-    let zap = ctx.socket(zmq::REP).map_err(|e| zmq_err("zap socket", e))?;
-    zap.set_linger(0).map_err(|e| zmq_err("zap socket", e))?;
+    let zap = ctx.socket(zmq::REP).map_err(zmq_err("zap socket"))?;
+    zap.set_linger(0).map_err(zmq_err("zap socket"))?;
     zap.bind(ZAP_ENDPOINT)
-        .map_err(|e| zmq_err("cannot bind the ZAP handler", e))?;
-    let pull = ctx
-        .socket(zmq::PULL)
-        .map_err(|e| zmq_err("zmq socket", e))?;
+        .map_err(zmq_err("cannot bind the ZAP handler"))?;
+    let pull = ctx.socket(zmq::PULL).map_err(zmq_err("zmq socket"))?;
     let setup = || -> Result<(), zmq::Error> {
         pull.set_curve_server(true)?;
         pull.set_curve_secretkey(&server.secret)?;
@@ -135,15 +154,16 @@ pub fn bind(config: &MasterConfig, max_connections: usize) -> Result<NodePort, S
         )?;
         Ok(())
     };
-    setup().map_err(|e| format!("cannot configure the ZeroMQ socket: {e}"))?;
-    let monitor = ctx
-        .socket(zmq::PAIR)
-        .map_err(|e| zmq_err("monitor socket", e))?;
+    setup().map_err(zmq_err("cannot configure the ZeroMQ socket"))?;
+    let monitor = ctx.socket(zmq::PAIR).map_err(zmq_err("monitor socket"))?;
     monitor
         .connect(MONITOR_ENDPOINT)
-        .map_err(|e| zmq_err("cannot connect the socket monitor", e))?;
+        .map_err(zmq_err("cannot connect the socket monitor"))?;
     pull.bind(&config.listen)
-        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+        .map_err(|source| BindError::Listen {
+            endpoint: config.listen.clone(),
+            source,
+        })?;
     let listen_port = config
         .listen
         .rsplit(':')
@@ -167,11 +187,11 @@ pub fn spawn(
     to_core: SyncSender<Received>,
     metrics: Arc<Metrics>,
     reject_log: Arc<RejectLog>,
-    stop: tokio::sync::watch::Receiver<bool>,
+    shutdown: Shutdown,
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name("zmq-pull".into())
-        .spawn(move || run(port, &config, to_core, &metrics, &reject_log, &stop))
+        .spawn(move || run(port, &config, to_core, &metrics, &reject_log, &shutdown))
 }
 
 fn run(
@@ -180,7 +200,7 @@ fn run(
     to_core: SyncSender<Received>,
     metrics: &Metrics,
     reject_log: &RejectLog,
-    stop: &tokio::sync::watch::Receiver<bool>,
+    shutdown: &Shutdown,
 ) {
     let mut connections = 0usize;
     // Keys of nodes that have authenticated once: deriving a node's key costs an HMAC per
@@ -189,7 +209,7 @@ fn run(
     let mut keyring: HashMap<NodeId, Vec<u8>> = HashMap::new();
     // A message the core had no room for yet; while it waits, nothing more is read.
     let mut pending: Option<Received> = None;
-    while !*stop.borrow() {
+    while !shutdown.is_triggered() {
         let mut items = [
             port.zap.as_poll_item(zmq::POLLIN),
             port.monitor.as_poll_item(zmq::POLLIN),
@@ -230,7 +250,7 @@ fn run(
             if n % 64 == 63 {
                 // Handshakes are not kept waiting behind a burst of messages.
                 while answer_zap(&port.zap, &port.transport_public) {}
-                if *stop.borrow() {
+                if shutdown.is_triggered() {
                     break;
                 }
             }

@@ -80,20 +80,40 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 CREATE INDEX IF NOT EXISTS journal_node ON journal(node_id, id);
 ";
 
-/// A database error with what we were doing.
-#[derive(Debug)]
-pub struct StoreError(pub String);
-
-impl std::fmt::Display for StoreError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
+/// A database error, with what we were doing.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open database {} {purpose}: {source}", path.display())]
+    Open {
+        path: std::path::PathBuf,
+        /// `for writing`, `for the outbox`, `for reading`.
+        purpose: &'static str,
+        source: rusqlite::Error,
+    },
+    #[error("database {} has schema version {found}, newer than this master understands ({supported})", path.display())]
+    NewerSchema {
+        path: std::path::PathBuf,
+        found: i64,
+        supported: i64,
+    },
+    #[error("{step}: {source}")]
+    Sqlite {
+        step: &'static str,
+        source: rusqlite::Error,
+    },
 }
 
-impl std::error::Error for StoreError {}
+fn ctx(step: &'static str) -> impl Fn(rusqlite::Error) -> StoreError {
+    move |source| StoreError::Sqlite { step, source }
+}
 
-fn ctx(what: &'static str) -> impl Fn(rusqlite::Error) -> StoreError {
-    move |e| StoreError(format!("{what}: {e}"))
+fn open_error(path: &Path, purpose: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
+    let path = path.to_owned();
+    move |source| StoreError::Open {
+        path,
+        purpose,
+        source,
+    }
 }
 
 /// The writing side.
@@ -106,8 +126,7 @@ pub struct Store {
 impl Store {
     /// Opens (creating if needed) the database and brings its schema up to date.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        let mut conn = Connection::open(path)
-            .map_err(|e| StoreError(format!("cannot open database {}: {e}", path.display())))?;
+        let mut conn = Connection::open(path).map_err(open_error(path, "for writing"))?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(ctx("enable WAL"))?;
         // FULL: a commit is on disk before the batch is acknowledged (batches keep it cheap).
@@ -119,10 +138,11 @@ impl Store {
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .map_err(ctx("read schema version"))?;
         if version > SCHEMA_VERSION {
-            return Err(StoreError(format!(
-                "database {} has schema version {version}, newer than this master understands ({SCHEMA_VERSION})",
-                path.display()
-            )));
+            return Err(StoreError::NewerSchema {
+                path: path.to_owned(),
+                found: version,
+                supported: SCHEMA_VERSION,
+            });
         }
         // Schema 1's tables, then each migration, in one transaction.
         let tx = conn.transaction().map_err(ctx("begin schema upgrade"))?;
@@ -407,12 +427,7 @@ pub struct Outbox {
 
 impl Outbox {
     pub fn open(path: &Path) -> Result<Outbox, StoreError> {
-        let conn = Connection::open(path).map_err(|e| {
-            StoreError(format!(
-                "cannot open database {} for the outbox: {e}",
-                path.display()
-            ))
-        })?;
+        let conn = Connection::open(path).map_err(open_error(path, "for the outbox"))?;
         conn.busy_timeout(std::time::Duration::from_secs(10))
             .map_err(ctx("set busy timeout"))?;
         conn.pragma_update(None, "synchronous", "FULL")
@@ -543,12 +558,7 @@ impl Reader {
             path,
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
-        .map_err(|e| {
-            StoreError(format!(
-                "cannot open database {} for reading: {e}",
-                path.display()
-            ))
-        })?;
+        .map_err(open_error(path, "for reading"))?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(ctx("set busy timeout"))?;
         Ok(Reader { conn })
@@ -797,6 +807,9 @@ mod tests {
             .pragma_update(None, "user_version", 99)
             .unwrap();
         let err = Store::open(&path).err().unwrap();
-        assert!(err.0.contains("schema version 99"), "{err}");
+        assert!(
+            matches!(err, StoreError::NewerSchema { found: 99, .. }),
+            "{err}"
+        );
     }
 }

@@ -178,9 +178,10 @@ impl Shell {
     }
 
     fn connect(&mut self, generation: u64) -> Input {
-        let opened = libvirt::open(&self.uri, KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT).and_then(
-            |conn| Watch::register(&conn, generation, &self.tx).map(|watch| (conn, watch)),
-        );
+        let opened =
+            libvirt::open(&self.uri, KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT).and_then(|conn| {
+                Watch::register(&conn, generation, &self.tx).map(|watch| (conn, watch))
+            });
         match opened {
             Ok((conn, watch)) => {
                 let libvirt_version = libvirt::libvirt_version(&conn);

@@ -51,26 +51,37 @@ impl MessageBuilder {
 
     /// Signs `body` as the next message of this boot, sent at `now_ms`.
     pub fn build(&mut self, now_ms: u64, body: Body) -> Outgoing {
-        self.seq += 1;
-        let kind = body.kind();
         let class = if matches!(body, Body::Snapshot(_)) {
             Class::Snapshot
         } else {
             Class::Other
         };
-        let payload = Payload {
+        let kind = body.kind();
+        let payload = self.next_payload(now_ms, body);
+        Outgoing {
+            frames: encode(self.key.expose(), &self.node_id, &payload),
+            kind,
+            seq: payload.seq,
+            class,
+        }
+    }
+
+    /// The next payload of this boot, unsigned: `build` signs it; a test can sign it with a
+    /// wrong key, or drop it to make a gap.
+    pub fn next_payload(&mut self, now_ms: u64, body: Body) -> Payload {
+        self.seq += 1;
+        Payload {
             boot: self.boot.clone(),
             boot_ts: self.boot_ts,
             seq: self.seq,
             ts: now_ms,
             body,
-        };
-        Outgoing {
-            frames: encode(self.key.expose(), &self.node_id, &payload),
-            kind,
-            seq: self.seq,
-            class,
         }
+    }
+
+    /// The node this builder signs for.
+    pub fn node_id(&self) -> &NodeId {
+        &self.node_id
     }
 }
 

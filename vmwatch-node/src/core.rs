@@ -504,7 +504,10 @@ mod tests {
             snapshot_interval: Duration::from_secs(60),
             heartbeat_interval: Duration::from_secs(30),
         };
-        (NodeCore::new(config, "boot-1".into(), "host".into(), now), now)
+        (
+            NodeCore::new(config, "boot-1".into(), "host".into(), now),
+            now,
+        )
     }
 
     fn actions(core: &mut NodeCore) -> Vec<Action> {
@@ -657,7 +660,11 @@ mod tests {
         assert_eq!(actions(&mut core), []);
         assert_eq!(
             core.poll_timeout(),
-            Some((t2.after(Duration::from_secs(60))).mono.min(core.heartbeat_at))
+            Some(
+                (t2.after(Duration::from_secs(60)))
+                    .mono
+                    .min(core.heartbeat_at)
+            )
         );
         let t3 = t2.after(Duration::from_secs(60));
         core.handle_timeout(t3);

@@ -59,7 +59,7 @@ impl SimNode {
             .collect();
         self.message(Body::Snapshot(Snapshot {
             domains,
-            hostname: self.node.id.to_string(),
+            hostname: self.node.id().to_string(),
             libvirt_version: "9.0.0".into(),
         }))
     }

@@ -1,0 +1,230 @@
+//! The master's wiring: opens everything before `READY=1`, serves until the shutdown token
+//! fires, then drains each part within its own grace period.
+//!
+//! Order at start: database (inventory, outbox) → descriptor limit → ZAP handler + CURVE PULL
+//! bind → HTTP bind → core and ingest threads, webhook and HTTP tasks → `READY=1`. Order at
+//! stop: long-polls answer and the accept loop ends (HTTP drains ≤ 2 s), the webhook stops
+//! (≤ 1 s), ingest stops reading and drops its channel, and the core commits what it holds and
+//! returns.
+
+use std::os::fd::AsFd;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use vmwatch_common::daemon::{join_within, Context};
+use vmwatch_common::time::now_ms;
+
+use crate::config::{MasterConfig, NodeKeys};
+use crate::ingest::BindError;
+use crate::store::{Outbox, Store, StoreError};
+use crate::{api, core, ingest, metrics, rules, serve, webhook};
+
+/// How long the HTTP side may take to finish open requests once stopping.
+const HTTP_GRACE: Duration = Duration::from_secs(2);
+const WEBHOOK_GRACE: Duration = Duration::from_secs(1);
+const INGEST_GRACE: Duration = Duration::from_secs(5);
+/// The core commits what it holds; a refusing database makes it give up at once.
+const CORE_GRACE: Duration = Duration::from_secs(30);
+
+/// Why the master could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum MasterError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Bind(#[from] BindError),
+    #[error("cannot listen for HTTP on {addr}: {source}")]
+    Http {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("cannot spawn the {thread} thread: {source}")]
+    Spawn {
+        thread: &'static str,
+        source: std::io::Error,
+    },
+    #[error("panel_url is set but panel_secret is not")]
+    NoPanelSecret,
+}
+
+/// Runs the master until `ctx.shutdown` fires; returns once every part has drained.
+pub fn run(config: MasterConfig, ctx: Context) -> Result<(), MasterError> {
+    if config.disabled {
+        tracing::info!("vmwatch-master is disabled (disabled=yes); exiting");
+        // Type=notify: without READY=1 an exit 0 would be a start failure to systemd, and
+        // systemd must have read it before we exit (the barrier), or it sees the exit first.
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+        notify_barrier(Duration::from_secs(5));
+        return Ok(());
+    }
+    if config.node_keys == NodeKeys::Shared {
+        tracing::warn!("node_keys=shared: every node signs with the master secret, so any hypervisor can sign as any other; switch to node_keys=derived (vmwatch-master --node-secret NODE_ID)");
+    }
+    let config = Arc::new(config);
+    let mut store = Store::open(&config.db_path)?;
+    if config.panel_url.is_some() {
+        store.enable_outbox();
+    }
+    let inventory = store.load_inventory()?;
+    tracing::info!(nodes = inventory.nodes.len(), vms = inventory.vm_count(), db = %config.db_path.display(), "inventory loaded");
+    let readers = Arc::new(api::ReaderPool::open(&config.db_path, 4)?);
+    let max_connections = ingest::raise_fd_limit(config.max_connections);
+    let node_port = ingest::bind(&config, max_connections)?;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(MasterError::Runtime)?;
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind(config.http_listen))
+        .map_err(|source| MasterError::Http {
+            addr: config.http_listen,
+            source,
+        })?;
+
+    let metrics = Arc::new(metrics::Metrics::new());
+    metrics.journal_size.set(store.journal_size()? as i64);
+    let outbox = match &config.panel_url {
+        Some(_) => {
+            let outbox = Outbox::open(&config.db_path)?;
+            // The core adds what it commits and acknowledgements subtract, so the gauge stays
+            // true while the head entry is being retried; it starts from the stored backlog.
+            metrics.outbox_depth.set(outbox.depth()? as i64);
+            metrics.dead_letters.set(outbox.dead_letter_count()? as i64);
+            Some(outbox)
+        }
+        None => None,
+    };
+    let reject_log = Arc::new(metrics::RejectLog::new(Duration::from_secs(10)));
+    let shared = Arc::new(core::Shared {
+        committed: tokio::sync::watch::channel(0u64).0,
+        vm_changes: tokio::sync::broadcast::channel(1024).0,
+        pulse: ctx.pulse.clone(),
+        db_ok: AtomicBool::new(true),
+        shutdown: ctx.shutdown.clone(),
+    });
+    let (to_core, from_ingest) = std::sync::mpsc::sync_channel(16_384);
+    let core = core::Core {
+        pending: None,
+        store,
+        inventory,
+        rules: rules::Rules {
+            max_nodes: config.max_nodes,
+            max_clock_skew_ms: config.max_clock_skew * 1000,
+            max_message_age_ms: config.max_message_age * 1000,
+            node_timeout_ms: config.node_timeout * 1000,
+            idle_windows: config.idle_windows,
+            duplicate_grace_ms: config.duplicate_grace * 1000,
+        },
+        metrics: metrics.clone(),
+        reject_log: reject_log.clone(),
+        started_at: now_ms(),
+        shared: shared.clone(),
+        retention_days: config.event_retention_days,
+    };
+    let spawn_error = |thread| move |source| MasterError::Spawn { thread, source };
+    let core_thread = core.spawn(from_ingest).map_err(spawn_error("core"))?;
+    let ingest_thread = ingest::spawn(
+        node_port,
+        config.clone(),
+        to_core,
+        metrics.clone(),
+        reject_log,
+        ctx.shutdown.clone(),
+    )
+    .map_err(spawn_error("zmq-pull"))?;
+
+    let webhook = match (&config.panel_url, outbox) {
+        (Some(url), Some(outbox)) => {
+            // Checked with the rest of the configuration: never a node key.
+            let Some(key) = config.panel_secret.as_ref().map(|s| s.expose().to_vec()) else {
+                return Err(MasterError::NoPanelSecret);
+            };
+            let hook = webhook::Webhook {
+                url: url.clone(),
+                key,
+                outbox,
+                metrics: metrics.clone(),
+                committed: shared.committed.subscribe(),
+                shutdown: ctx.shutdown.subscribe(),
+            };
+            Some(runtime.spawn(hook.run()))
+        }
+        _ => None,
+    };
+    let state = api::AppState {
+        db_path: config.db_path.clone(),
+        readers,
+        metrics: metrics.clone(),
+        shared: shared.clone(),
+        api_token: config
+            .api_token
+            .as_ref()
+            .map(|t| Arc::new(String::from_utf8_lossy(t.expose()).into_owned())),
+    };
+    let server = runtime.spawn(serve::serve(
+        listener,
+        api::router(state),
+        metrics,
+        ctx.shutdown.subscribe(),
+        HTTP_GRACE,
+    ));
+    tracing::info!(listen = %config.listen, http = %config.http_listen, max_connections, node_keys = config.node_keys.as_str(), version = vmwatch_common::VERSION, "vmwatch-master started");
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+
+    runtime.block_on(ctx.shutdown.triggered());
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    tracing::info!(
+        "stopping: answering long-polls, draining HTTP, the webhook, ingest and the core"
+    );
+    runtime.block_on(async {
+        // serve() bounds its own drain by HTTP_GRACE and logs when it runs out.
+        if let Err(e) = server.await {
+            tracing::error!(error = %e, "HTTP server task failed");
+        }
+        if let Some(task) = webhook {
+            if tokio::time::timeout(WEBHOOK_GRACE, task).await.is_err() {
+                tracing::warn!(
+                    grace_ms = WEBHOOK_GRACE.as_millis() as u64,
+                    "the webhook did not stop within its grace period; dropping its delivery in flight (the entry stays in the outbox)"
+                );
+            }
+        }
+    });
+    // Ingest holds the only sender: once it ends, the core commits what it has and returns.
+    join_within(ingest_thread, INGEST_GRACE, "the ingest thread");
+    join_within(core_thread, CORE_GRACE, "the core thread");
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    Ok(())
+}
+
+/// Waits until systemd has processed every notification sent so far (`BARRIER=1`: systemd
+/// closes the pipe end we pass once it got there). A no-op outside systemd.
+fn notify_barrier(timeout: Duration) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    let Ok((read_end, write_end)) = nix::unistd::pipe() else {
+        return;
+    };
+    if sd_notify::notify_with_fds(
+        false,
+        &[sd_notify::NotifyState::Custom("BARRIER=1")],
+        &[write_end.as_fd()],
+    )
+    .is_err()
+    {
+        return;
+    }
+    drop(write_end);
+    let mut fds = [nix::poll::PollFd::new(
+        read_end.as_fd(),
+        nix::poll::PollFlags::POLLHUP,
+    )];
+    let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+    let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(ms));
+}
