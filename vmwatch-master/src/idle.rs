@@ -9,10 +9,8 @@
 //! Missed windows: when two samples are further apart than one interval (the node or master was
 //! away), a zero delta counts for as many windows as the gap spans, rounded to the nearest.
 
-use serde::{Deserialize, Serialize};
-
 /// The last counters kept for a VM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Sample {
     /// Node time of the sample, unix ms.
     pub ts: u64,
@@ -24,7 +22,7 @@ pub struct Sample {
 }
 
 /// The idle state of one resource of one VM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Resource {
     /// Flagged idle.
     pub idle: bool,
@@ -40,7 +38,7 @@ pub struct Resource {
 }
 
 /// Everything the master keeps about a VM's activity.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Usage {
     pub sample: Option<Sample>,
     pub nics: u32,

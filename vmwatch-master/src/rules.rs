@@ -8,7 +8,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use serde::Serialize;
 use vmwatch_common::protocol::{
     Authenticated, Body, DomainEvent, Heartbeat, Reject, Snapshot, Stats,
 };
@@ -29,7 +28,7 @@ pub struct Rules {
 }
 
 /// What the master knows of one node.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Node {
     pub node_id: String,
     /// `up` while messages arrive; `down` after `node_timeout` of silence or a `bye`.
@@ -50,12 +49,11 @@ pub struct Node {
     /// Unix ms since when the node's libvirt has been down (0 while up).
     pub libvirt_down_since: u64,
     /// Boot ids this node has left behind, with when (unix ms); a message of one is a replay.
-    #[serde(skip)]
     pub superseded: Vec<(String, u64)>,
 }
 
 /// One VM row: one domain on one node.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Vm {
     pub node_id: String,
     pub uuid: String,
@@ -82,8 +80,7 @@ pub const UNKNOWN: &str = "unknown";
 pub const MAX_SUPERSEDED: usize = 64;
 
 /// The kinds of journal entries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EntryType {
     Lifecycle,
     Vanished,

@@ -292,7 +292,7 @@ fn apply(tx: &Transaction<'_>, effects: &[Effect]) -> Result<Vec<i64>, StoreErro
                     vm.usage.disk.idle,
                     vm.duplicate,
                     // Plain structs of numbers and booleans always serialise.
-                    serde_json::to_string(&vm.usage).unwrap_or_else(|_| "{}".into()),
+                    usage_column::encode(&vm.usage),
                     vm.last_state,
                     vm.unknown_since.map(|t| t as i64),
                     vm.unknown_reason
@@ -368,7 +368,7 @@ fn vm_from_row(row: &Row<'_>) -> rusqlite::Result<Vm> {
         state_since: get_u64(row, "state_since")?,
         updated_at: get_u64(row, "updated_at")?,
         // A usage column we cannot read costs only the idle history, never the row.
-        usage: serde_json::from_str(&row.get::<_, String>("usage")?).unwrap_or_default(),
+        usage: usage_column::decode(&row.get::<_, String>("usage")?),
         duplicate: row.get("duplicate")?,
         last_state: row.get("last_state")?,
         unknown_since: row
@@ -667,6 +667,118 @@ impl Reader {
     }
 }
 
+/// The `vms.usage` column: the idle rule's state as JSON. A serde mirror of `idle::Usage` of
+/// its own, so the rule's types stay plain and the stored format changes only on purpose.
+mod usage_column {
+    use serde::{Deserialize, Serialize};
+
+    use crate::idle::{Resource, Sample, Usage};
+
+    #[derive(Serialize, Deserialize)]
+    struct StoredUsage {
+        sample: Option<StoredSample>,
+        nics: u32,
+        disks: u32,
+        net: StoredResource,
+        disk: StoredResource,
+        last_window_ms: Option<u64>,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    struct StoredSample {
+        ts: u64,
+        tx_pkts: u64,
+        wr_reqs: u64,
+        rx_pkts: u64,
+        rd_reqs: u64,
+        cpu_time_ns: u64,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    struct StoredResource {
+        idle: bool,
+        since: Option<u64>,
+        quiet_windows: u32,
+        last_delta: Option<u64>,
+        no_device: bool,
+    }
+
+    fn resource_out(r: Resource) -> StoredResource {
+        let Resource {
+            idle,
+            since,
+            quiet_windows,
+            last_delta,
+            no_device,
+        } = r;
+        StoredResource {
+            idle,
+            since,
+            quiet_windows,
+            last_delta,
+            no_device,
+        }
+    }
+
+    fn resource_in(r: StoredResource) -> Resource {
+        let StoredResource {
+            idle,
+            since,
+            quiet_windows,
+            last_delta,
+            no_device,
+        } = r;
+        Resource {
+            idle,
+            since,
+            quiet_windows,
+            last_delta,
+            no_device,
+        }
+    }
+
+    pub fn encode(u: &Usage) -> String {
+        let stored = StoredUsage {
+            sample: u.sample.map(|s| StoredSample {
+                ts: s.ts,
+                tx_pkts: s.tx_pkts,
+                wr_reqs: s.wr_reqs,
+                rx_pkts: s.rx_pkts,
+                rd_reqs: s.rd_reqs,
+                cpu_time_ns: s.cpu_time_ns,
+            }),
+            nics: u.nics,
+            disks: u.disks,
+            net: resource_out(u.net),
+            disk: resource_out(u.disk),
+            last_window_ms: u.last_window_ms,
+        };
+        serde_json::to_string(&stored).unwrap_or_else(|_| "{}".into())
+    }
+
+    /// A column we cannot read costs only the idle history, never the row.
+    pub fn decode(text: &str) -> Usage {
+        let Ok(s) = serde_json::from_str::<StoredUsage>(text) else {
+            return Usage::default();
+        };
+        Usage {
+            sample: s.sample.map(|s| Sample {
+                ts: s.ts,
+                tx_pkts: s.tx_pkts,
+                wr_reqs: s.wr_reqs,
+                rx_pkts: s.rx_pkts,
+                rd_reqs: s.rd_reqs,
+                cpu_time_ns: s.cpu_time_ns,
+            }),
+            nics: s.nics,
+            disks: s.disks,
+            net: resource_in(s.net),
+            disk: resource_in(s.disk),
+            last_window_ms: s.last_window_ms,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -811,5 +923,36 @@ mod tests {
             matches!(err, StoreError::NewerSchema { found: 99, .. }),
             "{err}"
         );
+    }
+
+    #[test]
+    fn usage_column_round_trips_and_survives_garbage() {
+        use crate::idle::{Resource, Sample, Usage};
+        let usage = Usage {
+            sample: Some(Sample {
+                ts: 1,
+                tx_pkts: 2,
+                wr_reqs: 3,
+                rx_pkts: 4,
+                rd_reqs: 5,
+                cpu_time_ns: 6,
+            }),
+            nics: 1,
+            disks: 2,
+            net: Resource {
+                idle: true,
+                since: Some(7),
+                quiet_windows: 8,
+                last_delta: Some(0),
+                no_device: false,
+            },
+            disk: Resource {
+                no_device: true,
+                ..Resource::default()
+            },
+            last_window_ms: Some(600_000),
+        };
+        assert_eq!(usage_column::decode(&usage_column::encode(&usage)), usage);
+        assert_eq!(usage_column::decode("{not json"), Usage::default());
     }
 }
