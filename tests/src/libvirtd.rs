@@ -315,8 +315,6 @@ impl PrivateLibvirtd {
         Ok(())
     }
 
-    /// Every domain (active and inactive), sorted by uuid, with its state as one lower-case
-    /// word (see [`DomainInfo::state`]).
     /// libvirt's view in the master's shape: (uuid, name, state), sorted.
     pub fn inventory(&self) -> Result<Vec<(String, String, String)>> {
         let mut v: Vec<_> = self
@@ -328,6 +326,8 @@ impl PrivateLibvirtd {
         Ok(v)
     }
 
+    /// Every domain (active and inactive), sorted by uuid, with its state as one lower-case
+    /// word (see [`DomainInfo::state`]).
     pub fn list_all(&self) -> Result<Vec<DomainInfo>> {
         let list = self.virsh(&["list", "--all", "--uuid", "--name"])?;
         let mut names: BTreeMap<String, String> = BTreeMap::new(); // name -> uuid

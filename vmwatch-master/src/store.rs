@@ -667,25 +667,31 @@ impl Reader {
     }
 }
 
-/// The `vms.usage` column: the idle rule's state as JSON. A serde mirror of `idle::Usage` of
-/// its own, so the rule's types stay plain and the stored format changes only on purpose.
+/// The `vms.usage` column: the idle rule's state as JSON. serde's remote derive describes
+/// `idle::Usage` here, so the rule's types stay plain, the stored format changes only on
+/// purpose, and a field added to the model without a column field does not compile.
 mod usage_column {
     use serde::{Deserialize, Serialize};
 
     use crate::idle::{Resource, Sample, Usage};
 
     #[derive(Serialize, Deserialize)]
-    struct StoredUsage {
-        sample: Option<StoredSample>,
+    #[serde(remote = "Usage")]
+    struct UsageColumn {
+        #[serde(with = "optional_sample")]
+        sample: Option<Sample>,
         nics: u32,
         disks: u32,
-        net: StoredResource,
-        disk: StoredResource,
+        #[serde(with = "ResourceColumn")]
+        net: Resource,
+        #[serde(with = "ResourceColumn")]
+        disk: Resource,
         last_window_ms: Option<u64>,
     }
 
     #[derive(Serialize, Deserialize)]
-    struct StoredSample {
+    #[serde(remote = "Sample")]
+    struct SampleColumn {
         ts: u64,
         tx_pkts: u64,
         wr_reqs: u64,
@@ -695,7 +701,8 @@ mod usage_column {
     }
 
     #[derive(Serialize, Deserialize)]
-    struct StoredResource {
+    #[serde(remote = "Resource")]
+    struct ResourceColumn {
         idle: bool,
         since: Option<u64>,
         quiet_windows: u32,
@@ -703,79 +710,36 @@ mod usage_column {
         no_device: bool,
     }
 
-    fn resource_out(r: Resource) -> StoredResource {
-        let Resource {
-            idle,
-            since,
-            quiet_windows,
-            last_delta,
-            no_device,
-        } = r;
-        StoredResource {
-            idle,
-            since,
-            quiet_windows,
-            last_delta,
-            no_device,
-        }
-    }
+    /// `Option<Sample>` through [`SampleColumn`] (serde's `with` does not reach inside an
+    /// `Option`).
+    mod optional_sample {
+        use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-    fn resource_in(r: StoredResource) -> Resource {
-        let StoredResource {
-            idle,
-            since,
-            quiet_windows,
-            last_delta,
-            no_device,
-        } = r;
-        Resource {
-            idle,
-            since,
-            quiet_windows,
-            last_delta,
-            no_device,
+        use super::{Sample, SampleColumn};
+
+        #[derive(Serialize, Deserialize)]
+        struct Column(#[serde(with = "SampleColumn")] Sample);
+
+        pub fn serialize<S: Serializer>(v: &Option<Sample>, s: S) -> Result<S::Ok, S::Error> {
+            v.map(Column).serialize(s)
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Sample>, D::Error> {
+            Ok(Option::<Column>::deserialize(d)?.map(|Column(s)| s))
         }
     }
 
     pub fn encode(u: &Usage) -> String {
-        let stored = StoredUsage {
-            sample: u.sample.map(|s| StoredSample {
-                ts: s.ts,
-                tx_pkts: s.tx_pkts,
-                wr_reqs: s.wr_reqs,
-                rx_pkts: s.rx_pkts,
-                rd_reqs: s.rd_reqs,
-                cpu_time_ns: s.cpu_time_ns,
-            }),
-            nics: u.nics,
-            disks: u.disks,
-            net: resource_out(u.net),
-            disk: resource_out(u.disk),
-            last_window_ms: u.last_window_ms,
-        };
-        serde_json::to_string(&stored).unwrap_or_else(|_| "{}".into())
+        let mut out = Vec::new();
+        match UsageColumn::serialize(u, &mut serde_json::Serializer::new(&mut out)) {
+            Ok(()) => String::from_utf8(out).unwrap_or_else(|_| "{}".into()),
+            Err(_) => "{}".into(),
+        }
     }
 
     /// A column we cannot read costs only the idle history, never the row.
     pub fn decode(text: &str) -> Usage {
-        let Ok(s) = serde_json::from_str::<StoredUsage>(text) else {
-            return Usage::default();
-        };
-        Usage {
-            sample: s.sample.map(|s| Sample {
-                ts: s.ts,
-                tx_pkts: s.tx_pkts,
-                wr_reqs: s.wr_reqs,
-                rx_pkts: s.rx_pkts,
-                rd_reqs: s.rd_reqs,
-                cpu_time_ns: s.cpu_time_ns,
-            }),
-            nics: s.nics,
-            disks: s.disks,
-            net: resource_in(s.net),
-            disk: resource_in(s.disk),
-            last_window_ms: s.last_window_ms,
-        }
+        UsageColumn::deserialize(&mut serde_json::Deserializer::from_str(text)).unwrap_or_default()
     }
 }
 
@@ -954,5 +918,9 @@ mod tests {
         };
         assert_eq!(usage_column::decode(&usage_column::encode(&usage)), usage);
         assert_eq!(usage_column::decode("{not json"), Usage::default());
+        // The stored format is the one earlier versions wrote (derived from `Usage` itself).
+        let stored = r#"{"sample":null,"nics":0,"disks":0,"net":{"idle":false,"since":null,"quiet_windows":0,"last_delta":null,"no_device":false},"disk":{"idle":false,"since":null,"quiet_windows":0,"last_delta":null,"no_device":false},"last_window_ms":null}"#;
+        assert_eq!(usage_column::encode(&Usage::default()), stored);
+        assert_eq!(usage_column::decode(stored), Usage::default());
     }
 }
