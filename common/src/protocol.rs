@@ -420,6 +420,8 @@ fn cut(s: &mut String, max: usize) {
 
 /// A word of the vocabulary: kept if `known` lists it; otherwise `unknown-` and what is left
 /// of it after dropping every character outside `a-z 0-9 _ -`, at most [`bounds::WORD`] long.
+/// A word already of the form `unknown-…` (a newer libvirt's code) keeps its prefix once; a
+/// bare `unknown` is the master's own word for "cannot be seen" and is rewritten like any other.
 fn word(s: &mut String, known: &[&str]) {
     if known.contains(&s.as_str()) {
         return;
@@ -428,7 +430,7 @@ fn word(s: &mut String, known: &[&str]) {
         .chars()
         .filter(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '-'))
         .collect();
-    let mut out = if clean.starts_with("unknown") {
+    let mut out = if clean.starts_with("unknown-") {
         clean
     } else {
         format!("unknown-{clean}")
@@ -715,6 +717,18 @@ mod tests {
         assert_eq!(e.event, "unknown-");
         assert_eq!(e.detail.len(), bounds::WORD);
         assert_eq!(e.reason, "unknown-7");
+
+        // A node cannot claim the master's own `unknown` (it would hide the row from the
+        // liveness and duplicate rules).
+        let mut p = payload(2);
+        if let Body::Event(e) = &mut p.body {
+            e.state = "unknown".into();
+        }
+        let got = auth(encode(KEY, &node(), &p).as_ref()).expect("authentic");
+        let Body::Event(e) = &got.payload().body else {
+            panic!("not an event")
+        };
+        assert_eq!(e.state, "unknown-unknown");
 
         let long_uuid = format!(
             r#"{{"boot":"b","boot_ts":1,"seq":1,"ts":2,"kind":"event","uuid":"{}","name":"n","event":"started","detail":"booted","state":"running","reason":"booted","event_ts":1}}"#,
