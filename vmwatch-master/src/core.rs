@@ -21,7 +21,8 @@ const MAX_BATCH: usize = 4096;
 
 /// Shared signals between the core and the HTTP side.
 pub struct Shared {
-    /// Bumped after every commit; the webhook deliverer waits on it.
+    /// Bumped after every commit (and when a dead letter is retried); the webhook deliverer
+    /// waits on it.
     pub committed: tokio::sync::watch::Sender<u64>,
     /// The VM rows each commit changed; long-polls (`/wait`) listen to it.
     pub vm_changes: tokio::sync::broadcast::Sender<Arc<Vec<VmChange>>>,
@@ -65,7 +66,10 @@ impl Core {
     pub fn spawn(self, rx: Receiver<Received>) -> std::io::Result<JoinHandle<()>> {
         std::thread::Builder::new()
             .name("core".into())
-            .spawn(move || self.run(rx))
+            .spawn(move || {
+                let _guard = self.shared.shutdown.guard("the core thread");
+                self.run(rx)
+            })
     }
 
     fn run(mut self, rx: Receiver<Received>) {
@@ -89,6 +93,10 @@ impl Core {
                     std::thread::sleep(Duration::from_millis(500));
                     continue;
                 }
+                // Messages queued meanwhile carry their arrival times: judged by the clock now,
+                // every node would look silent for the whole outage. Like after a restart, each
+                // node gets a full node_timeout from here.
+                self.started_at = now_ms();
                 tracing::info!("database writes succeed again; the held batch is committed");
             }
             let mut batch = Vec::new();
@@ -122,7 +130,8 @@ impl Core {
                 self.update_gauges();
                 next_gauges = Instant::now() + Duration::from_secs(1);
             }
-            if closed {
+            // A batch this turn could not commit is retried (or reported lost) first.
+            if closed && self.pending.is_none() {
                 self.update_gauges();
                 return;
             }
