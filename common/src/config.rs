@@ -457,7 +457,8 @@ impl Cli {
             "usage: {program} [--config PATH] [--check-config] [--version]\n\n  \
              --config PATH    configuration file (default {default_config})\n  \
              --check-config   validate the configuration, print it with secrets masked, exit\n  \
-             --version        print the version and exit\n"
+             --version        print the version and exit\n  \
+             --node-secret N  (vmwatch-master) print node N's configuration key lines, exit\n"
         )
     }
 }

@@ -37,6 +37,8 @@ struct ShutdownInner {
     triggered: Mutex<bool>,
     wake: Condvar,
     watch: tokio::sync::watch::Sender<bool>,
+    /// The part that ended on its own (a thread that returned or panicked before the shutdown).
+    failed: Mutex<Option<&'static str>>,
 }
 
 impl Default for Shutdown {
@@ -52,6 +54,7 @@ impl Shutdown {
                 triggered: Mutex::new(false),
                 wake: Condvar::new(),
                 watch: tokio::sync::watch::channel(false).0,
+                failed: Mutex::new(None),
             }),
         }
     }
@@ -102,6 +105,43 @@ impl Shutdown {
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<bool> {
         self.inner.watch.subscribe()
     }
+
+    /// A guard for the thread `part`: if the thread ends (returns or panics) before the
+    /// shutdown, it logs, records the failure and triggers the shutdown, so a daemon never runs
+    /// on without a part it needs.
+    pub fn guard(&self, part: &'static str) -> ExitGuard {
+        ExitGuard {
+            shutdown: self.clone(),
+            part,
+        }
+    }
+
+    /// The part that ended on its own, if any (`run` turns it into an error exit).
+    pub fn failed(&self) -> Option<&'static str> {
+        *self.inner.failed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// See [`Shutdown::guard`].
+pub struct ExitGuard {
+    shutdown: Shutdown,
+    part: &'static str,
+}
+
+impl Drop for ExitGuard {
+    fn drop(&mut self) {
+        if self.shutdown.is_triggered() {
+            return;
+        }
+        tracing::error!(part = self.part, "{} ended on its own; stopping", self.part);
+        *self
+            .shutdown
+            .inner
+            .failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(self.part);
+        self.shutdown.trigger();
+    }
 }
 
 /// When the daemon's main loop last turned: the watchdog pings systemd only while it is recent.
@@ -128,8 +168,6 @@ pub const PULSE_STALE_MS: u64 = 10_000;
 pub struct Context {
     pub shutdown: Shutdown,
     pub pulse: Pulse,
-    /// The configuration file (for messages).
-    pub config_path: PathBuf,
 }
 
 /// A daemon as the skeleton sees it.
@@ -214,15 +252,16 @@ impl<C> Daemon<C> {
                 return ExitCode::FAILURE;
             }
         };
-        let watchdog = spawn_watchdog(shutdown.clone(), pulse.clone());
+        // The watchdog pings through the drain too: it stops once `run` has returned.
+        let finished = Shutdown::new();
+        let watchdog = spawn_watchdog(finished.clone(), pulse.clone());
         let context = Context {
             shutdown: shutdown.clone(),
             pulse,
-            config_path: cli.config.clone(),
         };
         let result = run(config, context);
-        // Whatever ended `run`, the helper threads end with it.
         shutdown.trigger();
+        finished.trigger();
         signals.stop();
         if let Some(w) = watchdog {
             join_within(w, Duration::from_secs(1), "the watchdog thread");
@@ -282,8 +321,8 @@ impl SignalThread {
 }
 
 /// The `watchdog` thread, if systemd asked for one (`WatchdogSec`): pings at half the interval
-/// while the pulse is fresh.
-fn spawn_watchdog(shutdown: Shutdown, pulse: Pulse) -> Option<JoinHandle<()>> {
+/// while the pulse is fresh, until `finished`.
+fn spawn_watchdog(finished: Shutdown, pulse: Pulse) -> Option<JoinHandle<()>> {
     let mut usec = 0u64;
     if !sd_notify::watchdog_enabled(false, &mut usec) {
         return None;
@@ -292,7 +331,7 @@ fn spawn_watchdog(shutdown: Shutdown, pulse: Pulse) -> Option<JoinHandle<()>> {
     let spawned = std::thread::Builder::new()
         .name("watchdog".into())
         .spawn(move || {
-            while !shutdown.wait_timeout(every) {
+            while !finished.wait_timeout(every) {
                 if pulse.age_ms(now_ms()) < PULSE_STALE_MS {
                     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
                 }
@@ -359,6 +398,25 @@ mod tests {
         s.trigger();
         let quick = std::thread::spawn(|| 7);
         assert_eq!(join_within(quick, Duration::from_secs(5), "quick"), Some(7));
+    }
+
+    #[test]
+    fn a_thread_that_ends_on_its_own_stops_the_daemon() {
+        let s = Shutdown::new();
+        let guard = s.guard("the core thread");
+        std::thread::spawn(move || {
+            let _guard = guard;
+            panic!("core died");
+        })
+        .join()
+        .unwrap_err();
+        assert!(s.is_triggered());
+        assert_eq!(s.failed(), Some("the core thread"));
+        // After the shutdown, ending is the normal way out.
+        let s = Shutdown::new();
+        s.trigger();
+        drop(s.guard("ingest"));
+        assert_eq!(s.failed(), None);
     }
 
     #[test]

@@ -64,7 +64,7 @@ impl LogFile {
 /// One event is one line: control characters inside it (a newline or an ESC in a VM name sent
 /// by a node) are written as `\xNN` (C1 controls as `\u{NN}`), so nothing a node sends can
 /// forge a log line or drive a terminal. The final newline is kept.
-pub fn escape_controls(buf: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+fn escape_controls(buf: &[u8]) -> std::borrow::Cow<'_, [u8]> {
     let body = buf.strip_suffix(b"\n").unwrap_or(buf);
     let text = String::from_utf8_lossy(body);
     if !text.chars().any(|c| c.is_control() && c != '\t')

@@ -23,8 +23,8 @@ pub struct MasterConfig {
     pub db_path: PathBuf,
     pub http_listen: SocketAddr,
     pub api_token: Option<Secret>,
-    pub panel_url: Option<String>,
-    pub panel_secret: Option<Secret>,
+    /// Where and with which key the webhook notifies the panel (`panel_url`, `panel_secret`).
+    pub panel: Option<Panel>,
     pub node_timeout: u64,
     pub max_clock_skew: u64,
     pub max_message_age: u64,
@@ -39,6 +39,13 @@ pub struct MasterConfig {
     pub max_connections: usize,
     pub log_file: PathBuf,
     pub log_level: String,
+}
+
+/// The panel's webhook: its URL and the key that signs every notification (never a node key).
+#[derive(Debug, Clone)]
+pub struct Panel {
+    pub url: String,
+    pub secret: Secret,
 }
 
 impl MasterConfig {
@@ -137,13 +144,17 @@ impl MasterConfig {
                 "is required (the CURVE keys and the derived node secrets come from it)".into(),
             ));
         }
-        if panel_url.is_some() && panel_secret.is_none() {
-            return Err(err(
-                "panel_secret",
-                "is required when panel_url is set (a node key must never sign panel notifications)"
-                    .into(),
-            ));
-        }
+        let panel = match (panel_url, panel_secret) {
+            (Some(url), Some(secret)) => Some(Panel { url, secret }),
+            (Some(_), None) => {
+                return Err(err(
+                    "panel_secret",
+                    "is required when panel_url is set (a node key must never sign panel notifications)"
+                        .into(),
+                ))
+            }
+            (None, _) => None,
+        };
         if idle_windows == 0 {
             return Err(err("idle_windows", "must be at least 1".into()));
         }
@@ -162,8 +173,7 @@ impl MasterConfig {
             db_path,
             http_listen,
             api_token,
-            panel_url,
-            panel_secret,
+            panel,
             node_timeout,
             max_clock_skew,
             max_message_age,
@@ -218,8 +228,11 @@ impl MasterConfig {
             self.db_path.display(),
             self.http_listen,
             opt(&self.api_token),
-            self.panel_url.clone().unwrap_or_default(),
-            opt(&self.panel_secret),
+            self.panel.as_ref().map(|p| p.url.clone()).unwrap_or_default(),
+            self.panel
+                .as_ref()
+                .map(|p| p.secret.to_string())
+                .unwrap_or_default(),
             self.node_timeout,
             self.max_clock_skew,
             self.max_message_age,

@@ -44,9 +44,9 @@ pub struct Received {
 const ZAP_ENDPOINT: &str = "inproc://zeromq.zap.01";
 const MONITOR_ENDPOINT: &str = "inproc://vmwatch-node-port-monitor";
 /// A peer must finish the CURVE handshake within this time.
-pub const HANDSHAKE_MS: i32 = 10_000;
+const HANDSHAKE_MS: i32 = 10_000;
 /// Descriptors kept beyond `max_connections` for the database, HTTP and the log.
-pub const FD_RESERVE: u64 = 1024;
+const FD_RESERVE: u64 = 1024;
 
 /// The bound node port and its helpers, all in one ZeroMQ context. Fields drop in order: the
 /// sockets before the context (whose drop waits for every socket to close).
@@ -164,11 +164,12 @@ pub fn bind(config: &MasterConfig, max_connections: usize) -> Result<NodePort, B
             endpoint: config.listen.clone(),
             source,
         })?;
-    let listen_port = config
-        .listen
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
+    // The port libzmq actually bound (not the configured string, which may say 0 or `*`).
+    let listen_port = pull
+        .get_last_endpoint()
+        .ok()
+        .and_then(Result::ok)
+        .and_then(|e| e.rsplit(':').next().and_then(|p| p.parse().ok()))
         .unwrap_or(0);
     Ok(NodePort {
         _ctx: ctx,
@@ -191,7 +192,10 @@ pub fn spawn(
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name("zmq-pull".into())
-        .spawn(move || run(port, &config, to_core, &metrics, &reject_log, &shutdown))
+        .spawn(move || {
+            let _guard = shutdown.guard("the ingest thread");
+            run(port, &config, to_core, &metrics, &reject_log, &shutdown)
+        })
 }
 
 fn run(
@@ -262,15 +266,18 @@ fn run(
                     break;
                 }
             };
+            // A key derived here is kept only once it verified a message.
+            let mut derived = None;
             let verified = authenticate(&frames, |n| match keyring.get(n) {
                 Some(k) => Some(Cow::Borrowed(k.as_slice())),
-                None => config.key_for(n).map(Cow::Owned),
+                None => {
+                    derived = config.key_for(n);
+                    derived.clone().map(Cow::Owned)
+                }
             });
-            if let Ok(m) = &verified {
-                if !keyring.contains_key(m.node_id()) && keyring.len() < config.max_nodes {
-                    if let Some(k) = config.key_for(m.node_id()) {
-                        keyring.insert(m.node_id().clone(), k);
-                    }
+            if let (Ok(m), Some(k)) = (&verified, derived) {
+                if keyring.len() < config.max_nodes {
+                    keyring.insert(m.node_id().clone(), k);
                 }
             }
             match verified {
@@ -357,8 +364,9 @@ fn on_event(
 }
 
 /// Shuts down an accepted connection beyond the cap; libzmq then sees it end and cleans up.
-/// The descriptor comes from the monitor event: it is checked to still be a socket on the node
-/// port, so a descriptor closed and reused meanwhile is never touched.
+/// The descriptor comes from the monitor event and is checked to still be a socket on the node
+/// port: a descriptor reused meanwhile by anything else is never touched. (One reused by
+/// another node-port connection would be shut down instead; that node reconnects.)
 fn refuse(fd: RawFd, listen_port: u16) {
     use nix::sys::socket::{getsockname, shutdown, Shutdown, SockaddrStorage};
     let on_node_port = getsockname::<SockaddrStorage>(fd).ok().and_then(|a| {

@@ -2,10 +2,11 @@
 //! fires, then drains each part within its own grace period.
 //!
 //! Order at start: database (inventory, outbox) → descriptor limit → ZAP handler + CURVE PULL
-//! bind → HTTP bind → core and ingest threads, webhook and HTTP tasks → `READY=1`. Order at
-//! stop: long-polls answer and the accept loop ends (HTTP drains ≤ 2 s), the webhook stops
-//! (≤ 1 s), ingest stops reading and drops its channel, and the core commits what it holds and
-//! returns.
+//! bind → HTTP bind → core and ingest threads, webhook and HTTP tasks → `READY=1`. At stop
+//! every part sees the one shutdown token at once: long-polls answer, the accept loop ends,
+//! the webhook and ingest stop; ingest dropping its channel lets the core commit what it holds
+//! and return. `run` then waits for each in turn, each within its own grace. If the core or
+//! ingest thread ends on its own, its guard triggers the same shutdown and `run` fails.
 
 use std::os::fd::AsFd;
 use std::sync::atomic::AtomicBool;
@@ -20,12 +21,17 @@ use crate::ingest::BindError;
 use crate::store::{Outbox, Store, StoreError};
 use crate::{api, core, ingest, metrics, rules, serve, webhook};
 
+// The graces of the drain, in the order they are waited for. Their sum with the runtime's
+// 2 s (15 s) stays under the unit's TimeoutStopSec=20, so systemd never kills a drain that
+// would still log its own overrun.
 /// How long the HTTP side may take to finish open requests once stopping.
 const HTTP_GRACE: Duration = Duration::from_secs(2);
 const WEBHOOK_GRACE: Duration = Duration::from_secs(1);
-const INGEST_GRACE: Duration = Duration::from_secs(5);
+/// Ingest sees the token within one poll (≤ 100 ms).
+const INGEST_GRACE: Duration = Duration::from_secs(2);
 /// The core commits what it holds; a refusing database makes it give up at once.
-const CORE_GRACE: Duration = Duration::from_secs(30);
+const CORE_GRACE: Duration = Duration::from_secs(8);
+const RUNTIME_GRACE: Duration = Duration::from_secs(2);
 
 /// Why the master could not run.
 #[derive(Debug, thiserror::Error)]
@@ -46,8 +52,8 @@ pub enum MasterError {
         thread: &'static str,
         source: std::io::Error,
     },
-    #[error("panel_url is set but panel_secret is not")]
-    NoPanelSecret,
+    #[error("{0} ended on its own")]
+    PartFailed(&'static str),
 }
 
 /// Runs the master until `ctx.shutdown` fires; returns once every part has drained.
@@ -65,7 +71,7 @@ pub fn run(config: MasterConfig, ctx: Context) -> Result<(), MasterError> {
     }
     let config = Arc::new(config);
     let mut store = Store::open(&config.db_path)?;
-    if config.panel_url.is_some() {
+    if config.panel.is_some() {
         store.enable_outbox();
     }
     let inventory = store.load_inventory()?;
@@ -88,7 +94,7 @@ pub fn run(config: MasterConfig, ctx: Context) -> Result<(), MasterError> {
 
     let metrics = Arc::new(metrics::Metrics::new());
     metrics.journal_size.set(store.journal_size()? as i64);
-    let outbox = match &config.panel_url {
+    let outbox = match &config.panel {
         Some(_) => {
             let outbox = Outbox::open(&config.db_path)?;
             // The core adds what it commits and acknowledgements subtract, so the gauge stays
@@ -138,15 +144,11 @@ pub fn run(config: MasterConfig, ctx: Context) -> Result<(), MasterError> {
     )
     .map_err(spawn_error("zmq-pull"))?;
 
-    let webhook = match (&config.panel_url, outbox) {
-        (Some(url), Some(outbox)) => {
-            // Checked with the rest of the configuration: never a node key.
-            let Some(key) = config.panel_secret.as_ref().map(|s| s.expose().to_vec()) else {
-                return Err(MasterError::NoPanelSecret);
-            };
+    let webhook = match (&config.panel, outbox) {
+        (Some(panel), Some(outbox)) => {
             let hook = webhook::Webhook {
-                url: url.clone(),
-                key,
+                url: panel.url.clone(),
+                key: panel.secret.expose().to_vec(),
                 outbox,
                 metrics: metrics.clone(),
                 committed: shared.committed.subscribe(),
@@ -186,11 +188,12 @@ pub fn run(config: MasterConfig, ctx: Context) -> Result<(), MasterError> {
         if let Err(e) = server.await {
             tracing::error!(error = %e, "HTTP server task failed");
         }
-        if let Some(task) = webhook {
-            if tokio::time::timeout(WEBHOOK_GRACE, task).await.is_err() {
+        if let Some(mut task) = webhook {
+            if tokio::time::timeout(WEBHOOK_GRACE, &mut task).await.is_err() {
+                task.abort();
                 tracing::warn!(
                     grace_ms = WEBHOOK_GRACE.as_millis() as u64,
-                    "the webhook did not stop within its grace period; dropping its delivery in flight (the entry stays in the outbox)"
+                    "the webhook did not stop within its grace period; its delivery in flight is aborted (the entry stays in the outbox)"
                 );
             }
         }
@@ -198,8 +201,11 @@ pub fn run(config: MasterConfig, ctx: Context) -> Result<(), MasterError> {
     // Ingest holds the only sender: once it ends, the core commits what it has and returns.
     join_within(ingest_thread, INGEST_GRACE, "the ingest thread");
     join_within(core_thread, CORE_GRACE, "the core thread");
-    runtime.shutdown_timeout(Duration::from_secs(2));
-    Ok(())
+    runtime.shutdown_timeout(RUNTIME_GRACE);
+    match ctx.shutdown.failed() {
+        Some(part) => Err(MasterError::PartFailed(part)),
+        None => Ok(()),
+    }
 }
 
 /// Waits until systemd has processed every notification sent so far (`BARRIER=1`: systemd

@@ -17,10 +17,10 @@ use tokio::sync::{watch, Semaphore};
 use crate::metrics::Metrics;
 
 /// HTTP connections served at once; more are closed as they are accepted.
-pub const MAX_CONNECTIONS: usize = 512;
+const MAX_CONNECTIONS: usize = 512;
 /// A request's headers must arrive within this time; an idle keep-alive connection is closed
 /// after it too.
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves `app` until `stop` turns true, then drains open connections for at most `grace`.
 pub async fn serve(

@@ -197,7 +197,7 @@ impl Store {
     }
 
     /// Deletes journal entries received before `cutoff` (unix ms), except those still waiting
-    /// in the outbox. Returns how many went.
+    /// in the outbox or kept as dead letters. Returns how many went.
     pub fn purge_journal(&mut self, cutoff: u64) -> Result<usize, StoreError> {
         self.conn
             .execute(
@@ -419,8 +419,9 @@ fn journal_from_row(row: &Row<'_>) -> rusqlite::Result<JournalRow> {
     })
 }
 
-/// The webhook deliverer's view of the outbox. It has its own connection and writes nothing
-/// but outbox deletions (acknowledged deliveries); everything else is the core's.
+/// The outbox on a connection of its own: the webhook deliverer deletes acknowledged entries
+/// and moves refused ones to the dead letters; `POST /dead-letters/{id}/retry` moves one back.
+/// Nodes, VMs and the journal are only ever written by the core.
 pub struct Outbox {
     conn: Connection,
 }

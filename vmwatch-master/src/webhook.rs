@@ -22,7 +22,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(300);
 /// Acknowledged ids are written at least this often (and at the end of every batch).
 const ACK_EVERY: usize = 64;
 /// Refusals for good (a 4xx but 408, 425, 429) before an entry moves to the dead letters.
-pub const DEAD_AFTER: u32 = 3;
+const DEAD_AFTER: u32 = 3;
 
 /// Whether the panel's answer says the entry itself is refused, so retrying cannot help.
 pub fn refused_for_good(status: u16) -> bool {

@@ -16,7 +16,13 @@ fn main() -> ExitCode {
         load: config::NodeConfig::load,
         describe: config::NodeConfig::describe,
         log: |c| (c.log_file.clone(), c.log_level.clone()),
-        command: |_, _| None,
+        command: |cli, _| {
+            // The CLI is shared; this option belongs to the master.
+            cli.node_secret.as_ref().map(|_| {
+                eprintln!("vmwatch-node: --node-secret is a vmwatch-master option");
+                ExitCode::from(vmwatch_common::daemon::EX_USAGE)
+            })
+        },
     }
     .main(|config, ctx| agent::run(config, ctx).context("the node stopped on an error"))
 }

@@ -1,6 +1,8 @@
-//! The API's JSON shapes (docs/API.md), apart from the domain model: the rules' `Node`, `Vm`
-//! and `Usage` are not serializable, so neither the database nor the rules can change what the
-//! API says by accident (rust-analyzer's serializable-boundary rule).
+//! The API's JSON shapes of nodes and VM rows (docs/API.md), apart from the domain model: the
+//! rules' `Node`, `Vm` and `Usage` are not serializable, so neither the database nor the rules
+//! can change what these endpoints say by accident (rust-analyzer's serializable-boundary
+//! rule). Journal entries and dead letters are served as the store reads them
+//! (`store::JournalRow`, which is also the webhook's body).
 
 use serde::Serialize;
 
