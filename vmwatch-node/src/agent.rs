@@ -87,13 +87,13 @@ pub fn run(config: NodeConfig, ctx: Context) -> Result<(), NodeError> {
     }
     shell.core.handle(now(), Input::Stop);
     shell.turn();
-    join_within(stats, Duration::from_secs(2), "the stats thread");
     shell.drain();
+    // The stats thread sees the token between collections; one stuck in libvirt is left.
+    join_within(stats, Duration::from_secs(2), "the stats thread");
     Ok(())
 }
 
-/// A libvirt connection with its callbacks. Field order matters: the callbacks are deregistered
-/// before the connection is released.
+/// A libvirt connection with its callbacks (the watch holds a reference of its own).
 struct Connection {
     _watch: Watch,
     conn: Connect,
@@ -111,10 +111,7 @@ struct Shell {
 impl Shell {
     /// Fires due timers, performs every action, then sends what the socket takes.
     fn turn(&mut self) {
-        let now = now();
-        if self.core.poll_timeout().is_some_and(|t| now.mono >= t) {
-            self.core.handle_timeout(now);
-        }
+        self.core.handle_timeout(now());
         while let Some(action) = self.core.poll_action() {
             self.perform(action);
         }
@@ -180,7 +177,13 @@ impl Shell {
     fn connect(&mut self, generation: u64) -> Input {
         let opened =
             libvirt::open(&self.uri, KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT).and_then(|conn| {
-                Watch::register(&conn, generation, &self.tx).map(|watch| (conn, watch))
+                match Watch::register(&conn, generation, &self.tx) {
+                    Ok(watch) => Ok((conn, watch)),
+                    Err(e) => {
+                        release(Some(conn));
+                        Err(e)
+                    }
+                }
             });
         match opened {
             Ok((conn, watch)) => {
@@ -259,17 +262,17 @@ fn spawn_stats_collector(
             let mut conn: Option<Connect> = None;
             let mut next = Instant::now();
             while !shutdown.wait_timeout(next.saturating_duration_since(Instant::now())) {
-                if conn.is_none() {
-                    match libvirt::open(&uri, KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT) {
-                        Ok(c) => conn = Some(c),
+                let c: &Connect = match conn {
+                    Some(ref c) => c,
+                    None => match libvirt::open(&uri, KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT) {
+                        Ok(c) => conn.insert(c),
                         Err(e) => {
                             tracing::debug!(error = %e, "stats: libvirt unavailable");
                             next = Instant::now() + retry;
                             continue;
                         }
-                    }
-                }
-                let Some(c) = &conn else { continue };
+                    },
+                };
                 let started = Instant::now();
                 match libvirt::all_domain_counters(c) {
                     Ok(counters) => {

@@ -12,7 +12,7 @@ use vmwatch_common::protocol::{
 
 use crate::facts::{self, DomainCounters, DomainFacts, EventFacts};
 
-/// How the sender treats a message when its queue is full.
+/// How the core's queue treats a message when the socket is full (`core::push_bounded`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Class {
     /// Superseded by the next snapshot: only the latest one matters.

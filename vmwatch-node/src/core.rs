@@ -122,24 +122,18 @@ pub enum Transmit {
 
 /// Reconnect backoff: 0.5 s doubling to 30 s, reset on success.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Backoff(Duration);
+struct Backoff(Duration);
 
 impl Backoff {
-    pub fn new() -> Backoff {
+    fn new() -> Backoff {
         Backoff(BACKOFF_MIN)
     }
 
     /// The delay to wait now; the next one doubles.
-    pub fn next_delay(&mut self) -> Duration {
+    fn next_delay(&mut self) -> Duration {
         let d = self.0;
         self.0 = (self.0 * 2).min(BACKOFF_MAX);
         d
-    }
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Self::new()
     }
 }
 
@@ -147,12 +141,15 @@ impl Default for Backoff {
 enum Libvirt {
     /// Not connected; the next attempt is due at this instant.
     Down { retry_at: Instant },
-    /// [`Action::Connect`] was handed out and its answer is awaited.
+    /// [`Action::Connect`] for the current generation was handed out; its answer is awaited.
     Connecting,
-    /// Connection `generation` is open; the next snapshot is due at `snapshot_at`.
+    /// The current generation's connection is open.
     Up {
-        generation: u64,
-        snapshot_at: Instant,
+        /// When the next snapshot is due; `None` while a listing is out.
+        snapshot_at: Option<Instant>,
+        /// The connection is new: the listing's answer also sends the heartbeat that says
+        /// libvirt is back (one before it would still say "down").
+        announce: bool,
     },
 }
 
@@ -163,11 +160,10 @@ pub struct NodeCore {
     hostname: String,
     libvirt_version: String,
     libvirt: Libvirt,
+    /// Of the last [`Action::Connect`]: only its answers and its close reports count.
     generation: u64,
     backoff: Backoff,
     ever_connected: bool,
-    listing: bool,
-    heartbeat_after_listing: bool,
     heartbeat_at: Instant,
     started: Instant,
     ready_sent: bool,
@@ -176,6 +172,7 @@ pub struct NodeCore {
     queue: VecDeque<Outgoing>,
     socket_full: bool,
     domains: u64,
+    /// `sent`, `events`, `dropped`, `libvirt_reconnects`; `overflow` is read off the queue.
     counters: AgentCounters,
 }
 
@@ -197,8 +194,6 @@ impl NodeCore {
             generation: 0,
             backoff: Backoff::new(),
             ever_connected: false,
-            listing: false,
-            heartbeat_after_listing: false,
             heartbeat_at: now.mono,
             started: now.mono,
             ready_sent: false,
@@ -230,14 +225,8 @@ impl NodeCore {
                 self.ever_connected = true;
                 self.backoff = Backoff::new();
                 self.libvirt_version = libvirt_version;
-                self.libvirt = Libvirt::Up {
-                    generation,
-                    snapshot_at: now.mono,
-                };
-                // Events during an outage are gone: a fresh snapshot repairs the master's view,
-                // and the heartbeat after it says libvirt is back.
-                self.heartbeat_after_listing = true;
-                self.list_domains();
+                // Events during an outage are gone: a fresh snapshot repairs the master's view.
+                self.list_domains(true);
             }
             Input::ConnectFailed { error } => {
                 let delay = self.backoff.next_delay();
@@ -251,44 +240,34 @@ impl NodeCore {
                 }
             }
             Input::Listed(domains) => {
-                self.listing = false;
-                let Libvirt::Up { generation, .. } = self.libvirt else {
+                let Libvirt::Up { announce, .. } = self.libvirt else {
                     return;
                 };
                 self.domains = domains.len() as u64;
                 let body = builder::snapshot(&domains, &self.hostname, &self.libvirt_version);
                 self.enqueue(now, body);
-                self.libvirt = Libvirt::Up {
-                    generation,
-                    snapshot_at: now.mono + self.config.snapshot_interval,
-                };
-                self.heartbeat_if_reconnected(now);
+                self.listed(now, announce);
                 self.notify_ready();
             }
             Input::ListFailed { error, alive } => {
-                self.listing = false;
-                let Libvirt::Up { generation, .. } = self.libvirt else {
+                let Libvirt::Up { announce, .. } = self.libvirt else {
                     return;
                 };
                 if alive {
                     tracing::warn!(error = %error, "snapshot failed; retrying next interval");
-                    self.libvirt = Libvirt::Up {
-                        generation,
-                        snapshot_at: now.mono + self.config.snapshot_interval,
-                    };
-                    self.heartbeat_if_reconnected(now);
+                    self.listed(now, announce);
                 } else {
-                    self.heartbeat_after_listing = false;
                     self.lost(now, &format!("listing domains failed: {error}"));
                 }
             }
             Input::Event(facts) => {
                 if facts.transient_domain_stopped() {
-                    if let Libvirt::Up { generation, .. } = self.libvirt {
-                        self.libvirt = Libvirt::Up {
-                            generation,
-                            snapshot_at: now.mono,
-                        };
+                    if let Libvirt::Up {
+                        snapshot_at: Some(at),
+                        ..
+                    } = &mut self.libvirt
+                    {
+                        *at = now.mono;
                     }
                 }
                 self.counters.events += 1;
@@ -297,7 +276,7 @@ impl NodeCore {
             }
             Input::Closed { generation, reason } => {
                 // A close report from an older connection changes nothing.
-                if matches!(self.libvirt, Libvirt::Up { generation: g, .. } if g == generation) {
+                if generation == self.generation && matches!(self.libvirt, Libvirt::Up { .. }) {
                     let why = facts::close_reason(reason);
                     self.lost(now, &format!("connection closed ({why})"));
                 }
@@ -333,32 +312,34 @@ impl NodeCore {
                     generation: self.generation,
                 });
             }
-            Libvirt::Up { snapshot_at, .. } if now.mono >= snapshot_at && !self.listing => {
-                self.list_domains();
-            }
+            Libvirt::Up {
+                snapshot_at: Some(at),
+                ..
+            } if now.mono >= at => self.list_domains(false),
             _ => {}
         }
-        // While a connection attempt or the listing after it is under way, its result sends
-        // the heartbeat: one now would say "down" a moment before libvirt is up.
-        let settling = self.libvirt == Libvirt::Connecting || self.heartbeat_after_listing;
-        if now.mono >= self.heartbeat_at && !settling {
+        if self.heartbeat_due(now.mono) {
             self.heartbeat(now);
         }
     }
 
     /// The next instant [`NodeCore::handle_timeout`] has something to do (`None` once
-    /// stopping). A full socket is retried after [`RETRY_FULL`] besides: see
-    /// [`NodeCore::wants_retry`].
+    /// stopping, or while only an action's answer can move things on). A full socket is
+    /// retried after [`RETRY_FULL`] besides: see [`NodeCore::wants_retry`].
     pub fn poll_timeout(&self) -> Option<Instant> {
         if self.stopping {
             return None;
         }
         let libvirt = match self.libvirt {
             Libvirt::Down { retry_at } => Some(retry_at),
-            Libvirt::Up { snapshot_at, .. } if !self.listing => Some(snapshot_at),
-            _ => None,
+            Libvirt::Up { snapshot_at, .. } => snapshot_at,
+            Libvirt::Connecting => None,
         };
-        Some(libvirt.map_or(self.heartbeat_at, |t| t.min(self.heartbeat_at)))
+        let heartbeat = (!self.settling()).then_some(self.heartbeat_at);
+        match (libvirt, heartbeat) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Whether the shell should retry the socket soon (it was full with messages waiting).
@@ -394,7 +375,6 @@ impl NodeCore {
                 }
             }
         }
-        self.count_overflow();
     }
 
     /// Messages waiting for the socket.
@@ -407,18 +387,48 @@ impl NodeCore {
         self.stopping && self.queue.is_empty()
     }
 
-    /// The agent's counters, as the heartbeat reports them.
+    /// The agent's counters, as a heartbeat built now would report them. `overflow` counts
+    /// the messages held beyond libzmq's queue: only while the socket is full (otherwise the
+    /// queue empties within the turn).
     pub fn counters(&self) -> AgentCounters {
-        self.counters
+        AgentCounters {
+            overflow: if self.socket_full {
+                self.queue.len() as u64
+            } else {
+                0
+            },
+            ..self.counters
+        }
     }
 
-    fn list_domains(&mut self) {
-        self.listing = true;
+    /// While a connection attempt or the listing after it is under way, its answer sends the
+    /// heartbeat: one now would say "down" a moment before libvirt is up.
+    fn settling(&self) -> bool {
+        matches!(
+            self.libvirt,
+            Libvirt::Connecting | Libvirt::Up { announce: true, .. }
+        )
+    }
+
+    fn heartbeat_due(&self, now: Instant) -> bool {
+        now >= self.heartbeat_at && !self.settling()
+    }
+
+    fn list_domains(&mut self, announce: bool) {
+        self.libvirt = Libvirt::Up {
+            snapshot_at: None,
+            announce,
+        };
         self.actions.push_back(Action::ListDomains);
     }
 
-    fn heartbeat_if_reconnected(&mut self, now: Now) {
-        if std::mem::take(&mut self.heartbeat_after_listing) {
+    /// The listing answered: the next one is due an interval from now.
+    fn listed(&mut self, now: Now, announce: bool) {
+        self.libvirt = Libvirt::Up {
+            snapshot_at: Some(now.mono + self.config.snapshot_interval),
+            announce: false,
+        };
+        if announce {
             self.heartbeat(now);
         }
     }
@@ -435,7 +445,7 @@ impl NodeCore {
     fn heartbeat(&mut self, now: Now) {
         let up = matches!(self.libvirt, Libvirt::Up { .. });
         let uptime = now.mono.saturating_duration_since(self.started).as_secs();
-        let body = builder::heartbeat(up, self.domains, uptime, self.counters);
+        let body = builder::heartbeat(up, self.domains, uptime, self.counters());
         self.enqueue(now, body);
         self.heartbeat_at = now.mono + self.config.heartbeat_interval;
     }
@@ -451,17 +461,6 @@ impl NodeCore {
         let m = self.builder.build(now.unix_ms, body);
         tracing::debug!(kind = m.kind, seq = m.seq, "queued");
         self.counters.dropped += push_bounded(&mut self.queue, m);
-        self.count_overflow();
-    }
-
-    /// Messages held beyond libzmq's queue: only while the socket is full (otherwise the
-    /// queue empties within the turn).
-    fn count_overflow(&mut self) {
-        self.counters.overflow = if self.socket_full {
-            self.queue.len() as u64
-        } else {
-            0
-        };
     }
 }
 
@@ -474,7 +473,8 @@ fn push_bounded(queue: &mut VecDeque<Outgoing>, m: Outgoing) -> u64 {
     }
     let mut dropped = (before - queue.len()) as u64;
     queue.push_back(m);
-    while queue.len() > QUEUE_LIMIT {
+    // At most one over: the queue never exceeds the limit before this push.
+    if queue.len() > QUEUE_LIMIT {
         let victim = queue
             .iter()
             .position(|o| o.class != Class::Snapshot)
@@ -679,6 +679,47 @@ mod tests {
         );
         assert_eq!(actions(&mut core), [Action::Release]);
         assert_eq!(heartbeat_of(&sent(&mut core)[0]).0, "down");
+    }
+
+    #[test]
+    fn a_connection_lost_before_its_first_listing_answers_keeps_the_heartbeats_going() {
+        let (mut core, t0) = start();
+        core.handle_timeout(t0);
+        assert_eq!(actions(&mut core), [Action::Connect { generation: 1 }]);
+        core.handle(
+            t0,
+            Input::Connected {
+                generation: 1,
+                libvirt_version: "9.0.0".into(),
+            },
+        );
+        assert_eq!(actions(&mut core), [Action::ListDomains]);
+        core.handle(
+            t0,
+            Input::Closed {
+                generation: 1,
+                reason: 1,
+            },
+        );
+        assert_eq!(actions(&mut core), [Action::Release]);
+        assert_eq!(heartbeat_of(&sent(&mut core)[0]).0, "down");
+        // The listing's late answer changes nothing; the timers are ahead, not in the past.
+        core.handle(t0, Input::Listed(vec![domain("u1", 1)]));
+        assert_eq!(sent(&mut core).len(), 0);
+        assert_eq!(
+            core.poll_timeout(),
+            Some(t0.mono + Duration::from_millis(500))
+        );
+        let t1 = t0.after(Duration::from_millis(500));
+        core.handle_timeout(t1);
+        assert_eq!(actions(&mut core), [Action::Connect { generation: 2 }]);
+        core.handle(t1, Input::ConnectFailed { error: "x".into() });
+        // Half a minute later the outage is still reported.
+        let t2 = t0.after(Duration::from_secs(30));
+        core.handle_timeout(t2);
+        let bodies = sent(&mut core);
+        assert_eq!(bodies.len(), 1);
+        assert_eq!(heartbeat_of(&bodies[0]).0, "down");
     }
 
     #[test]

@@ -12,7 +12,7 @@
 //!   are given and return, so the event thread never blocks; a `libvirt-facts` thread of the
 //!   watch then reads each domain's identity, state and persistence and hands the core an
 //!   [`Input::Event`] (or [`Input::Closed`]). Dropping the `Watch` deregisters the callbacks,
-//!   and the thread ends with them.
+//!   and the thread ends once libvirt has freed them.
 //! - [`list_domains`] and [`all_domain_counters`] read the inventory and the counters.
 //!
 //! Every callback's `opaque` is a `Box<Sender<Raw>>` freed by libvirt through `free_sender`
@@ -21,14 +21,15 @@
 
 use std::ffi::{c_int, c_void, CStr};
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::Once;
+use std::sync::Mutex;
 
 use virt::connect::Connect;
 use virt::domain::Domain;
 use virt::sys;
+use vmwatch_common::time::now_ms;
 
 use crate::core::Input;
-use crate::facts::{DomainCounters, DomainFacts, EventFacts};
+use crate::facts::{DomainCounters, DomainFacts, EventFacts, STATE_SHUTOFF};
 
 /// What a callback copied out of libvirt, before the facts thread reads the rest.
 enum Raw {
@@ -82,35 +83,37 @@ fn last_error(call: &'static str) -> LibvirtError {
     LibvirtError::Call { call, message }
 }
 
-static EVENT_LOOP: Once = Once::new();
+/// Whether the event loop runs (set only once it does, so a failed start can be retried).
+static EVENT_LOOP: Mutex<bool> = Mutex::new(false);
 
-/// Registers the default event implementation and starts the thread that runs it. Idempotent;
-/// must be called before the first connection is opened.
+/// Registers the default event implementation and starts the thread that runs it. Idempotent
+/// once it succeeded; must be called before the first connection is opened.
 pub fn start_event_loop() -> Result<(), LibvirtError> {
-    let mut result = Ok(());
-    EVENT_LOOP.call_once(|| {
-        // libvirt prints every error to stderr by default; we report errors ourselves.
-        virt::error::clear_error_callback();
-        // SAFETY: plain libvirt call without arguments, made once before any connection.
-        if unsafe { sys::virEventRegisterDefaultImpl() } < 0 {
-            result = Err(last_error("virEventRegisterDefaultImpl"));
-            return;
-        }
-        let spawned = std::thread::Builder::new().name("libvirt-events".into()).spawn(|| loop {
+    let mut running = EVENT_LOOP.lock().unwrap_or_else(|p| p.into_inner());
+    if *running {
+        return Ok(());
+    }
+    // libvirt prints every error to stderr by default; we report errors ourselves.
+    virt::error::clear_error_callback();
+    // SAFETY: plain libvirt call without arguments, made before any connection.
+    if unsafe { sys::virEventRegisterDefaultImpl() } < 0 {
+        return Err(last_error("virEventRegisterDefaultImpl"));
+    }
+    std::thread::Builder::new()
+        .name("libvirt-events".into())
+        .spawn(|| loop {
             // SAFETY: runs one iteration of the default loop registered above.
             if unsafe { sys::virEventRunDefaultImpl() } < 0 {
                 tracing::error!(error = %last_error("virEventRunDefaultImpl"), "libvirt event loop iteration failed");
                 std::thread::sleep(std::time::Duration::from_millis(100));
             }
-        });
-        if let Err(source) = spawned {
-            result = Err(LibvirtError::Spawn {
-                thread: "libvirt-events",
-                source,
-            });
-        }
-    });
-    result
+        })
+        .map_err(|source| LibvirtError::Spawn {
+            thread: "libvirt-events",
+            source,
+        })?;
+    *running = true;
+    Ok(())
 }
 
 /// Opens `uri` read-write with keepalive (`interval` s, `count` missed replies).
@@ -151,10 +154,6 @@ unsafe extern "C" fn free_sender(opaque: *mut c_void) {
 
 fn boxed_sender(tx: &Sender<Raw>) -> *mut c_void {
     Box::into_raw(Box::new(tx.clone())) as *mut c_void
-}
-
-fn now_ms() -> u64 {
-    vmwatch_common::time::now_ms()
 }
 
 /// Takes a new reference on a domain handed to a callback (libvirt frees its own after return).
@@ -228,15 +227,10 @@ impl Watch {
         generation: u64,
         tx: &Sender<Input>,
     ) -> Result<Watch, LibvirtError> {
+        // The facts thread starts only once every callback is registered: a failed registration
+        // leaks its boxed sender (see below), and a thread waiting on it would never end.
         let (raw_tx, raw_rx) = mpsc::channel();
-        let to_core = tx.clone();
-        std::thread::Builder::new()
-            .name("libvirt-facts".into())
-            .spawn(move || turn_into_facts(generation, raw_rx, to_core))
-            .map_err(|source| LibvirtError::Spawn {
-                thread: "libvirt-facts",
-                source,
-            })?;
+        let tx_core = tx.clone();
         let tx = &raw_tx;
         let mut watch = Watch {
             conn: conn.clone(),
@@ -306,6 +300,14 @@ impl Watch {
             return Err(last_error("virConnectRegisterCloseCallback"));
         }
         watch.close_registered = true;
+        // Reports that arrive meanwhile wait in the channel.
+        std::thread::Builder::new()
+            .name("libvirt-facts".into())
+            .spawn(move || turn_into_facts(generation, raw_rx, tx_core))
+            .map_err(|source| LibvirtError::Spawn {
+                thread: "libvirt-facts",
+                source,
+            })?;
         Ok(watch)
     }
 }
@@ -411,13 +413,12 @@ pub fn list_domains(conn: &Connect) -> Result<Vec<DomainFacts>, LibvirtError> {
     // One listing (two would miss a domain that starts between them), then the filter.
     let domains: Vec<Domain> = conn
         .list_all_domains(0)
-        .map_err(|e| LibvirtError::from_virt("virConnectListAllDomains", e))?
-        .into_iter()
-        .filter(|d| d.is_active().unwrap_or(false) || is_persistent(d))
-        .collect();
+        .map_err(|e| LibvirtError::from_virt("virConnectListAllDomains", e))?;
     let mut out = Vec::with_capacity(domains.len());
     for d in &domains {
+        // One round trip per domain (its state); persistence is asked only of shut-off ones.
         match domain_facts(d) {
+            Ok(f) if f.state == STATE_SHUTOFF && !is_persistent(d) => {}
             Ok(f) => out.push(f),
             Err(e) => tracing::debug!(error = %e, "domain vanished while listing"),
         }
