@@ -255,6 +255,33 @@ impl Master {
             .map_err(|e| anyhow!("series {series}: {e}"))
     }
 
+    /// Whether the master's rows of `node` are exactly what `lv` lists.
+    pub fn matches_libvirt(&self, lv: &crate::libvirtd::PrivateLibvirtd, node: &str) -> bool {
+        match (self.vms_of(node), lv.inventory()) {
+            (Ok(rows), Ok(listed)) => rows == listed,
+            _ => false,
+        }
+    }
+
+    /// Waits until the master's rows of `node` are exactly what `lv` lists.
+    pub fn wait_matches_libvirt(
+        &self,
+        lv: &crate::libvirtd::PrivateLibvirtd,
+        node: &str,
+        timeout: Duration,
+    ) {
+        let deadline = Instant::now() + timeout;
+        while !self.matches_libvirt(lv, node) {
+            assert!(
+                Instant::now() < deadline,
+                "inventory of {node} did not match libvirt within {timeout:?}:\n libvirt: {:?}\n master:  {:?}",
+                lv.inventory(),
+                self.vms_of(node)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// The master's view of one node's VMs: (uuid, name, state), sorted by uuid.
     pub fn vms_of(&self, node: &str) -> Result<Vec<(String, String, String)>> {
         let v = self.get(&format!("/api/v1/vms?node={node}&limit=1000"))?;

@@ -10,26 +10,6 @@ use vmwatch_tests::product::{temp_dir, wait_for, Master, Node};
 use vmwatch_tests::receiver::{Delivery, PanelReceiver};
 use vmwatch_tests::require_root_env;
 
-fn libvirt_inventory(lv: &PrivateLibvirtd) -> Vec<(String, String, String)> {
-    lv.inventory().expect("virsh list")
-}
-
-/// Waits until the master's inventory of `node` equals what libvirt lists.
-fn wait_inventory_matches(master: &Master, lv: &PrivateLibvirtd, node: &str, timeout: Duration) {
-    let mut last = (Vec::new(), Vec::new());
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        let want = libvirt_inventory(lv);
-        let got = master.vms_of(node).unwrap_or_default();
-        if want == got {
-            return;
-        }
-        last = (want, got);
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("inventory of {node} did not match libvirt within {timeout:?}:\n libvirt: {:?}\n master:  {:?}", last.0, last.1);
-}
-
 fn wait_node_libvirt(master: &Master, node: &str, up: bool, timeout: Duration) {
     wait_for(
         timeout,
@@ -129,7 +109,7 @@ fn libvirtd_killed_and_restarted() {
         .expect("start guest");
     lv.define_guest("e2e-kill-off", GuestKind::Idle)
         .expect("define guest");
-    wait_inventory_matches(&master, &lv, "lvkill", Duration::from_secs(5));
+    master.wait_matches_libvirt(&lv, "lvkill", Duration::from_secs(5));
 
     lv.kill();
     let t0 = Instant::now();
@@ -139,9 +119,10 @@ fn libvirtd_killed_and_restarted() {
     lv.restart().expect("restart libvirtd");
     // Backoff is at most 30 s; the first retries come after 0.5, 1, 2, 4 s.
     wait_node_libvirt(&master, "lvkill", true, Duration::from_secs(45));
-    wait_inventory_matches(&master, &lv, "lvkill", Duration::from_secs(10));
+    master.wait_matches_libvirt(&lv, "lvkill", Duration::from_secs(10));
     assert!(
-        libvirt_inventory(&lv)
+        lv.inventory()
+            .expect("virsh list")
             .iter()
             .any(|(_, n, s)| n == "e2e-kill-run" && s == "running"),
         "guest survived"
@@ -168,7 +149,7 @@ fn node_restart_resyncs_changes_made_behind_its_back() {
         .expect("define");
     lv.define_guest("e2e-later", GuestKind::Idle)
         .expect("define");
-    wait_inventory_matches(&master, &lv, "resync", Duration::from_secs(5));
+    master.wait_matches_libvirt(&lv, "resync", Duration::from_secs(5));
 
     assert_eq!(
         node.stop().expect("stop node"),
@@ -180,7 +161,7 @@ fn node_restart_resyncs_changes_made_behind_its_back() {
         .expect("define new");
     lv.virsh(&["start", "e2e-later"]).expect("start");
     node.start_again().expect("node again");
-    wait_inventory_matches(&master, &lv, "resync", Duration::from_secs(30));
+    master.wait_matches_libvirt(&lv, "resync", Duration::from_secs(30));
     let vanished = master
         .events(&format!("uuid={gone}&type=vanished"))
         .expect("events");
@@ -204,7 +185,7 @@ fn master_sigkill_keeps_inventory_and_traffic_resumes() {
     let uuid = lv
         .define_guest("e2e-mkill", GuestKind::Idle)
         .expect("define");
-    wait_inventory_matches(&master, &lv, "mkill", Duration::from_secs(5));
+    master.wait_matches_libvirt(&lv, "mkill", Duration::from_secs(5));
     let before = master.vms_of("mkill").expect("vms");
     let boot_before = master.node("mkill").expect("node")["boot"].clone();
 
@@ -401,8 +382,11 @@ fn python_client_from_protocol_doc_is_accepted() {
         .args(["--node-secret", "hv-01"])
         .output()
         .expect("--node-secret");
+    assert!(printed.status.success(), "--node-secret: {printed:?}");
     let printed = String::from_utf8_lossy(&printed.stdout).into_owned();
     let code = doc_python_block("push.connect");
+    // node_id, then the three keys the doc's client must carry.
+    assert_eq!(printed.lines().count(), 4, "{printed}");
     for line in printed.lines().skip(1) {
         let (key, value) = line.split_once('=').expect("KEY=VALUE");
         assert!(

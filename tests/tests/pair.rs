@@ -25,6 +25,8 @@ struct Pair {
     rules: Rules,
     store: Store,
     db: PathBuf,
+    /// The node's key under the tests' secret, as the master derives it.
+    key: String,
     master_started: u64,
     /// Rejections by reason, as the master counted them.
     rejected: BTreeMap<&'static str, u64>,
@@ -67,6 +69,7 @@ impl Pair {
             },
             store: Store::open(&db).unwrap(),
             db,
+            key: node_key(NODE),
             master_started: now.unix_ms,
             rejected: BTreeMap::new(),
         }
@@ -110,8 +113,7 @@ impl Pair {
         let at = self.now.unix_ms + LATENCY.as_millis() as u64;
         let mut effects = Vec::new();
         while let Some(m) = self.node.poll_transmit() {
-            let key = node_key(NODE);
-            match authenticate(&m.frames, |id| (id.as_str() == NODE).then_some(&key)) {
+            match authenticate(&m.frames, |id| (id.as_str() == NODE).then_some(&self.key)) {
                 Ok(message) => match rules::handle(&mut self.inventory, &self.rules, at, message) {
                     Ok(outcome) => effects.extend(outcome.effects),
                     Err(reason) => *self.rejected.entry(reason.as_str()).or_default() += 1,
@@ -221,6 +223,10 @@ fn a_node_core_and_the_master_rules_agree_through_an_outage() {
         generation: 1,
         reason: 1,
     });
+    assert!(
+        !pair.inventory.nodes[NODE].libvirt_up,
+        "the loss was not reported at once"
+    );
     let mut waited = Duration::ZERO;
     while pair.stored_states()["u1"] != "unknown" {
         assert!(

@@ -18,14 +18,6 @@ use vmwatch_tests::receiver::PanelReceiver;
 use vmwatch_tests::require_root_env;
 use vmwatch_tests::sim::{curve_push, SimNode};
 
-fn libvirt_inventory(lv: &PrivateLibvirtd) -> Vec<(String, String, String)> {
-    lv.inventory().expect("virsh list")
-}
-
-fn matches_libvirt(master: &Master, lv: &PrivateLibvirtd, node: &str) -> bool {
-    master.vms_of(node).unwrap_or_default() == libvirt_inventory(lv)
-}
-
 fn rows_of(master: &Master, node: &str) -> Vec<Value> {
     master
         .get(&format!("/api/v1/vms?node={node}&limit=1000"))
@@ -116,7 +108,7 @@ fn node_sigkill_makes_its_vms_unknown_then_known_again() {
     )
     .expect("node");
     wait_for(Duration::from_secs(30), "the inventory", || {
-        matches_libvirt(&master, &lv, "unk").then_some(())
+        master.matches_libvirt(&lv, "unk").then_some(())
     });
 
     node.kill9();
@@ -148,7 +140,7 @@ fn node_sigkill_makes_its_vms_unknown_then_known_again() {
     wait_for(
         Duration::from_secs(20),
         "rows back to libvirt's states",
-        || matches_libvirt(&master, &lv, "unk").then_some(()),
+        || master.matches_libvirt(&lv, "unk").then_some(()),
     );
     let row = master.vm_row(&running, "unk").expect("row");
     assert_eq!(
@@ -176,7 +168,7 @@ fn libvirtd_down_longer_than_node_timeout_makes_vms_unknown() {
     )
     .expect("node");
     wait_for(Duration::from_secs(30), "the inventory", || {
-        matches_libvirt(&master, &lv, "lvd").then_some(())
+        master.matches_libvirt(&lv, "lvd").then_some(())
     });
     lv.kill();
     let t0 = Instant::now();
@@ -194,7 +186,7 @@ fn libvirtd_down_longer_than_node_timeout_makes_vms_unknown() {
     wait_for(
         Duration::from_secs(40),
         "rows back to libvirt's states",
-        || matches_libvirt(&master, &lv, "lvd").then_some(()),
+        || master.matches_libvirt(&lv, "lvd").then_some(()),
     );
 }
 
@@ -250,15 +242,15 @@ fn live_migrations_are_never_duplicates_but_a_second_copy_is() {
         took.push(migrate(src, dst, "mig-vm", n));
         let deadline = Instant::now() + Duration::from_secs(20);
         while !(master.vm_state(&uuid, dst_node).as_deref() == Some("running")
-            && matches_libvirt(&master, &a, "miga")
-            && matches_libvirt(&master, &b, "migb"))
+            && master.matches_libvirt(&a, "miga")
+            && master.matches_libvirt(&b, "migb"))
         {
             assert!(
                 Instant::now() < deadline,
                 "rows did not follow libvirt after migration {n}:\n a: {:?} / {:?}\n b: {:?} / {:?}",
-                libvirt_inventory(&a),
+                a.inventory(),
                 master.vms_of("miga"),
-                libvirt_inventory(&b),
+                b.inventory(),
                 master.vms_of("migb"),
             );
             std::thread::sleep(Duration::from_millis(50));
