@@ -116,7 +116,7 @@ impl Pair {
             match authenticate(&m.frames, |id| (id.as_str() == NODE).then_some(&self.key)) {
                 Ok(message) => match rules::handle(&mut self.inventory, &self.rules, at, message) {
                     Ok(outcome) => effects.extend(outcome.effects),
-                    Err(reason) => *self.rejected.entry(reason.as_str()).or_default() += 1,
+                    Err(refused) => *self.rejected.entry(refused.reason.as_str()).or_default() += 1,
                 },
                 Err(r) => *self.rejected.entry(r.reason.as_str()).or_default() += 1,
             }

@@ -181,7 +181,7 @@ async fn list_vms(
     let (vms, total) = read(&state, move |r| r.vms(&filter)).await?;
     let next_offset = (offset + (vms.len() as u64) < total).then_some(offset + vms.len() as u64);
     Ok(Json(
-        json!({ "vms": view::vms(vms), "total": total, "limit": limit, "offset": offset, "next_offset": next_offset }),
+        json!({ "vms": view::vms(&vms), "total": total, "limit": limit, "offset": offset, "next_offset": next_offset }),
     ))
 }
 
@@ -197,13 +197,12 @@ async fn get_vm(
             format!("no VM with uuid {uuid}"),
         ));
     }
-    Ok(Json(json!({ "uuid": uuid, "rows": view::vms(rows) })))
+    Ok(Json(json!({ "uuid": uuid, "rows": view::vms(&rows) })))
 }
 
 async fn list_nodes(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
     let nodes = read(&state, |r| r.nodes()).await?;
-    let nodes: Vec<view::NodeView> = nodes.into_iter().map(view::NodeView::from).collect();
-    Ok(Json(json!({ "nodes": nodes })))
+    Ok(Json(json!({ "nodes": view::nodes(&nodes) })))
 }
 
 /// Longest a `/wait` may hold a request.
@@ -249,7 +248,7 @@ async fn wait_vm(
         let rows = read(&state, move |r| r.vm(&key)).await?;
         if rows.iter().any(|r| r.state == q.state) {
             return Ok(
-                Json(json!({ "uuid": uuid, "reached": true, "rows": view::vms(rows) }))
+                Json(json!({ "uuid": uuid, "reached": true, "rows": view::vms(&rows) }))
                     .into_response(),
             );
         }
@@ -268,7 +267,7 @@ async fn wait_vm(
                 Err(_) => {
                     return Ok((
                         StatusCode::REQUEST_TIMEOUT,
-                        Json(json!({ "uuid": uuid, "reached": false, "rows": view::vms(rows) })),
+                        Json(json!({ "uuid": uuid, "reached": false, "rows": view::vms(&rows) })),
                     )
                         .into_response());
                 }

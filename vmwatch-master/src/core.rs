@@ -13,7 +13,7 @@ use vmwatch_common::time::now_ms;
 
 use crate::ingest::Received;
 use crate::metrics::{KindLabel, Metrics, NodeLabel, RejectLog, ResourceLabel, StateLabel};
-use crate::rules::{self, Effect, Inventory, Rules};
+use crate::rules::{self, Effect, Inventory, Rules, VmChange};
 use crate::store::Store;
 
 /// Most messages applied in one transaction.
@@ -34,13 +34,6 @@ pub struct Shared {
     pub shutdown: Shutdown,
 }
 
-/// One VM row written by a commit (`state` is `None` when the row was removed).
-#[derive(Debug, Clone)]
-pub struct VmChange {
-    pub uuid: String,
-    pub state: Option<String>,
-}
-
 /// A decided batch: its effects and what to count once it is committed.
 pub struct Decided {
     effects: Vec<Effect>,
@@ -51,18 +44,41 @@ pub struct Decided {
 pub struct Core {
     /// A batch whose commit failed (disk full, I/O error): retried before anything new is
     /// read, so ingest pushes back and nothing accepted is lost.
-    pub pending: Option<Decided>,
-    pub store: Store,
-    pub inventory: Inventory,
-    pub rules: Rules,
-    pub metrics: Arc<Metrics>,
-    pub reject_log: Arc<RejectLog>,
-    pub started_at: u64,
-    pub shared: Arc<Shared>,
-    pub retention_days: u64,
+    pending: Option<Decided>,
+    store: Store,
+    inventory: Inventory,
+    rules: Rules,
+    metrics: Arc<Metrics>,
+    reject_log: Arc<RejectLog>,
+    /// From when every node is given a full node_timeout (the start, or the end of an outage).
+    started_at: u64,
+    shared: Arc<Shared>,
+    retention_days: u64,
 }
 
 impl Core {
+    pub fn new(
+        store: Store,
+        inventory: Inventory,
+        rules: Rules,
+        retention_days: u64,
+        metrics: Arc<Metrics>,
+        reject_log: Arc<RejectLog>,
+        shared: Arc<Shared>,
+    ) -> Core {
+        Core {
+            pending: None,
+            store,
+            inventory,
+            rules,
+            metrics,
+            reject_log,
+            started_at: now_ms(),
+            shared,
+            retention_days,
+        }
+    }
+
     pub fn spawn(self, rx: Receiver<Received>) -> std::io::Result<JoinHandle<()>> {
         std::thread::Builder::new()
             .name("core".into())
@@ -144,32 +160,25 @@ impl Core {
         let mut accepted: Vec<(&'static str, u64)> = Vec::with_capacity(batch.len());
         let mut gaps = Vec::new();
         for received in batch {
-            let node_id = received.message.node_id().as_str().to_owned();
-            let kind = received.message.payload().body.kind();
-            let ts = received.message.payload().ts;
-            let agent = match &received.message.payload().body {
-                vmwatch_common::protocol::Body::Heartbeat(h) => Some(h.agent),
-                _ => None,
-            };
             // Judged as of its arrival: time the master held it (a full disk) never ages it.
             let at = received.arrived.min(now);
             match rules::handle(&mut self.inventory, &self.rules, at, received.message) {
                 Ok(outcome) => {
-                    if let Some(agent) = agent {
-                        self.metrics.set_agent(&node_id, &agent);
+                    if let Some(agent) = &outcome.agent {
+                        self.metrics.set_agent(&outcome.node_id, agent);
+                    }
+                    accepted.push((outcome.kind, outcome.ts));
+                    if let Some(lost) = outcome.gap {
+                        gaps.push((outcome.node_id, lost));
                     }
                     effects.extend(outcome.effects);
-                    accepted.push((kind, ts));
-                    if let Some(lost) = outcome.gap {
-                        gaps.push((node_id, lost));
-                    }
                 }
-                Err(reason) => {
-                    self.metrics.count_reject(reason);
+                Err(refused) => {
+                    self.metrics.count_reject(refused.reason);
                     self.reject_log.log(&Rejected {
-                        reason,
-                        node_id: Some(node_id),
-                        detail: format!("{kind} message"),
+                        reason: refused.reason,
+                        node_id: Some(refused.node_id),
+                        detail: format!("{} message", refused.kind),
                     });
                 }
             }
@@ -251,20 +260,7 @@ impl Core {
             }
         }
         self.shared.committed.send_modify(|n| *n += 1);
-        let changes: Vec<VmChange> = effects
-            .iter()
-            .filter_map(|e| match e {
-                Effect::UpsertVm(vm) => Some(VmChange {
-                    uuid: vm.uuid.clone(),
-                    state: Some(vm.state.clone()),
-                }),
-                Effect::RemoveVm { uuid, .. } => Some(VmChange {
-                    uuid: uuid.clone(),
-                    state: None,
-                }),
-                _ => None,
-            })
-            .collect();
+        let changes = rules::vm_changes(effects);
         if !changes.is_empty() {
             // No receiver (no waiter) is fine.
             let _ = self.shared.vm_changes.send(Arc::new(changes));

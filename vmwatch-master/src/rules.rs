@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use vmwatch_common::protocol::{
-    Authenticated, Body, DomainEvent, Heartbeat, Reject, Snapshot, Stats,
+    AgentCounters, Authenticated, Body, DomainEvent, Heartbeat, Reject, Snapshot, Stats,
 };
 
 use crate::idle::{self, Usage};
@@ -158,12 +158,54 @@ impl Inventory {
     }
 }
 
-/// What an accepted message did.
-#[derive(Debug, Default)]
+/// What an accepted message did, with what the shell counts and logs about it: the shell never
+/// reads the message again.
+#[derive(Debug)]
 pub struct Outcome {
-    pub effects: Vec<Effect>,
+    pub node_id: String,
+    /// The message's kind (`heartbeat`, `event`…), a metric label.
+    pub kind: &'static str,
+    /// When the node sent it (unix ms): the ingest latency runs from here.
+    pub ts: u64,
+    /// The agent's own counters, from a heartbeat.
+    pub agent: Option<AgentCounters>,
     /// Messages lost before this one (a `seq` jump), if any.
     pub gap: Option<u64>,
+    pub effects: Vec<Effect>,
+}
+
+/// A message the rules refused, with what the reject log and metrics say of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    pub reason: Reject,
+    pub node_id: String,
+    pub kind: &'static str,
+}
+
+/// One VM row a batch of effects writes (`state` is `None` when the row is removed): what
+/// long-polls (`/wait`) are woken with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmChange {
+    pub uuid: String,
+    pub state: Option<String>,
+}
+
+/// The VM rows `effects` write, in order.
+pub fn vm_changes(effects: &[Effect]) -> Vec<VmChange> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::UpsertVm(vm) => Some(VmChange {
+                uuid: vm.uuid.clone(),
+                state: Some(vm.state.clone()),
+            }),
+            Effect::RemoveVm { uuid, .. } => Some(VmChange {
+                uuid: uuid.clone(),
+                state: None,
+            }),
+            Effect::UpsertNode(_) | Effect::Journal(_) => None,
+        })
+        .collect()
 }
 
 /// How a message relates to what we know of its node.
@@ -233,60 +275,62 @@ pub fn handle(
     rules: &Rules,
     now: u64,
     msg: Authenticated,
-) -> Result<Outcome, Reject> {
+) -> Result<Outcome, Refused> {
     let (node_id, payload) = msg.into_parts();
     let node_id = node_id.as_str().to_owned();
-    let admission = admit(
+    let kind = payload.body.kind();
+    let admitted = admit(
         inv.nodes.get(&node_id),
         &payload.boot,
         payload.seq,
         payload.ts,
         now,
         rules,
-    )?;
-    if admission == Admission::NewNode && inv.nodes.len() >= rules.max_nodes {
-        return Err(Reject::TooManyNodes);
-    }
-    let mut out = Outcome::default();
-    let node = inv.nodes.entry(node_id.clone()).or_insert_with(|| Node {
-        node_id: node_id.clone(),
-        up: false,
-        libvirt_up: false,
-        first_seen: now,
-        last_seen: now,
-        boot: String::new(),
-        boot_ts: 0,
-        last_seq: 0,
-        version: String::new(),
-        hostname: String::new(),
-        libvirt_version: String::new(),
-        domains: 0,
-        gaps: 0,
-        lost: 0,
-        libvirt_down_since: 0,
-        superseded: Vec::new(),
+    )
+    .and_then(|a| match a {
+        Admission::NewNode if inv.nodes.len() >= rules.max_nodes => Err(Reject::TooManyNodes),
+        a => Ok(a),
     });
+    let admission = match admitted {
+        Ok(a) => a,
+        Err(reason) => {
+            return Err(Refused {
+                reason,
+                node_id,
+                kind,
+            })
+        }
+    };
+    let mut out = Outcome {
+        node_id: node_id.clone(),
+        kind,
+        ts: payload.ts,
+        agent: None,
+        gap: None,
+        effects: Vec::new(),
+    };
+    let node = inv
+        .nodes
+        .entry(node_id.clone())
+        .or_insert_with(|| new_node(&node_id, now));
     let lost = match admission {
-        Admission::NewNode | Admission::NewBoot => {
-            if admission == Admission::NewBoot {
-                let mut e = entry(now, &node_id, EntryType::Node, "restarted");
-                e.detail = format!("boot {}", payload.boot);
-                out.effects.push(Effect::Journal(e));
-                let old = std::mem::take(&mut node.boot);
-                node.superseded.push((old, now));
-                let age = rules.max_message_age_ms;
-                node.superseded
-                    .retain(|(_, at)| now.saturating_sub(*at) <= age);
-                let excess = node.superseded.len().saturating_sub(MAX_SUPERSEDED);
-                node.superseded.drain(..excess);
-            }
-            node.boot = payload.boot.clone();
+        Admission::NewNode => payload.seq.saturating_sub(1),
+        Admission::NewBoot => {
+            let mut e = entry(now, &node_id, EntryType::Node, "restarted");
+            e.detail = format!("boot {}", payload.boot);
+            out.effects.push(Effect::Journal(e));
+            let old = std::mem::replace(&mut node.boot, payload.boot.clone());
+            supersede(node, old, now, rules.max_message_age_ms);
             node.boot_ts = payload.boot_ts;
             // Messages 1..seq of a new boot that never arrived are lost too.
             payload.seq.saturating_sub(1)
         }
         Admission::Next { lost } => lost,
     };
+    if admission == Admission::NewNode {
+        node.boot = payload.boot.clone();
+        node.boot_ts = payload.boot_ts;
+    }
     node.last_seq = payload.seq;
     node.last_seen = now;
     if lost > 0 {
@@ -303,17 +347,18 @@ pub fn handle(
             .push(Effect::Journal(entry(now, &node_id, EntryType::Node, "up")));
     }
     // First what the message says about the node itself, then the node row, then its VMs.
-    let vm_work = match payload.body {
+    match &payload.body {
         Body::Heartbeat(Heartbeat {
             libvirt,
             domains,
             version,
+            agent,
             ..
         }) => {
             set_libvirt(node, &mut out, now, libvirt == "up");
-            node.domains = domains;
-            node.version = version;
-            None
+            node.domains = *domains;
+            node.version.clone_from(version);
+            out.agent = Some(*agent);
         }
         Body::Bye(bye) => {
             if node.up {
@@ -322,36 +367,57 @@ pub fn handle(
                 e.detail = format!("bye: {}", bye.reason);
                 out.effects.push(Effect::Journal(e));
             }
-            out.effects.push(Effect::UpsertNode(node.clone()));
-            if let Some(vms) = inv.vms.get_mut(&node_id) {
-                mark_unknown(vms, &node_id, now, "node-down", &mut out.effects);
-            }
-            return Ok(out);
         }
         Body::Snapshot(s) => {
             set_libvirt(node, &mut out, now, true);
             node.domains = s.domains.len() as u64;
-            node.hostname = s.hostname.clone();
-            node.libvirt_version = s.libvirt_version.clone();
-            Some(Body::Snapshot(s))
+            node.hostname.clone_from(&s.hostname);
+            node.libvirt_version.clone_from(&s.libvirt_version);
         }
-        Body::Event(e) => {
-            set_libvirt(node, &mut out, now, true);
-            Some(Body::Event(e))
-        }
-        body @ Body::Stats(_) => Some(body),
-    };
+        Body::Event(_) => set_libvirt(node, &mut out, now, true),
+        Body::Stats(_) => {}
+    }
     out.effects.push(Effect::UpsertNode(node.clone()));
     let vms = inv.vms.entry(node_id.clone()).or_default();
-    match vm_work {
-        Some(Body::Snapshot(s)) => apply_snapshot(vms, &node_id, s, now, &mut out),
-        Some(Body::Event(e)) => apply_event(vms, &node_id, e, now, &mut out),
-        Some(Body::Stats(stats)) => {
-            apply_stats(vms, &node_id, stats, payload.ts, now, rules, &mut out)
-        }
-        _ => {}
+    match payload.body {
+        Body::Snapshot(s) => apply_snapshot(vms, &node_id, s, now, &mut out),
+        Body::Event(e) => apply_event(vms, &node_id, e, now, &mut out),
+        Body::Stats(stats) => apply_stats(vms, &node_id, stats, payload.ts, now, rules, &mut out),
+        Body::Bye(_) => mark_unknown(vms, &node_id, now, "node-down", &mut out.effects),
+        Body::Heartbeat(_) => {}
     }
     Ok(out)
+}
+
+fn new_node(node_id: &str, now: u64) -> Node {
+    Node {
+        node_id: node_id.to_owned(),
+        up: false,
+        libvirt_up: false,
+        first_seen: now,
+        last_seen: now,
+        boot: String::new(),
+        boot_ts: 0,
+        last_seq: 0,
+        version: String::new(),
+        hostname: String::new(),
+        libvirt_version: String::new(),
+        domains: 0,
+        gaps: 0,
+        lost: 0,
+        libvirt_down_since: 0,
+        superseded: Vec::new(),
+    }
+}
+
+/// Remembers a boot id the node left behind, so a message of it is refused as a replay: for as
+/// long as such a message could still be accepted by age, and at most [`MAX_SUPERSEDED`].
+fn supersede(node: &mut Node, old: String, now: u64, max_message_age_ms: u64) {
+    node.superseded.push((old, now));
+    node.superseded
+        .retain(|(_, at)| now.saturating_sub(*at) <= max_message_age_ms);
+    let excess = node.superseded.len().saturating_sub(MAX_SUPERSEDED);
+    node.superseded.drain(..excess);
 }
 
 fn set_libvirt(node: &mut Node, out: &mut Outcome, now: u64, up: bool) {
@@ -724,7 +790,63 @@ mod tests {
     }
 
     fn feed(inv: &mut Inventory, seq: u64, body: Body) -> Result<Outcome, Reject> {
-        handle(inv, &RULES, NOW, msg("hv1", "b1", 100, seq, NOW, body))
+        handle(inv, &RULES, NOW, msg("hv1", "b1", 100, seq, NOW, body)).map_err(|r| r.reason)
+    }
+
+    /// The shell counts and logs from the outcome alone: who sent it, what kind, when, the
+    /// agent's counters, and which VM rows the writes touch.
+    #[test]
+    fn an_outcome_says_what_the_shell_reports() {
+        let mut inv = Inventory::default();
+        let mut beat = hb("up");
+        if let Body::Heartbeat(h) = &mut beat {
+            h.agent.sent = 7;
+        }
+        let o = handle(
+            &mut inv,
+            &RULES,
+            NOW,
+            msg("hv1", "b1", 100, 3, NOW - 40, beat),
+        )
+        .unwrap();
+        assert_eq!(
+            (o.node_id.as_str(), o.kind, o.ts),
+            ("hv1", "heartbeat", NOW - 40)
+        );
+        assert_eq!(o.agent.map(|a| a.sent), Some(7));
+        assert_eq!(o.gap, Some(2));
+        let o = feed(&mut inv, 4, snap(&[("a", "running")])).unwrap();
+        assert_eq!(o.agent, None);
+        assert_eq!(
+            vm_changes(&o.effects),
+            vec![VmChange {
+                uuid: "a".into(),
+                state: Some("running".into())
+            }]
+        );
+        let o = feed(&mut inv, 5, snap(&[])).unwrap();
+        assert_eq!(
+            vm_changes(&o.effects),
+            vec![VmChange {
+                uuid: "a".into(),
+                state: None
+            }]
+        );
+        let refused = handle(
+            &mut inv,
+            &RULES,
+            NOW,
+            msg("hv1", "b1", 100, 5, NOW, ev("a", "x", "y")),
+        )
+        .unwrap_err();
+        assert_eq!(
+            refused,
+            Refused {
+                reason: Reject::Replay,
+                node_id: "hv1".into(),
+                kind: "event"
+            }
+        );
     }
 
     #[test]
@@ -735,11 +857,15 @@ mod tests {
         // hour at the node (master away) is still accepted.
         let at = |ts| msg("hv1", "b1", 100, 2, ts, hb("up"));
         assert_eq!(
-            handle(&mut inv, &RULES, NOW, at(NOW + 300_001)).unwrap_err(),
+            handle(&mut inv, &RULES, NOW, at(NOW + 300_001))
+                .unwrap_err()
+                .reason,
             Reject::ClockSkew
         );
         assert_eq!(
-            handle(&mut inv, &RULES, NOW, at(NOW - 3_600_001)).unwrap_err(),
+            handle(&mut inv, &RULES, NOW, at(NOW - 3_600_001))
+                .unwrap_err()
+                .reason,
             Reject::TooOld
         );
         // Replay of seq 1 and a duplicate.
@@ -782,7 +908,8 @@ mod tests {
                 NOW,
                 msg("hv1", "b2", 200, 9, NOW, hb("up"))
             )
-            .unwrap_err(),
+            .unwrap_err()
+            .reason,
             Reject::StaleBoot
         );
     }

@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use vmwatch_common::daemon::{join_within, Context};
-use vmwatch_common::time::now_ms;
 
 use crate::config::{MasterConfig, NodeKeys};
 use crate::ingest::BindError;
@@ -69,17 +68,36 @@ pub fn run(config: MasterConfig, ctx: Context) -> Result<(), MasterError> {
     if config.node_keys == NodeKeys::Shared {
         tracing::warn!("node_keys=shared: every node signs with the master secret, so any hypervisor can sign as any other; switch to node_keys=derived (vmwatch-master --node-secret NODE_ID)");
     }
-    let config = Arc::new(config);
-    let mut store = Store::open(&config.db_path)?;
-    if config.panel.is_some() {
-        store.enable_outbox();
+    let running = start(Arc::new(config), &ctx)?;
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    running.runtime.block_on(ctx.shutdown.triggered());
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    tracing::info!(
+        "stopping: answering long-polls, draining HTTP, the webhook, ingest and the core"
+    );
+    running.drain();
+    match ctx.shutdown.failed() {
+        Some(part) => Err(MasterError::PartFailed(part)),
+        None => Ok(()),
     }
-    let inventory = store.load_inventory()?;
-    tracing::info!(nodes = inventory.nodes.len(), vms = inventory.vm_count(), db = %config.db_path.display(), "inventory loaded");
+}
+
+/// Every part of a started master, to be drained.
+struct Running {
+    runtime: tokio::runtime::Runtime,
+    server: tokio::task::JoinHandle<()>,
+    webhook: Option<tokio::task::JoinHandle<()>>,
+    ingest_thread: std::thread::JoinHandle<()>,
+    core_thread: std::thread::JoinHandle<()>,
+}
+
+/// Opens, binds and spawns every part; nothing has been announced to systemd yet.
+fn start(config: Arc<MasterConfig>, ctx: &Context) -> Result<Running, MasterError> {
+    let metrics = Arc::new(metrics::Metrics::new());
+    let (store, inventory, outbox) = open_database(&config, &metrics)?;
     let readers = Arc::new(api::ReaderPool::open(&config.db_path, 4)?);
     let max_connections = ingest::raise_fd_limit(config.max_connections);
     let node_port = ingest::bind(&config, max_connections)?;
-
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -92,19 +110,6 @@ pub fn run(config: MasterConfig, ctx: Context) -> Result<(), MasterError> {
             source,
         })?;
 
-    let metrics = Arc::new(metrics::Metrics::new());
-    metrics.journal_size.set(store.journal_size()? as i64);
-    let outbox = match &config.panel {
-        Some(_) => {
-            let outbox = Outbox::open(&config.db_path)?;
-            // The core adds what it commits and acknowledgements subtract, so the gauge stays
-            // true while the head entry is being retried; it starts from the stored backlog.
-            metrics.outbox_depth.set(outbox.depth()? as i64);
-            metrics.dead_letters.set(outbox.dead_letter_count()? as i64);
-            Some(outbox)
-        }
-        None => None,
-    };
     let reject_log = Arc::new(metrics::RejectLog::new(Duration::from_secs(10)));
     let shared = Arc::new(core::Shared {
         committed: tokio::sync::watch::channel(0u64).0,
@@ -114,24 +119,15 @@ pub fn run(config: MasterConfig, ctx: Context) -> Result<(), MasterError> {
         shutdown: ctx.shutdown.clone(),
     });
     let (to_core, from_ingest) = std::sync::mpsc::sync_channel(16_384);
-    let core = core::Core {
-        pending: None,
+    let core = core::Core::new(
         store,
         inventory,
-        rules: rules::Rules {
-            max_nodes: config.max_nodes,
-            max_clock_skew_ms: config.max_clock_skew * 1000,
-            max_message_age_ms: config.max_message_age * 1000,
-            node_timeout_ms: config.node_timeout * 1000,
-            idle_windows: config.idle_windows,
-            duplicate_grace_ms: config.duplicate_grace * 1000,
-        },
-        metrics: metrics.clone(),
-        reject_log: reject_log.clone(),
-        started_at: now_ms(),
-        shared: shared.clone(),
-        retention_days: config.event_retention_days,
-    };
+        rules_of(&config),
+        config.event_retention_days,
+        metrics.clone(),
+        reject_log.clone(),
+        shared.clone(),
+    );
     let spawn_error = |thread| move |source| MasterError::Spawn { thread, source };
     let core_thread = core.spawn(from_ingest).map_err(spawn_error("core"))?;
     let ingest_thread = ingest::spawn(
@@ -144,25 +140,24 @@ pub fn run(config: MasterConfig, ctx: Context) -> Result<(), MasterError> {
     )
     .map_err(spawn_error("zmq-pull"))?;
 
-    let webhook = match (&config.panel, outbox) {
-        (Some(panel), Some(outbox)) => {
-            let hook = webhook::Webhook {
+    let webhook = config.panel.as_ref().zip(outbox).map(|(panel, outbox)| {
+        runtime.spawn(
+            webhook::Webhook {
                 url: panel.url.clone(),
                 key: panel.secret.expose().to_vec(),
                 outbox,
                 metrics: metrics.clone(),
                 committed: shared.committed.subscribe(),
                 shutdown: ctx.shutdown.subscribe(),
-            };
-            Some(runtime.spawn(hook.run()))
-        }
-        _ => None,
-    };
+            }
+            .run(),
+        )
+    });
     let state = api::AppState {
         db_path: config.db_path.clone(),
         readers,
         metrics: metrics.clone(),
-        shared: shared.clone(),
+        shared,
         api_token: config
             .api_token
             .as_ref()
@@ -176,35 +171,75 @@ pub fn run(config: MasterConfig, ctx: Context) -> Result<(), MasterError> {
         HTTP_GRACE,
     ));
     tracing::info!(listen = %config.listen, http = %config.http_listen, max_connections, node_keys = config.node_keys.as_str(), version = vmwatch_common::VERSION, "vmwatch-master started");
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    Ok(Running {
+        runtime,
+        server,
+        webhook,
+        ingest_thread,
+        core_thread,
+    })
+}
 
-    runtime.block_on(ctx.shutdown.triggered());
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
-    tracing::info!(
-        "stopping: answering long-polls, draining HTTP, the webhook, ingest and the core"
-    );
-    runtime.block_on(async {
-        // serve() bounds its own drain by HTTP_GRACE and logs when it runs out.
-        if let Err(e) = server.await {
-            tracing::error!(error = %e, "HTTP server task failed");
+/// The database: the writer with the inventory it holds, and the outbox when a panel is set.
+/// The metrics start from what is stored.
+fn open_database(
+    config: &MasterConfig,
+    metrics: &metrics::Metrics,
+) -> Result<(Store, rules::Inventory, Option<Outbox>), StoreError> {
+    let mut store = Store::open(&config.db_path)?;
+    if config.panel.is_some() {
+        store.enable_outbox();
+    }
+    let inventory = store.load_inventory()?;
+    tracing::info!(nodes = inventory.nodes.len(), vms = inventory.vm_count(), db = %config.db_path.display(), "inventory loaded");
+    metrics.journal_size.set(store.journal_size()? as i64);
+    let outbox = match &config.panel {
+        Some(_) => {
+            let outbox = Outbox::open(&config.db_path)?;
+            // The core adds what it commits and acknowledgements subtract, so the gauge stays
+            // true while the head entry is being retried; it starts from the stored backlog.
+            metrics.outbox_depth.set(outbox.depth()? as i64);
+            metrics.dead_letters.set(outbox.dead_letter_count()? as i64);
+            Some(outbox)
         }
-        if let Some(mut task) = webhook {
-            if tokio::time::timeout(WEBHOOK_GRACE, &mut task).await.is_err() {
-                task.abort();
-                tracing::warn!(
-                    grace_ms = WEBHOOK_GRACE.as_millis() as u64,
-                    "the webhook did not stop within its grace period; its delivery in flight is aborted (the entry stays in the outbox)"
-                );
+        None => None,
+    };
+    Ok((store, inventory, outbox))
+}
+
+fn rules_of(config: &MasterConfig) -> rules::Rules {
+    rules::Rules {
+        max_nodes: config.max_nodes,
+        max_clock_skew_ms: config.max_clock_skew * 1000,
+        max_message_age_ms: config.max_message_age * 1000,
+        node_timeout_ms: config.node_timeout * 1000,
+        idle_windows: config.idle_windows,
+        duplicate_grace_ms: config.duplicate_grace * 1000,
+    }
+}
+
+impl Running {
+    /// Waits for each part in turn, each within its own grace, and logs any that overruns.
+    fn drain(self) {
+        self.runtime.block_on(async {
+            // serve() bounds its own drain by HTTP_GRACE and logs when it runs out.
+            if let Err(e) = self.server.await {
+                tracing::error!(error = %e, "HTTP server task failed");
             }
-        }
-    });
-    // Ingest holds the only sender: once it ends, the core commits what it has and returns.
-    join_within(ingest_thread, INGEST_GRACE, "the ingest thread");
-    join_within(core_thread, CORE_GRACE, "the core thread");
-    runtime.shutdown_timeout(RUNTIME_GRACE);
-    match ctx.shutdown.failed() {
-        Some(part) => Err(MasterError::PartFailed(part)),
-        None => Ok(()),
+            if let Some(mut task) = self.webhook {
+                if tokio::time::timeout(WEBHOOK_GRACE, &mut task).await.is_err() {
+                    task.abort();
+                    tracing::warn!(
+                        grace_ms = WEBHOOK_GRACE.as_millis() as u64,
+                        "the webhook did not stop within its grace period; its delivery in flight is aborted (the entry stays in the outbox)"
+                    );
+                }
+            }
+        });
+        // Ingest holds the only sender: once it ends, the core commits what it has and returns.
+        join_within(self.ingest_thread, INGEST_GRACE, "the ingest thread");
+        join_within(self.core_thread, CORE_GRACE, "the core thread");
+        self.runtime.shutdown_timeout(RUNTIME_GRACE);
     }
 }
 

@@ -6,7 +6,7 @@
 //! acknowledgement was not yet written, is sent again after the restart with the same
 //! `X-Vmwatch-Event-Id`.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hmac::{Hmac, Mac};
@@ -23,6 +23,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(300);
 const ACK_EVERY: usize = 64;
 /// Refusals for good (a 4xx but 408, 425, 429) before an entry moves to the dead letters.
 const DEAD_AFTER: u32 = 3;
+/// A failing panel is logged at most this often.
+const FAILURE_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Whether the panel's answer says the entry itself is refused, so retrying cannot help.
 pub fn refused_for_good(status: u16) -> bool {
@@ -43,6 +45,107 @@ pub fn next_backoff(current: Duration) -> Duration {
     (current * 2).min(BACKOFF_MAX)
 }
 
+/// What the deliverer does next with the entry at the head of the outbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Delivered: acknowledge it and go on with the next entry.
+    Ack,
+    /// Send it again at once: a pooled keep-alive connection the panel closed meanwhile fails
+    /// at once, and one retry on a fresh connection is not a failure.
+    RetryNow,
+    /// Refused for good [`DEAD_AFTER`] times: move it to the dead letters.
+    DeadLetter { status: u16, attempts: u32 },
+    /// Wait `backoff`, then send it again; `log` says whether to log this failure (at most one
+    /// line every 10 s).
+    Wait { backoff: Duration, log: bool },
+}
+
+/// The delivery state, without I/O: the backoff, the attempts on the current entry and the
+/// failure log's rate. The shell sends, then reports each result with the time.
+#[derive(Debug)]
+pub struct Delivery {
+    backoff: Duration,
+    /// Attempts on the current entry (an immediate retry is part of its attempt).
+    attempts: u32,
+    retried_now: bool,
+    refusals: u32,
+    last_failure_log: Option<Instant>,
+}
+
+impl Default for Delivery {
+    fn default() -> Delivery {
+        Delivery {
+            backoff: BACKOFF_MIN,
+            attempts: 0,
+            retried_now: false,
+            refusals: 0,
+            last_failure_log: None,
+        }
+    }
+}
+
+impl Delivery {
+    /// A new head entry: its attempts start again (the backoff does not: a panel that failed
+    /// the previous entry is still being waited for).
+    pub fn next_entry(&mut self) {
+        self.attempts = 0;
+        self.retried_now = false;
+        self.refusals = 0;
+    }
+
+    /// The current entry's attempts so far.
+    pub fn attempts(&self) -> u32 {
+        self.attempts
+    }
+
+    /// One attempt's result at `now`. `Err(Some(status))` is an HTTP answer other than 2xx,
+    /// `Err(None)` no answer at all.
+    pub fn attempted(&mut self, result: Result<(), Option<u16>>, now: Instant) -> Step {
+        if result == Err(None) && self.attempts == 0 && !self.retried_now {
+            self.retried_now = true;
+            return Step::RetryNow;
+        }
+        self.attempts += 1;
+        let status = match result {
+            Ok(()) => {
+                self.backoff = BACKOFF_MIN;
+                return Step::Ack;
+            }
+            Err(status) => status,
+        };
+        if let Some(status) = status.filter(|s| refused_for_good(*s)) {
+            self.refusals += 1;
+            if self.refusals >= DEAD_AFTER {
+                return Step::DeadLetter {
+                    status,
+                    attempts: self.attempts,
+                };
+            }
+        }
+        self.wait(now)
+    }
+
+    /// The entry is in the dead letters: the panel answers, so the next one goes at once.
+    pub fn dead_lettered(&mut self) {
+        self.backoff = BACKOFF_MIN;
+    }
+
+    /// A failure to wait out (also when the dead-letter write itself failed): the backoff to
+    /// wait now; the one after doubles.
+    pub fn wait(&mut self, now: Instant) -> Step {
+        let log = self
+            .last_failure_log
+            .is_none_or(|t| now.saturating_duration_since(t) >= FAILURE_LOG_EVERY);
+        if log {
+            self.last_failure_log = Some(now);
+        }
+        let backoff = self.backoff;
+        self.backoff = next_backoff(backoff);
+        Step::Wait { backoff, log }
+    }
+}
+
+/// The shell: the outbox's connection, the HTTP client and the signals.
 pub struct Webhook {
     pub url: String,
     pub key: Vec<u8>,
@@ -52,33 +155,44 @@ pub struct Webhook {
     pub shutdown: watch::Receiver<bool>,
 }
 
+/// Runs `f` on the outbox on a blocking thread (SQLite waits on the disk). Only this task uses
+/// the outbox, so the lock never waits.
 async fn blocking<T: Send + 'static>(
-    outbox: Outbox,
+    outbox: &Arc<Mutex<Outbox>>,
     f: impl FnOnce(&mut Outbox) -> Result<T, StoreError> + Send + 'static,
-) -> (Outbox, Result<T, StoreError>) {
-    match tokio::task::spawn_blocking(move || {
-        let mut outbox = outbox;
-        let r = f(&mut outbox);
-        (outbox, r)
-    })
-    .await
-    {
-        Ok(v) => v,
+) -> Result<T, StoreError> {
+    let outbox = outbox.clone();
+    let run = move || match outbox.lock() {
+        Ok(mut o) => f(&mut o),
+        Err(poisoned) => f(&mut poisoned.into_inner()),
+    };
+    match tokio::task::spawn_blocking(run).await {
+        Ok(r) => r,
         // spawn_blocking only fails if the closure panicked, which these never do.
         Err(e) => panic!("outbox task failed: {e}"),
     }
 }
 
+/// Whether the deliverer goes on or stops (shutdown).
+enum Flow {
+    Next,
+    Stop,
+}
+
+struct Shell {
+    client: reqwest::Client,
+    url: String,
+    key: Vec<u8>,
+    outbox: Arc<Mutex<Outbox>>,
+    metrics: Arc<Metrics>,
+    shutdown: watch::Receiver<bool>,
+    delivery: Delivery,
+    /// Delivered, not yet deleted from the outbox.
+    acked: Vec<i64>,
+}
+
 impl Webhook {
     pub async fn run(self) {
-        let Webhook {
-            url,
-            key,
-            mut outbox,
-            metrics,
-            mut committed,
-            mut shutdown,
-        } = self;
         let client = match reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
             .build()
@@ -89,17 +203,24 @@ impl Webhook {
                 return;
             }
         };
-        tracing::info!(url = %url, "panel webhook enabled");
-        let mut backoff = BACKOFF_MIN;
-        let mut last_failure_log: Option<Instant> = None;
+        tracing::info!(url = %self.url, "panel webhook enabled");
+        let mut committed = self.committed;
+        let mut shell = Shell {
+            client,
+            url: self.url,
+            key: self.key,
+            outbox: Arc::new(Mutex::new(self.outbox)),
+            metrics: self.metrics,
+            shutdown: self.shutdown,
+            delivery: Delivery::default(),
+            acked: Vec::new(),
+        };
         loop {
-            if *shutdown.borrow() {
+            if *shell.shutdown.borrow() {
                 return;
             }
             committed.borrow_and_update();
-            let (o, pending) = blocking(outbox, |o| o.pending(BATCH)).await;
-            outbox = o;
-            let pending = match pending {
+            let pending = match blocking(&shell.outbox, |o| o.pending(BATCH)).await {
                 Ok(p) => p,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot read the outbox");
@@ -109,121 +230,128 @@ impl Webhook {
             if pending.is_empty() {
                 tokio::select! {
                     _ = committed.changed() => {}
-                    _ = shutdown.changed() => {}
+                    _ = shell.shutdown.changed() => {}
                     _ = tokio::time::sleep(Duration::from_secs(5)) => {}
                 }
                 continue;
             }
-            let mut acked: Vec<i64> = Vec::new();
-            'entries: for entry in pending {
-                let body = match serde_json::to_vec(&entry) {
-                    Ok(b) => b,
-                    Err(e) => {
-                        tracing::error!(error = %e, id = entry.id, "cannot encode a journal entry; skipped");
-                        acked.push(entry.id);
-                        continue;
-                    }
-                };
-                let mut attempt = 0u32;
-                let mut refusals = 0u32;
-                loop {
-                    attempt += 1;
-                    let sent_at = Instant::now();
-                    let result = match deliver(&client, &url, &key, &entry, &body).await {
-                        // A pooled keep-alive connection the panel closed meanwhile fails at
-                        // once; one immediate retry on a fresh connection is not a failure.
-                        Err(Failure::Transport(_)) if attempt == 1 => {
-                            deliver(&client, &url, &key, &entry, &body).await
-                        }
-                        other => other,
-                    };
-                    tracing::debug!(
-                        id = entry.id,
-                        attempt,
-                        took_us = sent_at.elapsed().as_micros() as u64,
-                        ok = result.is_ok(),
-                        "webhook attempt"
-                    );
-                    let why = match result {
-                        Ok(()) => {
-                            metrics.webhook_deliveries.inc();
-                            let age =
-                                vmwatch_common::time::now_ms().saturating_sub(entry.received_at);
-                            metrics.webhook_latency.observe(age as f64 / 1000.0);
-                            backoff = BACKOFF_MIN;
-                            acked.push(entry.id);
-                            break;
-                        }
-                        Err(why) => why,
-                    };
-                    metrics.webhook_failures.inc();
-                    // Save what was delivered before waiting or moving on.
-                    if !acked.is_empty() {
-                        outbox = record_acks(outbox, std::mem::take(&mut acked), &metrics).await;
-                    }
-                    if let Failure::Status(status) = why {
-                        if refused_for_good(status) {
-                            refusals += 1;
-                        }
-                        if refusals >= DEAD_AFTER {
-                            let (id, now) = (entry.id, vmwatch_common::time::now_ms());
-                            let (o, r) =
-                                blocking(outbox, move |o| o.dead_letter(id, status, attempt, now))
-                                    .await;
-                            outbox = o;
-                            match r {
-                                Ok(()) => {
-                                    metrics.outbox_depth.dec();
-                                    metrics.dead_letters.inc();
-                                    tracing::error!(id, status, attempts = attempt, "the panel refuses this journal entry for good; moved to the dead letters (GET /api/v1/dead-letters), delivery goes on");
-                                    backoff = BACKOFF_MIN;
-                                    break;
-                                }
-                                // Retried after the backoff like any failed delivery.
-                                Err(e) => {
-                                    tracing::error!(error = %e, id, "cannot move an entry to the dead letters")
-                                }
-                            }
-                        }
-                    }
-                    if last_failure_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
-                        tracing::warn!(id = entry.id, error = %why, retry_in_s = backoff.as_secs(), "panel webhook delivery failed (logged at most every 10 s)");
-                        last_failure_log = Some(Instant::now());
-                    }
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = shutdown.changed() => return,
-                    }
-                    backoff = next_backoff(backoff);
-                    if *shutdown.borrow() {
-                        return;
-                    }
+            for entry in pending {
+                if let Flow::Stop = shell.deliver_entry(&entry).await {
+                    return;
                 }
-                if acked.len() >= ACK_EVERY {
-                    break 'entries;
+                if shell.acked.len() >= ACK_EVERY {
+                    break;
                 }
             }
-            if !acked.is_empty() {
-                outbox = record_acks(outbox, std::mem::take(&mut acked), &metrics).await;
-            }
+            shell.record_acks().await;
         }
     }
 }
 
-/// Deletes delivered entries from the outbox; on failure they will simply be sent again.
-async fn record_acks(outbox: Outbox, ids: Vec<i64>, metrics: &Metrics) -> Outbox {
-    let n = ids.len() as i64;
-    let (outbox, r) = blocking(outbox, move |o| o.ack(&ids)).await;
-    match r {
-        Ok(()) => {
-            metrics.outbox_depth.dec_by(n);
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "cannot record deliveries; they will be sent again");
-            tokio::time::sleep(Duration::from_secs(1)).await;
+impl Shell {
+    /// Delivers one entry until it is acknowledged or dead-lettered, or the master stops.
+    async fn deliver_entry(&mut self, entry: &JournalRow) -> Flow {
+        let body = match serde_json::to_vec(entry) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = %e, id = entry.id, "cannot encode a journal entry; skipped");
+                self.acked.push(entry.id);
+                return Flow::Next;
+            }
+        };
+        self.delivery.next_entry();
+        loop {
+            let sent_at = Instant::now();
+            let result = deliver(&self.client, &self.url, &self.key, entry, &body).await;
+            tracing::debug!(
+                id = entry.id,
+                attempt = self.delivery.attempts() + 1,
+                took_us = sent_at.elapsed().as_micros() as u64,
+                ok = result.is_ok(),
+                "webhook attempt"
+            );
+            let reported = result.as_ref().map(|_| ()).map_err(Failure::status);
+            let mut step = self.delivery.attempted(reported, Instant::now());
+            if step == Step::Ack {
+                self.metrics.webhook_deliveries.inc();
+                let age = vmwatch_common::time::now_ms().saturating_sub(entry.received_at);
+                self.metrics.webhook_latency.observe(age as f64 / 1000.0);
+                self.acked.push(entry.id);
+                return Flow::Next;
+            }
+            if step == Step::RetryNow {
+                continue;
+            }
+            self.metrics.webhook_failures.inc();
+            // Save what was delivered before waiting or moving on.
+            self.record_acks().await;
+            if let Step::DeadLetter { status, attempts } = step {
+                if self.dead_letter(entry.id, status, attempts).await {
+                    self.delivery.dead_lettered();
+                    return Flow::Next;
+                }
+                // Retried after the backoff like any failed delivery.
+                step = self.delivery.wait(Instant::now());
+            }
+            if let Step::Wait { backoff, log } = step {
+                if log {
+                    let error = result.err().map(|f| f.to_string()).unwrap_or_default();
+                    tracing::warn!(
+                        id = entry.id,
+                        error,
+                        retry_in_s = backoff.as_secs(),
+                        "panel webhook delivery failed (logged at most every 10 s)"
+                    );
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = self.shutdown.changed() => return Flow::Stop,
+                }
+                if *self.shutdown.borrow() {
+                    return Flow::Stop;
+                }
+            }
         }
     }
-    outbox
+
+    /// Moves an entry to the dead letters; false when the write failed.
+    async fn dead_letter(&mut self, id: i64, status: u16, attempts: u32) -> bool {
+        let now = vmwatch_common::time::now_ms();
+        match blocking(&self.outbox, move |o| {
+            o.dead_letter(id, status, attempts, now)
+        })
+        .await
+        {
+            Ok(()) => {
+                self.metrics.outbox_depth.dec();
+                self.metrics.dead_letters.inc();
+                tracing::error!(id, status, attempts, "the panel refuses this journal entry for good; moved to the dead letters (GET /api/v1/dead-letters), delivery goes on");
+                true
+            }
+            Err(e) => {
+                tracing::error!(error = %e, id, "cannot move an entry to the dead letters");
+                false
+            }
+        }
+    }
+
+    /// Deletes delivered entries from the outbox; on failure they will simply be sent again.
+    async fn record_acks(&mut self) {
+        if self.acked.is_empty() {
+            return;
+        }
+        let ids = std::mem::take(&mut self.acked);
+        let n = ids.len() as i64;
+        match blocking(&self.outbox, move |o| o.ack(&ids)).await {
+            Ok(()) => {
+                self.metrics.outbox_depth.dec_by(n);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot record deliveries; they will be sent again");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
 }
 
 /// Why one delivery attempt failed.
@@ -232,6 +360,16 @@ enum Failure {
     Transport(String),
     /// An answer other than 2xx.
     Status(u16),
+}
+
+impl Failure {
+    /// The HTTP status, if the panel answered.
+    fn status(&self) -> Option<u16> {
+        match self {
+            Failure::Transport(_) => None,
+            Failure::Status(s) => Some(*s),
+        }
+    }
 }
 
 impl std::fmt::Display for Failure {
@@ -287,6 +425,83 @@ mod tests {
         for s in [200, 408, 425, 429, 500, 502, 503] {
             assert!(!refused_for_good(s), "{s}");
         }
+    }
+
+    /// A panel that is down: one immediate retry (a closed keep-alive), then backoffs that
+    /// double, logged at most every 10 s; success resets the backoff for the next failure.
+    #[test]
+    fn a_panel_that_is_down_is_retried_with_a_doubling_backoff() {
+        let t0 = Instant::now();
+        let mut d = Delivery::default();
+        d.next_entry();
+        assert_eq!(d.attempted(Err(None), t0), Step::RetryNow);
+        let wait = |backoff, log| Step::Wait {
+            backoff: Duration::from_secs(backoff),
+            log,
+        };
+        assert_eq!(d.attempted(Err(None), t0), wait(1, true));
+        assert_eq!(
+            d.attempted(Err(None), t0 + Duration::from_secs(1)),
+            wait(2, false)
+        );
+        assert_eq!(
+            d.attempted(Err(Some(503)), t0 + Duration::from_secs(3)),
+            wait(4, false)
+        );
+        assert_eq!(
+            d.attempted(Err(None), t0 + Duration::from_secs(10)),
+            wait(8, true)
+        );
+        assert_eq!(d.attempts(), 4);
+        assert_eq!(d.attempted(Ok(()), t0 + Duration::from_secs(18)), Step::Ack);
+        // The next entry: no immediate retry is owed to a panel that answered, but a first
+        // transport failure still gets one; the backoff starts at 1 s again.
+        d.next_entry();
+        assert_eq!(
+            d.attempted(Err(None), t0 + Duration::from_secs(30)),
+            Step::RetryNow
+        );
+        assert_eq!(
+            d.attempted(Err(None), t0 + Duration::from_secs(30)),
+            wait(1, true)
+        );
+    }
+
+    /// Three refusals for good (a 4xx but 408/425/429) dead-letter an entry; other failures in
+    /// between do not count toward them.
+    #[test]
+    fn an_entry_refused_three_times_is_dead_lettered() {
+        let t0 = Instant::now();
+        let mut d = Delivery::default();
+        d.next_entry();
+        assert!(matches!(d.attempted(Err(Some(422)), t0), Step::Wait { .. }));
+        assert!(matches!(d.attempted(Err(Some(429)), t0), Step::Wait { .. }));
+        assert!(matches!(d.attempted(Err(Some(500)), t0), Step::Wait { .. }));
+        assert!(matches!(d.attempted(Err(Some(400)), t0), Step::Wait { .. }));
+        assert_eq!(
+            d.attempted(Err(Some(422)), t0),
+            Step::DeadLetter {
+                status: 422,
+                attempts: 5
+            }
+        );
+        // The dead-letter write failed: waited out like any failure, with the grown backoff.
+        assert_eq!(
+            d.wait(t0),
+            Step::Wait {
+                backoff: Duration::from_secs(16),
+                log: false
+            }
+        );
+        d.dead_lettered();
+        d.next_entry();
+        assert_eq!(
+            d.attempted(Err(Some(500)), t0),
+            Step::Wait {
+                backoff: Duration::from_secs(1),
+                log: false
+            }
+        );
     }
 
     #[test]

@@ -3,159 +3,167 @@
 //! can change what these endpoints say by accident (rust-analyzer's serializable-boundary
 //! rule). Journal entries and dead letters are served as the store reads them
 //! (`store::JournalRow`, which is also the webhook's body).
+//!
+//! Each shape is written out field by field with its documented name, by hand: a derived view
+//! struct would repeat every field of the model plus a conversion, and it would still be this
+//! list that the documentation has to match.
 
-use serde::Serialize;
+use serde::ser::{Serialize, SerializeStruct, Serializer};
 
 use crate::idle::{Resource, Sample, Usage};
 use crate::rules::{Node, Vm};
 
-/// One node (`GET /api/v1/nodes`).
-#[derive(Debug, Serialize)]
-pub struct NodeView {
-    pub node_id: String,
-    pub up: bool,
-    pub libvirt_up: bool,
-    pub first_seen: u64,
-    pub last_seen: u64,
-    pub boot: String,
-    pub boot_ts: u64,
-    pub last_seq: u64,
-    pub version: String,
-    pub hostname: String,
-    pub libvirt_version: String,
-    pub domains: u64,
-    pub gaps: u64,
-    pub lost: u64,
-    pub libvirt_down_since: u64,
+/// A domain value in its API shape: `View(&node)` serializes as `GET /api/v1/nodes` shows it.
+pub struct View<'a, T>(pub &'a T);
+
+/// Rows as views.
+pub fn vms(rows: &[Vm]) -> Vec<View<'_, Vm>> {
+    rows.iter().map(View).collect()
 }
 
-impl From<Node> for NodeView {
-    fn from(n: Node) -> NodeView {
-        NodeView {
-            node_id: n.node_id,
-            up: n.up,
-            libvirt_up: n.libvirt_up,
-            first_seen: n.first_seen,
-            last_seen: n.last_seen,
-            boot: n.boot,
-            boot_ts: n.boot_ts,
-            last_seq: n.last_seq,
-            version: n.version,
-            hostname: n.hostname,
-            libvirt_version: n.libvirt_version,
-            domains: n.domains,
-            gaps: n.gaps,
-            lost: n.lost,
-            libvirt_down_since: n.libvirt_down_since,
-        }
+/// Nodes as views.
+pub fn nodes(nodes: &[Node]) -> Vec<View<'_, Node>> {
+    nodes.iter().map(View).collect()
+}
+
+/// One node (`GET /api/v1/nodes`). `superseded` stays inside.
+impl Serialize for View<'_, Node> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let n = self.0;
+        let mut m = s.serialize_struct("Node", 15)?;
+        m.serialize_field("node_id", &n.node_id)?;
+        m.serialize_field("up", &n.up)?;
+        m.serialize_field("libvirt_up", &n.libvirt_up)?;
+        m.serialize_field("first_seen", &n.first_seen)?;
+        m.serialize_field("last_seen", &n.last_seen)?;
+        m.serialize_field("boot", &n.boot)?;
+        m.serialize_field("boot_ts", &n.boot_ts)?;
+        m.serialize_field("last_seq", &n.last_seq)?;
+        m.serialize_field("version", &n.version)?;
+        m.serialize_field("hostname", &n.hostname)?;
+        m.serialize_field("libvirt_version", &n.libvirt_version)?;
+        m.serialize_field("domains", &n.domains)?;
+        m.serialize_field("gaps", &n.gaps)?;
+        m.serialize_field("lost", &n.lost)?;
+        m.serialize_field("libvirt_down_since", &n.libvirt_down_since)?;
+        m.end()
     }
 }
 
 /// One VM row (`GET /api/v1/vms`, `/vms/{uuid}`, `/wait`).
-#[derive(Debug, Serialize)]
-pub struct VmView {
-    pub node_id: String,
-    pub uuid: String,
-    pub name: String,
-    pub state: String,
-    pub reason: String,
-    pub state_since: u64,
-    pub updated_at: u64,
-    pub usage: UsageView,
-    pub duplicate: bool,
-    pub last_state: Option<String>,
-    pub unknown_since: Option<u64>,
-    pub unknown_reason: Option<String>,
-}
-
-impl From<Vm> for VmView {
-    fn from(v: Vm) -> VmView {
-        VmView {
-            node_id: v.node_id,
-            uuid: v.uuid,
-            name: v.name,
-            state: v.state,
-            reason: v.reason,
-            state_since: v.state_since,
-            updated_at: v.updated_at,
-            usage: v.usage.into(),
-            duplicate: v.duplicate,
-            last_state: v.last_state,
-            unknown_since: v.unknown_since,
-            unknown_reason: v.unknown_reason,
-        }
+impl Serialize for View<'_, Vm> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let v = self.0;
+        let mut m = s.serialize_struct("Vm", 12)?;
+        m.serialize_field("node_id", &v.node_id)?;
+        m.serialize_field("uuid", &v.uuid)?;
+        m.serialize_field("name", &v.name)?;
+        m.serialize_field("state", &v.state)?;
+        m.serialize_field("reason", &v.reason)?;
+        m.serialize_field("state_since", &v.state_since)?;
+        m.serialize_field("updated_at", &v.updated_at)?;
+        m.serialize_field("usage", &View(&v.usage))?;
+        m.serialize_field("duplicate", &v.duplicate)?;
+        m.serialize_field("last_state", &v.last_state)?;
+        m.serialize_field("unknown_since", &v.unknown_since)?;
+        m.serialize_field("unknown_reason", &v.unknown_reason)?;
+        m.end()
     }
 }
 
 /// A VM's counters and idle flags.
-#[derive(Debug, Serialize)]
-pub struct UsageView {
-    pub sample: Option<SampleView>,
-    pub nics: u32,
-    pub disks: u32,
-    pub net: ResourceView,
-    pub disk: ResourceView,
-    pub last_window_ms: Option<u64>,
-}
-
-impl From<Usage> for UsageView {
-    fn from(u: Usage) -> UsageView {
-        UsageView {
-            sample: u.sample.map(SampleView::from),
-            nics: u.nics,
-            disks: u.disks,
-            net: u.net.into(),
-            disk: u.disk.into(),
-            last_window_ms: u.last_window_ms,
-        }
+impl Serialize for View<'_, Usage> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let u = self.0;
+        let mut m = s.serialize_struct("Usage", 6)?;
+        m.serialize_field("sample", &u.sample.as_ref().map(View))?;
+        m.serialize_field("nics", &u.nics)?;
+        m.serialize_field("disks", &u.disks)?;
+        m.serialize_field("net", &View(&u.net))?;
+        m.serialize_field("disk", &View(&u.disk))?;
+        m.serialize_field("last_window_ms", &u.last_window_ms)?;
+        m.end()
     }
 }
 
-#[derive(Debug, Serialize)]
-pub struct SampleView {
-    pub ts: u64,
-    pub tx_pkts: u64,
-    pub wr_reqs: u64,
-    pub rx_pkts: u64,
-    pub rd_reqs: u64,
-    pub cpu_time_ns: u64,
-}
-
-impl From<Sample> for SampleView {
-    fn from(s: Sample) -> SampleView {
-        SampleView {
-            ts: s.ts,
-            tx_pkts: s.tx_pkts,
-            wr_reqs: s.wr_reqs,
-            rx_pkts: s.rx_pkts,
-            rd_reqs: s.rd_reqs,
-            cpu_time_ns: s.cpu_time_ns,
-        }
+impl Serialize for View<'_, Sample> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let x = self.0;
+        let mut m = s.serialize_struct("Sample", 6)?;
+        m.serialize_field("ts", &x.ts)?;
+        m.serialize_field("tx_pkts", &x.tx_pkts)?;
+        m.serialize_field("wr_reqs", &x.wr_reqs)?;
+        m.serialize_field("rx_pkts", &x.rx_pkts)?;
+        m.serialize_field("rd_reqs", &x.rd_reqs)?;
+        m.serialize_field("cpu_time_ns", &x.cpu_time_ns)?;
+        m.end()
     }
 }
 
-#[derive(Debug, Serialize)]
-pub struct ResourceView {
-    pub idle: bool,
-    pub since: Option<u64>,
-    pub quiet_windows: u32,
-    pub last_delta: Option<u64>,
-    pub no_device: bool,
-}
-
-impl From<Resource> for ResourceView {
-    fn from(r: Resource) -> ResourceView {
-        ResourceView {
-            idle: r.idle,
-            since: r.since,
-            quiet_windows: r.quiet_windows,
-            last_delta: r.last_delta,
-            no_device: r.no_device,
-        }
+impl Serialize for View<'_, Resource> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let r = self.0;
+        let mut m = s.serialize_struct("Resource", 5)?;
+        m.serialize_field("idle", &r.idle)?;
+        m.serialize_field("since", &r.since)?;
+        m.serialize_field("quiet_windows", &r.quiet_windows)?;
+        m.serialize_field("last_delta", &r.last_delta)?;
+        m.serialize_field("no_device", &r.no_device)?;
+        m.end()
     }
 }
 
-/// Rows as views.
-pub fn vms(rows: Vec<Vm>) -> Vec<VmView> {
-    rows.into_iter().map(VmView::from).collect()
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The documented shape, key for key (docs/API.md "VM row"): a field renamed in the model
+    /// must not rename it here.
+    #[test]
+    fn a_vm_row_has_the_documented_keys() {
+        let vm = Vm {
+            node_id: "hv-01".into(),
+            uuid: "u".into(),
+            name: "n".into(),
+            state: "running".into(),
+            reason: "booted".into(),
+            state_since: 1,
+            updated_at: 2,
+            usage: Usage {
+                sample: Some(Sample {
+                    ts: 3,
+                    tx_pkts: 4,
+                    wr_reqs: 5,
+                    rx_pkts: 6,
+                    rd_reqs: 7,
+                    cpu_time_ns: 8,
+                }),
+                nics: 1,
+                disks: 1,
+                ..Usage::default()
+            },
+            duplicate: false,
+            last_state: None,
+            unknown_since: None,
+            unknown_reason: None,
+        };
+        let got = serde_json::to_value(View(&vm)).expect("serializes");
+        let want = serde_json::json!({
+            "node_id": "hv-01", "uuid": "u", "name": "n", "state": "running",
+            "reason": "booted", "state_since": 1, "updated_at": 2,
+            "usage": {
+                "sample": {"ts": 3, "tx_pkts": 4, "wr_reqs": 5, "rx_pkts": 6, "rd_reqs": 7,
+                           "cpu_time_ns": 8},
+                "nics": 1, "disks": 1,
+                "net": {"idle": false, "since": null, "quiet_windows": 0, "last_delta": null,
+                        "no_device": false},
+                "disk": {"idle": false, "since": null, "quiet_windows": 0, "last_delta": null,
+                         "no_device": false},
+                "last_window_ms": null
+            },
+            "duplicate": false, "last_state": null, "unknown_since": null,
+            "unknown_reason": null
+        });
+        assert_eq!(got, want);
+    }
 }
