@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use vmwatch_common::daemon::Shutdown;
 use vmwatch_common::keys;
-use vmwatch_common::protocol::{authenticate, Authenticated, NodeId};
+use vmwatch_common::protocol::{authenticate, Authenticated, NodeId, Rejected};
 
 use crate::config::MasterConfig;
 use crate::metrics::{Metrics, RejectLog};
@@ -198,6 +198,53 @@ pub fn spawn(
         })
 }
 
+/// Keys of nodes that have authenticated once: deriving a node's key costs an HMAC per message
+/// otherwise. A key enters only after it verified a message (a forged id never enters), and at
+/// most `max` of them.
+struct Keyring {
+    keys: HashMap<NodeId, Vec<u8>>,
+    max: usize,
+}
+
+impl Keyring {
+    fn authenticate(
+        &mut self,
+        frames: &[Vec<u8>],
+        key_for: impl Fn(&NodeId) -> Option<Vec<u8>>,
+    ) -> Result<Authenticated, Rejected> {
+        let mut derived = None;
+        let verified = authenticate(frames, |n| match self.keys.get(n) {
+            Some(k) => Some(Cow::Borrowed(k.as_slice())),
+            None => {
+                derived = key_for(n);
+                derived.clone().map(Cow::Owned)
+            }
+        });
+        if let (Ok(m), Some(k)) = (&verified, derived) {
+            if self.keys.len() < self.max {
+                self.keys.insert(m.node_id().clone(), k);
+            }
+        }
+        verified
+    }
+}
+
+/// The core stopped taking messages: ingest ends.
+struct CoreGone;
+
+struct Ingest<'a> {
+    port: NodePort,
+    config: &'a MasterConfig,
+    to_core: SyncSender<Received>,
+    metrics: &'a Metrics,
+    reject_log: &'a RejectLog,
+    shutdown: &'a Shutdown,
+    connections: usize,
+    keyring: Keyring,
+    /// A message the core had no room for yet; while it waits, nothing more is read.
+    pending: Option<Received>,
+}
+
 fn run(
     port: NodePort,
     config: &MasterConfig,
@@ -206,28 +253,49 @@ fn run(
     reject_log: &RejectLog,
     shutdown: &Shutdown,
 ) {
-    let mut connections = 0usize;
-    // Keys of nodes that have authenticated once: deriving a node's key costs an HMAC per
-    // message otherwise. Filled only after a valid HMAC (a forged id never enters), at most
-    // `max_nodes` entries.
-    let mut keyring: HashMap<NodeId, Vec<u8>> = HashMap::new();
-    // A message the core had no room for yet; while it waits, nothing more is read.
-    let mut pending: Option<Received> = None;
+    let mut ingest = Ingest {
+        port,
+        config,
+        to_core,
+        metrics,
+        reject_log,
+        shutdown,
+        connections: 0,
+        keyring: Keyring {
+            keys: HashMap::new(),
+            max: config.max_nodes,
+        },
+        pending: None,
+    };
     while !shutdown.is_triggered() {
+        if let Err(CoreGone) = ingest.turn() {
+            return;
+        }
+    }
+    if let Some(r) = ingest.pending {
+        // Stopping: the core is still draining and takes this last one.
+        let _ = ingest.to_core.send(r);
+    }
+}
+
+impl Ingest<'_> {
+    /// One poll: answers ZAP and the monitor, hands the held message on, then reads a burst.
+    fn turn(&mut self) -> Result<(), CoreGone> {
+        let port = &self.port;
         let mut items = [
             port.zap.as_poll_item(zmq::POLLIN),
             port.monitor.as_poll_item(zmq::POLLIN),
-            port.pull.as_poll_item(if pending.is_none() {
+            port.pull.as_poll_item(if self.pending.is_none() {
                 zmq::POLLIN
             } else {
                 zmq::PollEvents::empty()
             }),
         ];
-        let timeout = if pending.is_some() { 20 } else { 200 };
+        let timeout = if self.pending.is_some() { 20 } else { 200 };
         if let Err(e) = zmq::poll(&mut items, timeout) {
             tracing::error!(error = %e, "zmq poll failed");
             std::thread::sleep(Duration::from_millis(100));
-            continue;
+            return Ok(());
         }
         let (zap_ready, monitor_ready) = (items[0].is_readable(), items[1].is_readable());
         if zap_ready {
@@ -235,30 +303,34 @@ fn run(
         }
         if monitor_ready {
             while let Some(event) = monitor_event(&port.monitor) {
-                on_event(event, &port, &mut connections, metrics);
+                on_event(event, port, &mut self.connections, self.metrics);
             }
         }
-        if let Some(r) = pending.take() {
-            match to_core.try_send(r) {
+        if let Some(r) = self.pending.take() {
+            match self.to_core.try_send(r) {
                 Ok(()) => {}
                 Err(TrySendError::Full(r)) => {
-                    pending = Some(r);
-                    continue;
+                    self.pending = Some(r);
+                    return Ok(());
                 }
-                Err(TrySendError::Disconnected(_)) => return,
+                Err(TrySendError::Disconnected(_)) => return Err(CoreGone),
             }
         }
-        // Drain what is ready, one message at a time, up to a turn's worth (so ZAP and the
-        // monitor are answered between bursts).
+        self.read_burst()
+    }
+
+    /// Reads what is ready, one message at a time, up to a turn's worth (so ZAP and the
+    /// monitor are answered between bursts), until the core has no room.
+    fn read_burst(&mut self) -> Result<(), CoreGone> {
         for n in 0..1024 {
             if n % 64 == 63 {
                 // Handshakes are not kept waiting behind a burst of messages.
-                while answer_zap(&port.zap, &port.transport_public) {}
-                if shutdown.is_triggered() {
+                while answer_zap(&self.port.zap, &self.port.transport_public) {}
+                if self.shutdown.is_triggered() {
                     break;
                 }
             }
-            let frames = match receive(&port.pull) {
+            let frames = match receive(&self.port.pull) {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
                 Err(e) => {
@@ -266,42 +338,26 @@ fn run(
                     break;
                 }
             };
-            // A key derived here is kept only once it verified a message.
-            let mut derived = None;
-            let verified = authenticate(&frames, |n| match keyring.get(n) {
-                Some(k) => Some(Cow::Borrowed(k.as_slice())),
-                None => {
-                    derived = config.key_for(n);
-                    derived.clone().map(Cow::Owned)
-                }
-            });
-            if let (Ok(m), Some(k)) = (&verified, derived) {
-                if keyring.len() < config.max_nodes {
-                    keyring.insert(m.node_id().clone(), k);
-                }
-            }
-            match verified {
-                Ok(message) => match to_core.try_send(Received {
+            let config = self.config;
+            match self.keyring.authenticate(&frames, |n| config.key_for(n)) {
+                Ok(message) => match self.to_core.try_send(Received {
                     message,
                     arrived: vmwatch_common::time::now_ms(),
                 }) {
                     Ok(()) => {}
                     Err(TrySendError::Full(r)) => {
-                        pending = Some(r);
+                        self.pending = Some(r);
                         break;
                     }
-                    Err(TrySendError::Disconnected(_)) => return, // the core has stopped
+                    Err(TrySendError::Disconnected(_)) => return Err(CoreGone),
                 },
                 Err(r) => {
-                    metrics.count_reject(r.reason);
-                    reject_log.log(&r);
+                    self.metrics.count_reject(r.reason);
+                    self.reject_log.log(&r);
                 }
             }
         }
-    }
-    if let Some(r) = pending {
-        // Stopping: the core is still draining and takes this last one.
-        let _ = to_core.send(r);
+        Ok(())
     }
 }
 
@@ -401,5 +457,58 @@ fn receive(socket: &zmq::Socket) -> Result<Option<Vec<Vec<u8>>>, zmq::Error> {
         if !socket.get_rcvmore()? {
             return Ok(Some(frames));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use vmwatch_common::protocol::{encode, Body, Bye, Payload, Reject};
+
+    use super::*;
+
+    fn frames(key: &[u8], node: &str) -> Vec<Vec<u8>> {
+        let payload = Payload {
+            boot: "b".into(),
+            boot_ts: 1,
+            seq: 1,
+            ts: 2,
+            body: Body::Bye(Bye {
+                reason: "test".into(),
+            }),
+        };
+        let node = NodeId::parse(node).expect("valid node id");
+        encode(key, &node, &payload).into()
+    }
+
+    /// A key is kept only after it verified a message, and never more than `max`: a peer that
+    /// sends a forged id or a wrong signature leaves nothing behind.
+    #[test]
+    fn the_keyring_keeps_only_keys_that_verified_a_message() {
+        let key_for = |n: &NodeId| Some(format!("key-of-{}", n.as_str()).into_bytes());
+        let mut ring = Keyring {
+            keys: HashMap::new(),
+            max: 2,
+        };
+        let forged = ring.authenticate(&frames(b"wrong", "hv-1"), key_for);
+        assert_eq!(
+            forged.map(|_| ()).map_err(|r| r.reason),
+            Err(Reject::Signature)
+        );
+        assert!(ring.keys.is_empty());
+        for node in ["hv-1", "hv-2", "hv-3"] {
+            let key = format!("key-of-{node}");
+            assert!(ring
+                .authenticate(&frames(key.as_bytes(), node), key_for)
+                .is_ok());
+        }
+        assert_eq!(ring.keys.len(), 2);
+        // A cached key is used without deriving it again.
+        let no_derivation = |_: &NodeId| None;
+        assert!(ring
+            .authenticate(&frames(b"key-of-hv-1", "hv-1"), no_derivation)
+            .is_ok());
+        assert!(ring
+            .authenticate(&frames(b"key-of-hv-3", "hv-3"), no_derivation)
+            .is_err());
     }
 }

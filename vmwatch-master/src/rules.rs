@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use vmwatch_common::protocol::{
-    AgentCounters, Authenticated, Body, DomainEvent, Heartbeat, Reject, Snapshot, Stats,
+    AgentCounters, Authenticated, Body, DomainEvent, Heartbeat, Payload, Reject, Snapshot, Stats,
 };
 
 use crate::idle::{self, Usage};
@@ -313,70 +313,9 @@ pub fn handle(
         .nodes
         .entry(node_id.clone())
         .or_insert_with(|| new_node(&node_id, now));
-    let lost = match admission {
-        Admission::NewNode => payload.seq.saturating_sub(1),
-        Admission::NewBoot => {
-            let mut e = entry(now, &node_id, EntryType::Node, "restarted");
-            e.detail = format!("boot {}", payload.boot);
-            out.effects.push(Effect::Journal(e));
-            let old = std::mem::replace(&mut node.boot, payload.boot.clone());
-            supersede(node, old, now, rules.max_message_age_ms);
-            node.boot_ts = payload.boot_ts;
-            // Messages 1..seq of a new boot that never arrived are lost too.
-            payload.seq.saturating_sub(1)
-        }
-        Admission::Next { lost } => lost,
-    };
-    if admission == Admission::NewNode {
-        node.boot = payload.boot.clone();
-        node.boot_ts = payload.boot_ts;
-    }
-    node.last_seq = payload.seq;
-    node.last_seen = now;
-    if lost > 0 {
-        node.gaps += 1;
-        node.lost += lost;
-        let mut e = entry(now, &node_id, EntryType::Gap, "gap");
-        e.detail = lost.to_string();
-        out.effects.push(Effect::Journal(e));
-        out.gap = Some(lost);
-    }
-    if !node.up && !matches!(payload.body, Body::Bye(_)) {
-        node.up = true;
-        out.effects
-            .push(Effect::Journal(entry(now, &node_id, EntryType::Node, "up")));
-    }
+    record_arrival(node, admission, &payload, now, rules, &mut out);
     // First what the message says about the node itself, then the node row, then its VMs.
-    match &payload.body {
-        Body::Heartbeat(Heartbeat {
-            libvirt,
-            domains,
-            version,
-            agent,
-            ..
-        }) => {
-            set_libvirt(node, &mut out, now, libvirt == "up");
-            node.domains = *domains;
-            node.version.clone_from(version);
-            out.agent = Some(*agent);
-        }
-        Body::Bye(bye) => {
-            if node.up {
-                node.up = false;
-                let mut e = entry(now, &node_id, EntryType::Node, "down");
-                e.detail = format!("bye: {}", bye.reason);
-                out.effects.push(Effect::Journal(e));
-            }
-        }
-        Body::Snapshot(s) => {
-            set_libvirt(node, &mut out, now, true);
-            node.domains = s.domains.len() as u64;
-            node.hostname.clone_from(&s.hostname);
-            node.libvirt_version.clone_from(&s.libvirt_version);
-        }
-        Body::Event(_) => set_libvirt(node, &mut out, now, true),
-        Body::Stats(_) => {}
-    }
+    node_facts(node, &payload.body, now, &mut out);
     out.effects.push(Effect::UpsertNode(node.clone()));
     let vms = inv.vms.entry(node_id.clone()).or_default();
     match payload.body {
@@ -387,6 +326,88 @@ pub fn handle(
         Body::Heartbeat(_) => {}
     }
     Ok(out)
+}
+
+/// Records a message's arrival on its node row: a new boot, the sequence and any gap, and the
+/// node coming up.
+fn record_arrival(
+    node: &mut Node,
+    admission: Admission,
+    payload: &Payload,
+    now: u64,
+    rules: &Rules,
+    out: &mut Outcome,
+) {
+    if admission == Admission::NewBoot {
+        let mut e = entry(now, &node.node_id, EntryType::Node, "restarted");
+        e.detail = format!("boot {}", payload.boot);
+        out.effects.push(Effect::Journal(e));
+        let old = std::mem::take(&mut node.boot);
+        supersede(node, old, now, rules.max_message_age_ms);
+    }
+    let lost = match admission {
+        Admission::Next { lost } => lost,
+        Admission::NewNode | Admission::NewBoot => {
+            node.boot.clone_from(&payload.boot);
+            node.boot_ts = payload.boot_ts;
+            // Messages 1..seq of a new boot that never arrived are lost too.
+            payload.seq.saturating_sub(1)
+        }
+    };
+    node.last_seq = payload.seq;
+    node.last_seen = now;
+    if lost > 0 {
+        node.gaps += 1;
+        node.lost += lost;
+        let mut e = entry(now, &node.node_id, EntryType::Gap, "gap");
+        e.detail = lost.to_string();
+        out.effects.push(Effect::Journal(e));
+        out.gap = Some(lost);
+    }
+    if !node.up && !matches!(payload.body, Body::Bye(_)) {
+        node.up = true;
+        out.effects.push(Effect::Journal(entry(
+            now,
+            &node.node_id,
+            EntryType::Node,
+            "up",
+        )));
+    }
+}
+
+/// What a message says about its node itself: libvirt up or down, the counts and versions, the
+/// agent's counters, a `bye`.
+fn node_facts(node: &mut Node, body: &Body, now: u64, out: &mut Outcome) {
+    match body {
+        Body::Heartbeat(Heartbeat {
+            libvirt,
+            domains,
+            version,
+            agent,
+            ..
+        }) => {
+            set_libvirt(node, out, now, libvirt == "up");
+            node.domains = *domains;
+            node.version.clone_from(version);
+            out.agent = Some(*agent);
+        }
+        Body::Bye(bye) => {
+            if node.up {
+                node.up = false;
+                let mut e = entry(now, &node.node_id, EntryType::Node, "down");
+                e.detail = format!("bye: {}", bye.reason);
+                out.effects.push(Effect::Journal(e));
+            }
+        }
+        Body::Snapshot(s) => {
+            set_libvirt(node, out, now, true);
+            node.domains = s.domains.len() as u64;
+            node.hostname.clone_from(&s.hostname);
+            node.libvirt_version.clone_from(&s.libvirt_version);
+        }
+        Body::Event(_) => set_libvirt(node, out, now, true),
+        Body::Stats(_) => {}
+    }
 }
 
 fn new_node(node_id: &str, now: u64) -> Node {
