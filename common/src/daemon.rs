@@ -190,54 +190,14 @@ impl<C> Daemon<C> {
     /// CLI → configuration → log → signal and watchdog threads → `run` → exit status.
     pub fn main(self, run: impl FnOnce(C, Context) -> anyhow::Result<()>) -> ExitCode {
         let name = self.name;
-        let cli = match Cli::parse(std::env::args().skip(1), self.default_config) {
+        let (cli, config) = match self.configure() {
             Ok(c) => c,
-            Err(e) => {
-                eprintln!("{name}: {e}");
-                return ExitCode::from(EX_USAGE);
-            }
+            Err(code) => return code,
         };
-        if cli.help {
-            print!("{}", Cli::usage(name, self.default_config));
-            return ExitCode::SUCCESS;
-        }
-        if cli.version {
-            println!("{name} {}", crate::VERSION);
-            return ExitCode::SUCCESS;
-        }
-        let config = match (self.load)(&cli.config) {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("{name}: bad configuration: {e}");
-                logging::append_line(
-                    Path::new(self.default_log),
-                    &format!("ERROR bad configuration: {e}"),
-                );
-                return ExitCode::from(EX_CONFIG as u8);
-            }
+        let log = match self.start_logging(&config) {
+            Ok(log) => log,
+            Err(code) => return code,
         };
-        if cli.check_config {
-            print!("{}", (self.describe)(&config));
-            return ExitCode::SUCCESS;
-        }
-        if let Some(code) = (self.command)(&cli, &config) {
-            return code;
-        }
-        let (log_path, level) = (self.log)(&config);
-        let log = match LogFile::open(&log_path) {
-            Ok(l) => l,
-            Err(e) => {
-                eprintln!(
-                    "{name}: cannot open log file {}: {e}; logging to stderr",
-                    log_path.display()
-                );
-                LogFile::stderr()
-            }
-        };
-        if let Err(e) = logging::init(log.clone(), &level) {
-            eprintln!("{name}: {e}");
-            return ExitCode::from(EX_CONFIG as u8);
-        }
         if is_world_readable(&cli.config) {
             tracing::warn!(path = %cli.config.display(), "configuration file holding secrets is world-readable; chmod 0640 it");
         }
@@ -277,6 +237,68 @@ impl<C> Daemon<C> {
                 ExitCode::FAILURE
             }
         }
+    }
+
+    /// The command line and the configuration; `Err` is the exit status of a run that ends
+    /// here (usage, `--help`, `--version`, a bad configuration, `--check-config`, a command).
+    fn configure(&self) -> Result<(Cli, C), ExitCode> {
+        let name = self.name;
+        let cli = match Cli::parse(std::env::args().skip(1), self.default_config) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("{name}: {e}");
+                return Err(ExitCode::from(EX_USAGE));
+            }
+        };
+        if cli.help {
+            print!("{}", Cli::usage(name, self.default_config));
+            return Err(ExitCode::SUCCESS);
+        }
+        if cli.version {
+            println!("{name} {}", crate::VERSION);
+            return Err(ExitCode::SUCCESS);
+        }
+        let config = match (self.load)(&cli.config) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("{name}: bad configuration: {e}");
+                logging::append_line(
+                    Path::new(self.default_log),
+                    &format!("ERROR bad configuration: {e}"),
+                );
+                return Err(ExitCode::from(EX_CONFIG as u8));
+            }
+        };
+        if cli.check_config {
+            print!("{}", (self.describe)(&config));
+            return Err(ExitCode::SUCCESS);
+        }
+        if let Some(code) = (self.command)(&cli, &config) {
+            return Err(code);
+        }
+        Ok((cli, config))
+    }
+
+    /// Opens the configured log file (stderr when it cannot be opened) and installs the
+    /// subscriber; a bad level is a configuration error.
+    fn start_logging(&self, config: &C) -> Result<LogFile, ExitCode> {
+        let name = self.name;
+        let (log_path, level) = (self.log)(config);
+        let log = match LogFile::open(&log_path) {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!(
+                    "{name}: cannot open log file {}: {e}; logging to stderr",
+                    log_path.display()
+                );
+                LogFile::stderr()
+            }
+        };
+        if let Err(e) = logging::init(log.clone(), &level) {
+            eprintln!("{name}: {e}");
+            return Err(ExitCode::from(EX_CONFIG as u8));
+        }
+        Ok(log)
     }
 }
 

@@ -9,7 +9,7 @@ use std::path::Path;
 use rusqlite::{params, Connection, OpenFlags, Row, Transaction};
 use serde::Serialize;
 
-use crate::rules::{Effect, Inventory, Node, Vm};
+use crate::rules::{Effect, Entry, Inventory, Node, Vm};
 
 const SCHEMA_VERSION: i64 = 2;
 
@@ -243,93 +243,105 @@ fn apply(tx: &Transaction<'_>, effects: &[Effect]) -> Result<Vec<i64>, StoreErro
     let mut ids = Vec::new();
     for effect in effects {
         match effect {
-            Effect::UpsertNode(n) => {
-                let mut stmt = tx
-                    .prepare_cached(
-                        "INSERT OR REPLACE INTO nodes (node_id, up, libvirt_up, first_seen, last_seen, boot, boot_ts, \
-                         last_seq, version, hostname, libvirt_version, domains, gaps, lost, libvirt_down_since, superseded) \
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
-                    )
-                    .map_err(ctx("write node"))?;
-                stmt.execute(params![
-                    n.node_id,
-                    n.up,
-                    n.libvirt_up,
-                    n.first_seen as i64,
-                    n.last_seen as i64,
-                    n.boot,
-                    n.boot_ts as i64,
-                    n.last_seq as i64,
-                    n.version,
-                    n.hostname,
-                    n.libvirt_version,
-                    n.domains as i64,
-                    n.gaps as i64,
-                    n.lost as i64,
-                    n.libvirt_down_since as i64,
-                    // A list of (string, number) pairs always serialises.
-                    serde_json::to_string(&n.superseded).unwrap_or_else(|_| "[]".into())
-                ])
-                .map_err(ctx("write node"))?;
-            }
-            Effect::UpsertVm(vm) => {
-                let mut stmt = tx
-                    .prepare_cached(
-                        "INSERT OR REPLACE INTO vms (node_id, uuid, name, state, reason, state_since, updated_at, \
-                         idle_net, idle_disk, duplicate, usage, last_state, unknown_since, unknown_reason) \
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
-                    )
-                    .map_err(ctx("write vm"))?;
-                stmt.execute(params![
-                    vm.node_id,
-                    vm.uuid,
-                    vm.name,
-                    vm.state,
-                    vm.reason,
-                    vm.state_since as i64,
-                    vm.updated_at as i64,
-                    vm.usage.net.idle,
-                    vm.usage.disk.idle,
-                    vm.duplicate,
-                    // Plain structs of numbers and booleans always serialise.
-                    usage_column::encode(&vm.usage),
-                    vm.last_state,
-                    vm.unknown_since.map(|t| t as i64),
-                    vm.unknown_reason
-                ])
-                .map_err(ctx("write vm"))?;
-            }
-            Effect::RemoveVm { node_id, uuid } => {
-                let mut stmt = tx
-                    .prepare_cached("DELETE FROM vms WHERE node_id = ?1 AND uuid = ?2")
-                    .map_err(ctx("remove vm"))?;
-                stmt.execute(params![node_id, uuid])
-                    .map_err(ctx("remove vm"))?;
-            }
-            Effect::Journal(e) => {
-                let mut stmt = tx
-                    .prepare_cached(
-                        "INSERT INTO journal (received_at, event_ts, node_id, uuid, name, type, event, detail, state) \
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-                    )
-                    .map_err(ctx("write journal"))?;
-                stmt.execute(params![
-                    e.received_at as i64,
-                    e.event_ts as i64,
-                    e.node_id,
-                    e.uuid,
-                    e.name,
-                    e.kind.as_str(),
-                    e.event,
-                    e.detail,
-                    e.state
-                ])
-                .map_err(ctx("write journal"))?;
-                ids.push(tx.last_insert_rowid());
-            }
+            Effect::UpsertNode(n) => write_node(tx, n)?,
+            Effect::UpsertVm(vm) => write_vm(tx, vm)?,
+            Effect::RemoveVm { node_id, uuid } => remove_vm(tx, node_id, uuid)?,
+            Effect::Journal(e) => ids.push(write_journal(tx, e)?),
         }
     }
     Ok(ids)
+}
+
+fn write_node(tx: &Transaction<'_>, n: &Node) -> Result<(), StoreError> {
+    let mut stmt = tx
+        .prepare_cached(
+            "INSERT OR REPLACE INTO nodes (node_id, up, libvirt_up, first_seen, last_seen, boot, boot_ts, \
+             last_seq, version, hostname, libvirt_version, domains, gaps, lost, libvirt_down_since, superseded) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+        )
+        .map_err(ctx("write node"))?;
+    stmt.execute(params![
+        n.node_id,
+        n.up,
+        n.libvirt_up,
+        n.first_seen as i64,
+        n.last_seen as i64,
+        n.boot,
+        n.boot_ts as i64,
+        n.last_seq as i64,
+        n.version,
+        n.hostname,
+        n.libvirt_version,
+        n.domains as i64,
+        n.gaps as i64,
+        n.lost as i64,
+        n.libvirt_down_since as i64,
+        // A list of (string, number) pairs always serialises.
+        serde_json::to_string(&n.superseded).unwrap_or_else(|_| "[]".into())
+    ])
+    .map_err(ctx("write node"))?;
+    Ok(())
+}
+
+fn write_vm(tx: &Transaction<'_>, vm: &Vm) -> Result<(), StoreError> {
+    let mut stmt = tx
+        .prepare_cached(
+            "INSERT OR REPLACE INTO vms (node_id, uuid, name, state, reason, state_since, updated_at, \
+             idle_net, idle_disk, duplicate, usage, last_state, unknown_since, unknown_reason) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+        )
+        .map_err(ctx("write vm"))?;
+    stmt.execute(params![
+        vm.node_id,
+        vm.uuid,
+        vm.name,
+        vm.state,
+        vm.reason,
+        vm.state_since as i64,
+        vm.updated_at as i64,
+        vm.usage.net.idle,
+        vm.usage.disk.idle,
+        vm.duplicate,
+        // Plain structs of numbers and booleans always serialise.
+        usage_column::encode(&vm.usage),
+        vm.last_state,
+        vm.unknown_since.map(|t| t as i64),
+        vm.unknown_reason
+    ])
+    .map_err(ctx("write vm"))?;
+    Ok(())
+}
+
+fn remove_vm(tx: &Transaction<'_>, node_id: &str, uuid: &str) -> Result<(), StoreError> {
+    let mut stmt = tx
+        .prepare_cached("DELETE FROM vms WHERE node_id = ?1 AND uuid = ?2")
+        .map_err(ctx("remove vm"))?;
+    stmt.execute(params![node_id, uuid])
+        .map_err(ctx("remove vm"))?;
+    Ok(())
+}
+
+/// Appends a journal entry; returns its id.
+fn write_journal(tx: &Transaction<'_>, e: &Entry) -> Result<i64, StoreError> {
+    let mut stmt = tx
+        .prepare_cached(
+            "INSERT INTO journal (received_at, event_ts, node_id, uuid, name, type, event, detail, state) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        )
+        .map_err(ctx("write journal"))?;
+    stmt.execute(params![
+        e.received_at as i64,
+        e.event_ts as i64,
+        e.node_id,
+        e.uuid,
+        e.name,
+        e.kind.as_str(),
+        e.event,
+        e.detail,
+        e.state
+    ])
+    .map_err(ctx("write journal"))?;
+    Ok(tx.last_insert_rowid())
 }
 
 fn get_u64(row: &Row<'_>, col: &str) -> rusqlite::Result<u64> {

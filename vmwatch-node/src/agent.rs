@@ -8,13 +8,12 @@
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
-use virt::connect::Connect;
 use vmwatch_common::daemon::{join_within, Context, Shutdown};
 use vmwatch_common::time::now_ms;
 
 use crate::config::NodeConfig;
 use crate::core::{Action, CoreConfig, Input, NodeCore, Notify, Now, Transmit};
-use crate::libvirt::{self, LibvirtError, Watch};
+use crate::libvirt::{self, Conn, LibvirtError, Watch};
 use crate::socket::{PushSocket, SocketError};
 
 const KEEPALIVE_INTERVAL_S: i32 = 5;
@@ -96,7 +95,7 @@ pub fn run(config: NodeConfig, ctx: Context) -> Result<(), NodeError> {
 /// A libvirt connection with its callbacks (the watch holds a reference of its own).
 struct Connection {
     _watch: Watch,
-    conn: Connect,
+    conn: Conn,
 }
 
 struct Shell {
@@ -159,7 +158,7 @@ impl Shell {
                 },
             },
             Action::Release => {
-                release(self.connection.take());
+                self.connection = None;
                 return;
             }
             Action::Notify(n) => {
@@ -177,22 +176,16 @@ impl Shell {
     fn connect(&mut self, generation: u64) -> Input {
         let opened =
             libvirt::open(&self.uri, KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT).and_then(|conn| {
-                match Watch::register(&conn, generation, &self.tx) {
-                    Ok(watch) => Ok((conn, watch)),
-                    Err(e) => {
-                        release(Some(conn));
-                        Err(e)
-                    }
-                }
+                Watch::register(&conn, generation, &self.tx).map(|watch| (conn, watch))
             });
         match opened {
             Ok((conn, watch)) => {
                 let libvirt_version = libvirt::libvirt_version(&conn);
                 tracing::info!(uri = %self.uri, version = %libvirt_version, "connected to libvirt");
-                release(self.connection.replace(Connection {
+                self.connection = Some(Connection {
                     _watch: watch,
                     conn,
-                }));
+                });
                 Input::Connected {
                     generation,
                     libvirt_version,
@@ -222,7 +215,7 @@ impl Shell {
             );
         }
         let counters = self.core.counters();
-        release(self.connection.take());
+        self.connection = None;
         self.socket
             .close(deadline.saturating_duration_since(Instant::now()));
         tracing::info!(
@@ -259,10 +252,10 @@ fn spawn_stats_collector(
     std::thread::Builder::new()
         .name("stats".into())
         .spawn(move || {
-            let mut conn: Option<Connect> = None;
+            let mut conn: Option<Conn> = None;
             let mut next = Instant::now();
             while !shutdown.wait_timeout(next.saturating_duration_since(Instant::now())) {
-                let c: &Connect = match conn {
+                let c: &Conn = match conn {
                     Some(ref c) => c,
                     None => match libvirt::open(&uri, KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT) {
                         Ok(c) => conn.insert(c),
@@ -293,23 +286,11 @@ fn spawn_stats_collector(
                     Err(e) => {
                         tracing::warn!(error = %e, "stats collection failed");
                         if !libvirt::is_alive(c) {
-                            release(conn.take());
+                            conn = None;
                         }
                         next = Instant::now() + retry;
                     }
                 }
             }
-            release(conn);
         })
-}
-
-/// Releases a libvirt connection (or a watch with its connection) whose daemon may be gone.
-/// The `virt` crate panics in `Drop` if `virConnectClose` fails; a dead connection must not
-/// take the agent down with it.
-fn release<T>(c: Option<T>) {
-    if let Some(c) = c {
-        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(c))).is_err() {
-            tracing::warn!("releasing a dead libvirt connection failed");
-        }
-    }
 }

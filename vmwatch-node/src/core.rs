@@ -215,30 +215,8 @@ impl NodeCore {
             Input::Connected {
                 generation,
                 libvirt_version,
-            } => {
-                if self.libvirt != Libvirt::Connecting || generation != self.generation {
-                    return;
-                }
-                if self.ever_connected {
-                    self.counters.libvirt_reconnects += 1;
-                }
-                self.ever_connected = true;
-                self.backoff = Backoff::new();
-                self.libvirt_version = libvirt_version;
-                // Events during an outage are gone: a fresh snapshot repairs the master's view.
-                self.list_domains(true);
-            }
-            Input::ConnectFailed { error } => {
-                let delay = self.backoff.next_delay();
-                tracing::warn!(error = %error, retry_in_ms = delay.as_millis() as u64, "libvirt unavailable");
-                self.libvirt = Libvirt::Down {
-                    retry_at: now.mono + delay,
-                };
-                if !self.ready_sent {
-                    self.heartbeat(now);
-                    self.notify_ready();
-                }
-            }
+            } => self.connected(generation, libvirt_version),
+            Input::ConnectFailed { error } => self.connect_failed(now, &error),
             Input::Listed(domains) => {
                 let Libvirt::Up { announce, .. } = self.libvirt else {
                     return;
@@ -260,20 +238,7 @@ impl NodeCore {
                     self.lost(now, &format!("listing domains failed: {error}"));
                 }
             }
-            Input::Event(facts) => {
-                if facts.transient_domain_stopped() {
-                    if let Libvirt::Up {
-                        snapshot_at: Some(at),
-                        ..
-                    } = &mut self.libvirt
-                    {
-                        *at = now.mono;
-                    }
-                }
-                self.counters.events += 1;
-                tracing::debug!(uuid = %facts.uuid, name = %facts.name, "event");
-                self.enqueue(now, builder::event(&facts));
-            }
+            Input::Event(facts) => self.event(now, &facts),
             Input::Closed { generation, reason } => {
                 // A close report from an older connection changes nothing.
                 if generation == self.generation && matches!(self.libvirt, Libvirt::Up { .. }) {
@@ -287,16 +252,59 @@ impl NodeCore {
                     self.enqueue(now, body);
                 }
             }
-            Input::Stop => {
-                tracing::info!("stopping: sending bye");
-                self.actions.push_back(Action::Notify(Notify::Stopping));
-                if !matches!(self.libvirt, Libvirt::Down { .. }) {
-                    self.actions.push_back(Action::Release);
-                }
-                self.enqueue(now, builder::bye("shutdown"));
-                self.stopping = true;
+            Input::Stop => self.stop(now),
+        }
+    }
+
+    fn connected(&mut self, generation: u64, libvirt_version: String) {
+        if self.libvirt != Libvirt::Connecting || generation != self.generation {
+            return;
+        }
+        if self.ever_connected {
+            self.counters.libvirt_reconnects += 1;
+        }
+        self.ever_connected = true;
+        self.backoff = Backoff::new();
+        self.libvirt_version = libvirt_version;
+        // Events during an outage are gone: a fresh snapshot repairs the master's view.
+        self.list_domains(true);
+    }
+
+    fn connect_failed(&mut self, now: Now, error: &str) {
+        let delay = self.backoff.next_delay();
+        tracing::warn!(error = %error, retry_in_ms = delay.as_millis() as u64, "libvirt unavailable");
+        self.libvirt = Libvirt::Down {
+            retry_at: now.mono + delay,
+        };
+        if !self.ready_sent {
+            self.heartbeat(now);
+            self.notify_ready();
+        }
+    }
+
+    fn event(&mut self, now: Now, facts: &EventFacts) {
+        if facts.transient_domain_stopped() {
+            if let Libvirt::Up {
+                snapshot_at: Some(at),
+                ..
+            } = &mut self.libvirt
+            {
+                *at = now.mono;
             }
         }
+        self.counters.events += 1;
+        tracing::debug!(uuid = %facts.uuid, name = %facts.name, "event");
+        self.enqueue(now, builder::event(facts));
+    }
+
+    fn stop(&mut self, now: Now) {
+        tracing::info!("stopping: sending bye");
+        self.actions.push_back(Action::Notify(Notify::Stopping));
+        if !matches!(self.libvirt, Libvirt::Down { .. }) {
+            self.actions.push_back(Action::Release);
+        }
+        self.enqueue(now, builder::bye("shutdown"));
+        self.stopping = true;
     }
 
     /// Fires every timer due at `now`: connecting, the periodic snapshot, the heartbeat.

@@ -116,12 +116,45 @@ pub fn start_event_loop() -> Result<(), LibvirtError> {
     Ok(())
 }
 
+/// A libvirt connection that is safe to drop whether its daemon lives or not: the `virt`
+/// crate panics in `Drop` if `virConnectClose` fails, and a dead daemon must not take the agent
+/// down with it. Everything that holds a connection holds one of these.
+pub struct Conn(Option<Connect>);
+
+impl std::ops::Deref for Conn {
+    type Target = Connect;
+
+    fn deref(&self) -> &Connect {
+        // Some until drop.
+        self.0
+            .as_ref()
+            .expect("a connection is held until it is dropped")
+    }
+}
+
+impl Clone for Conn {
+    /// Another reference to the same connection (`virConnectRef`).
+    fn clone(&self) -> Conn {
+        Conn(self.0.clone())
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.take() {
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(c))).is_err() {
+                tracing::warn!("releasing a dead libvirt connection failed");
+            }
+        }
+    }
+}
+
 /// Opens `uri` read-write with keepalive (`interval` s, `count` missed replies).
 pub fn open(
     uri: &str,
     keepalive_interval: i32,
     keepalive_count: u32,
-) -> Result<Connect, LibvirtError> {
+) -> Result<Conn, LibvirtError> {
     let conn = Connect::open(Some(uri)).map_err(|e| LibvirtError::Connect {
         uri: uri.to_owned(),
         message: e.message().to_owned(),
@@ -134,12 +167,12 @@ pub fn open(
             "keepalive not available on this connection"
         );
     }
-    Ok(conn)
+    Ok(Conn(Some(conn)))
 }
 
 /// Registered callbacks; dropping this deregisters them.
 pub struct Watch {
-    conn: Connect,
+    conn: Conn,
     callback_ids: Vec<c_int>,
     close_registered: bool,
 }
@@ -223,7 +256,7 @@ impl Watch {
     /// Registers lifecycle, reboot and close callbacks on `conn`; the facts they lead to reach
     /// `tx` tagged with `generation`.
     pub fn register(
-        conn: &Connect,
+        conn: &Conn,
         generation: u64,
         tx: &Sender<Input>,
     ) -> Result<Watch, LibvirtError> {
