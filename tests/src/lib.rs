@@ -21,6 +21,7 @@ pub mod libvirtd;
 /// The real vmwatch binaries as processes (maintained with the end-to-end tests).
 pub mod product;
 pub mod receiver;
+pub mod reference;
 pub mod sim;
 
 use std::path::Path;

@@ -22,6 +22,9 @@ pub struct Delivery {
     pub signature_ok: bool,
     /// Unix ms when the request was received.
     pub at_ms: u64,
+    /// Entries in the POST that carried this one (`panel_batch_max` > 1 posts arrays; then
+    /// each entry is recorded on its own, `event_id` from its body).
+    pub post_size: usize,
 }
 
 pub struct PanelReceiver {
@@ -56,7 +59,6 @@ impl PanelReceiver {
     fn listen(&mut self) -> std::io::Result<()> {
         let listener = TcpListener::bind(("127.0.0.1", self.port))?;
         self.port = listener.local_addr()?.port();
-        listener.set_nonblocking(true)?;
         self.stop = Arc::new(AtomicBool::new(false));
         let (stop, key, deliveries, refuse) = (
             self.stop.clone(),
@@ -65,8 +67,11 @@ impl PanelReceiver {
             self.refuse_names.clone(),
         );
         self.thread = Some(std::thread::spawn(move || {
+            // Blocking accept (a polling one would add its sleep to every new connection);
+            // `stop` wakes it with a connection of its own.
             while !stop.load(Ordering::Relaxed) {
                 match listener.accept() {
+                    Ok(_) if stop.load(Ordering::Relaxed) => break,
                     Ok((stream, _)) => {
                         // One thread per connection: keep-alive connections stay open.
                         let (key, deliveries, stop, refuse) = (
@@ -79,7 +84,7 @@ impl PanelReceiver {
                             let _ = serve(stream, &key, &deliveries, &refuse, &stop);
                         });
                     }
-                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                    Err(_) => std::thread::sleep(Duration::from_millis(1)),
                 }
             }
         }));
@@ -90,6 +95,11 @@ impl PanelReceiver {
     pub fn stop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
+            // Wakes the blocking accept; the listener closes when its thread ends.
+            let _ = TcpStream::connect_timeout(
+                &std::net::SocketAddr::from(([127, 0, 0, 1], self.port)),
+                Duration::from_secs(1),
+            );
             let _ = t.join();
         }
     }
@@ -187,18 +197,38 @@ fn handle(
     let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("any key length");
     mac.update(&body);
     let expected = format!("sha256={}", hex_lower(&mac.finalize().into_bytes()));
-    let delivery = Delivery {
-        event_id,
-        body: serde_json::from_slice(&body).unwrap_or(Value::Null),
-        signature_ok: line.starts_with("POST ") && signature == expected,
-        at_ms: vmwatch_common::time::now_ms(),
+    let signature_ok = line.starts_with("POST ") && signature == expected;
+    let at_ms = vmwatch_common::time::now_ms();
+    let entries: Vec<Delivery> = match serde_json::from_slice(&body).unwrap_or(Value::Null) {
+        Value::Array(entries) => {
+            let post_size = entries.len();
+            entries
+                .into_iter()
+                .map(|body| Delivery {
+                    event_id: body["id"].as_i64().unwrap_or(-1),
+                    body,
+                    signature_ok,
+                    at_ms,
+                    post_size,
+                })
+                .collect()
+        }
+        body => vec![Delivery {
+            event_id,
+            body,
+            signature_ok,
+            at_ms,
+            post_size: 1,
+        }],
     };
-    let refused = delivery.body["name"].as_str().is_some_and(|n| {
-        refuse
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .any(|r| r == n)
+    let refused = entries.iter().any(|d| {
+        d.body["name"].as_str().is_some_and(|n| {
+            refuse
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .any(|r| r == n)
+        })
     });
     if refused {
         stream.write_all(
@@ -209,8 +239,9 @@ fn handle(
     deliveries
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .push(delivery);
-    stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
+        .extend(entries);
+    // Keep-alive, as a panel behind any ordinary web server answers.
+    stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")?;
     stream.flush()
 }
 

@@ -637,3 +637,97 @@ fn an_entry_the_panel_refuses_is_dead_lettered_and_the_rest_arrive() {
         serde_json::json!([])
     );
 }
+
+/// `panel_batch_max`: a backlog arrives as signed JSON arrays of at most that many entries, in
+/// journal order; a batch holding an entry the panel refuses for good is split, so only that
+/// entry goes to the dead letters and every other one arrives.
+#[test]
+fn a_batched_backlog_arrives_in_order_and_a_refused_entry_is_split_out() {
+    let key = b"panel-key-for-batches-000000";
+    let mut panel = PanelReceiver::start(0, key).expect("panel");
+    panel
+        .refuse_names
+        .lock()
+        .expect("lock")
+        .push("refuse-me".into());
+    let url = panel.url();
+    panel.stop();
+    let dir = temp_dir("batches");
+    let master = Master::start(
+        &dir,
+        &[
+            ("panel_url", &url),
+            ("panel_secret", "panel-key-for-batches-000000"),
+            ("panel_batch_max", "8"),
+        ],
+    )
+    .expect("master");
+    let ctx = zmq::Context::new();
+    let push = curve_push(&ctx).expect("socket");
+    push.connect(&master.endpoint()).expect("connect");
+    let mut node = SimNode::new("batch", now_ms()).expect("node");
+    let names: Vec<String> = (0..30)
+        .map(|i| {
+            if i == 13 {
+                "refuse-me".into()
+            } else {
+                format!("e{i}")
+            }
+        })
+        .collect();
+    for (i, name) in names.iter().enumerate() {
+        let uuid = format!("7c1e0000-0000-4000-8000-{i:012}");
+        push.send_multipart(node.message_now(event(&uuid, name, now_ms())), 0)
+            .expect("send");
+    }
+    // 30 lifecycle entries and the node's `up`.
+    wait_for(Duration::from_secs(20), "the backlog in the outbox", || {
+        master
+            .metric("vmwatch_outbox_depth")
+            .ok()
+            .filter(|d| *d >= 31.0)
+    });
+    panel.restart().expect("panel back");
+    wait_for(Duration::from_secs(60), "the last entry delivered", || {
+        panel
+            .received()
+            .iter()
+            .any(|d| d.body["name"] == "e29")
+            .then_some(())
+    });
+    let got = panel.received();
+    assert!(got.iter().all(|d| d.signature_ok), "bad signature: {got:?}");
+    assert!(
+        got.iter().all(|d| d.post_size <= 8),
+        "a POST above panel_batch_max"
+    );
+    assert!(
+        got.iter().any(|d| d.post_size == 8),
+        "the backlog went as full batches: {:?}",
+        got.iter().map(|d| d.post_size).collect::<Vec<_>>()
+    );
+    // At least once: a re-delivery may repeat an id, but ids first arrive in journal order.
+    let mut ids: Vec<i64> = got.iter().map(|d| d.event_id).collect();
+    ids.dedup();
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "journal order: {ids:?}"
+    );
+    let mut delivered: Vec<&str> = got
+        .iter()
+        .filter_map(|d| d.body["name"].as_str())
+        .filter(|n| !n.is_empty())
+        .collect();
+    delivered.dedup();
+    let expected: Vec<&str> = names
+        .iter()
+        .map(String::as_str)
+        .filter(|n| *n != "refuse-me")
+        .collect();
+    assert_eq!(delivered, expected);
+    let letters = master.get("/api/v1/dead-letters").expect("dead letters");
+    let letters = letters["dead_letters"].as_array().expect("list").clone();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0]["entry"]["name"], "refuse-me");
+    assert_eq!(letters[0]["status"], 413);
+}

@@ -46,7 +46,13 @@ pub struct MasterConfig {
 pub struct Panel {
     pub url: String,
     pub secret: Secret,
+    /// Entries per POST (`panel_batch_max`): 1 posts each entry as a JSON object; more posts
+    /// JSON arrays of up to this many.
+    pub batch_max: usize,
 }
+
+/// Largest `panel_batch_max`: a POST of 1000 bounded entries stays under 1 MiB.
+pub const MAX_PANEL_BATCH: u64 = 1000;
 
 impl MasterConfig {
     pub fn load(path: &Path) -> Result<MasterConfig, ConfigError> {
@@ -82,6 +88,9 @@ impl MasterConfig {
             }
         })?;
         let panel_secret = raw.take_with("panel_secret", |v| Secret::new(v.to_owned()))?;
+        let panel_batch_max = raw
+            .take_range("panel_batch_max", "a number of entries", 1, MAX_PANEL_BATCH)?
+            .map_or(1, |n| n as usize);
         let node_timeout = raw.take_seconds("node_timeout", 1, 86_400)?.unwrap_or(90);
         let max_clock_skew = raw
             .take_seconds("max_clock_skew", 1, 86_400)?
@@ -145,7 +154,11 @@ impl MasterConfig {
             ));
         }
         let panel = match (panel_url, panel_secret) {
-            (Some(url), Some(secret)) => Some(Panel { url, secret }),
+            (Some(url), Some(secret)) => Some(Panel {
+                url,
+                secret,
+                batch_max: panel_batch_max,
+            }),
             (Some(_), None) => {
                 return Err(err(
                     "panel_secret",
@@ -217,7 +230,7 @@ impl MasterConfig {
         let opt = |o: &Option<Secret>| o.as_ref().map(|s| s.to_string()).unwrap_or_default();
         format!(
             "disabled={}\nlisten={}\nsecret={}\nnode_secrets_file={} ({} nodes)\ndb_path={}\nhttp_listen={}\napi_token={}\n\
-             panel_url={}\npanel_secret={}\nnode_timeout={}\nmax_clock_skew={}\nmax_message_age={}\nidle_windows={}\nduplicate_grace={}\n\
+             panel_url={}\npanel_secret={}\npanel_batch_max={}\nnode_timeout={}\nmax_clock_skew={}\nmax_message_age={}\nidle_windows={}\nduplicate_grace={}\n\
              event_retention_days={}\nmax_message_bytes={}\nnode_keys={}\nmax_nodes={}\nmax_connections={}\n\
              log_file={}\nlog_level={}\n",
             if self.disabled { "yes" } else { "no" },
@@ -233,6 +246,7 @@ impl MasterConfig {
                 .as_ref()
                 .map(|p| p.secret.to_string())
                 .unwrap_or_default(),
+            self.panel.as_ref().map_or(1, |p| p.batch_max),
             self.node_timeout,
             self.max_clock_skew,
             self.max_message_age,

@@ -145,6 +145,7 @@ fn start(config: Arc<MasterConfig>, ctx: &Context) -> Result<Running, MasterErro
             webhook::Webhook {
                 url: panel.url.clone(),
                 key: panel.secret.expose().to_vec(),
+                batch_max: panel.batch_max,
                 outbox,
                 metrics: metrics.clone(),
                 committed: shared.committed.subscribe(),

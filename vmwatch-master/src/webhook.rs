@@ -55,6 +55,9 @@ pub enum Step {
     RetryNow,
     /// Refused for good [`DEAD_AFTER`] times: move it to the dead letters.
     DeadLetter { status: u16, attempts: u32 },
+    /// A batch refused for good: send its entries one at a time, so that only the entry the
+    /// panel refuses goes to the dead letters.
+    Split,
     /// Wait `backoff`, then send it again; `log` says whether to log this failure (at most one
     /// line every 10 s).
     Wait { backoff: Duration, log: bool },
@@ -69,6 +72,8 @@ pub struct Delivery {
     attempts: u32,
     retried_now: bool,
     refusals: u32,
+    /// The current POST carries a batch (`panel_batch_max` > 1) of more than one entry.
+    batch: bool,
     last_failure_log: Option<Instant>,
 }
 
@@ -79,18 +84,20 @@ impl Default for Delivery {
             attempts: 0,
             retried_now: false,
             refusals: 0,
+            batch: false,
             last_failure_log: None,
         }
     }
 }
 
 impl Delivery {
-    /// A new head entry: its attempts start again (the backoff does not: a panel that failed
-    /// the previous entry is still being waited for).
-    pub fn next_entry(&mut self) {
+    /// A new head entry, or a batch of several when `batch`: its attempts start again (the
+    /// backoff does not: a panel that failed the previous entry is still being waited for).
+    pub fn next_entry(&mut self, batch: bool) {
         self.attempts = 0;
         self.retried_now = false;
         self.refusals = 0;
+        self.batch = batch;
     }
 
     /// The current entry's attempts so far.
@@ -114,6 +121,9 @@ impl Delivery {
             Err(status) => status,
         };
         if let Some(status) = status.filter(|s| refused_for_good(*s)) {
+            if self.batch {
+                return Step::Split;
+            }
             self.refusals += 1;
             if self.refusals >= DEAD_AFTER {
                 return Step::DeadLetter {
@@ -149,6 +159,8 @@ impl Delivery {
 pub struct Webhook {
     pub url: String,
     pub key: Vec<u8>,
+    /// `panel_batch_max`: 1 posts JSON objects, more posts JSON arrays of up to this many.
+    pub batch_max: usize,
     pub outbox: Outbox,
     pub metrics: Arc<Metrics>,
     pub committed: watch::Receiver<u64>,
@@ -173,9 +185,10 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
-/// Whether the deliverer goes on or stops (shutdown).
+/// Whether the deliverer goes on, splits a refused batch, or stops (shutdown).
 enum Flow {
     Next,
+    Split,
     Stop,
 }
 
@@ -189,6 +202,9 @@ struct Shell {
     delivery: Delivery,
     /// Delivered, not yet deleted from the outbox.
     acked: Vec<i64>,
+    batch_max: usize,
+    /// Entries up to this id go one per POST: their batch was refused for good.
+    single_until: i64,
 }
 
 impl Webhook {
@@ -214,6 +230,8 @@ impl Webhook {
             shutdown: self.shutdown,
             delivery: Delivery::default(),
             acked: Vec::new(),
+            batch_max: self.batch_max,
+            single_until: 0,
         };
         loop {
             if *shell.shutdown.borrow() {
@@ -235,9 +253,19 @@ impl Webhook {
                 }
                 continue;
             }
-            for entry in pending {
-                if let Flow::Stop = shell.deliver_entry(&entry).await {
-                    return;
+            let mut rest = pending.as_slice();
+            while let Some(first) = rest.first() {
+                let n = if first.id <= shell.single_until {
+                    1
+                } else {
+                    shell.batch_max.min(rest.len())
+                };
+                let (unit, after) = rest.split_at(n);
+                match shell.deliver(unit).await {
+                    Flow::Stop => return,
+                    // Read the outbox again from the split batch on.
+                    Flow::Split => break,
+                    Flow::Next => rest = after,
                 }
                 if shell.acked.len() >= ACK_EVERY {
                     break;
@@ -249,22 +277,35 @@ impl Webhook {
 }
 
 impl Shell {
-    /// Delivers one entry until it is acknowledged or dead-lettered, or the master stops.
-    async fn deliver_entry(&mut self, entry: &JournalRow) -> Flow {
-        let body = match serde_json::to_vec(entry) {
+    /// The body of one POST: the entry itself, or with `panel_batch_max` > 1 an array.
+    fn body(&self, unit: &[JournalRow]) -> serde_json::Result<Vec<u8>> {
+        match unit {
+            [entry] if self.batch_max == 1 => serde_json::to_vec(entry),
+            entries => serde_json::to_vec(entries),
+        }
+    }
+
+    /// Delivers one POST's entries until they are acknowledged or dead-lettered, the batch is
+    /// split, or the master stops.
+    async fn deliver(&mut self, unit: &[JournalRow]) -> Flow {
+        let (Some(first), Some(last)) = (unit.first(), unit.last()) else {
+            return Flow::Next;
+        };
+        let body = match self.body(unit) {
             Ok(b) => b,
             Err(e) => {
-                tracing::error!(error = %e, id = entry.id, "cannot encode a journal entry; skipped");
-                self.acked.push(entry.id);
+                tracing::error!(error = %e, id = first.id, "cannot encode journal entries; skipped");
+                self.acked.extend(unit.iter().map(|e| e.id));
                 return Flow::Next;
             }
         };
-        self.delivery.next_entry();
+        self.delivery.next_entry(unit.len() > 1);
         loop {
             let sent_at = Instant::now();
-            let result = deliver(&self.client, &self.url, &self.key, entry, &body).await;
+            let result = post(&self.client, &self.url, &self.key, last.id, &body).await;
             tracing::debug!(
-                id = entry.id,
+                id = last.id,
+                entries = unit.len(),
                 attempt = self.delivery.attempts() + 1,
                 took_us = sent_at.elapsed().as_micros() as u64,
                 ok = result.is_ok(),
@@ -272,21 +313,34 @@ impl Shell {
             );
             let reported = result.as_ref().map(|_| ()).map_err(Failure::status);
             let mut step = self.delivery.attempted(reported, Instant::now());
-            if step == Step::Ack {
-                self.metrics.webhook_deliveries.inc();
-                let age = vmwatch_common::time::now_ms().saturating_sub(entry.received_at);
-                self.metrics.webhook_latency.observe(age as f64 / 1000.0);
-                self.acked.push(entry.id);
-                return Flow::Next;
-            }
-            if step == Step::RetryNow {
-                continue;
+            match step {
+                Step::Ack => {
+                    self.metrics.webhook_deliveries.inc_by(unit.len() as u64);
+                    let now = vmwatch_common::time::now_ms();
+                    for e in unit {
+                        let age = now.saturating_sub(e.received_at);
+                        self.metrics.webhook_latency.observe(age as f64 / 1000.0);
+                        self.acked.push(e.id);
+                    }
+                    return Flow::Next;
+                }
+                Step::RetryNow => continue,
+                Step::Split => {
+                    tracing::warn!(
+                        first = first.id,
+                        last = last.id,
+                        "the panel refuses a batch for good; sending its entries one at a time"
+                    );
+                    self.single_until = last.id;
+                    return Flow::Split;
+                }
+                Step::DeadLetter { .. } | Step::Wait { .. } => {}
             }
             self.metrics.webhook_failures.inc();
             // Save what was delivered before waiting or moving on.
             self.record_acks().await;
             if let Step::DeadLetter { status, attempts } = step {
-                if self.dead_letter(entry.id, status, attempts).await {
+                if self.dead_letter(first.id, status, attempts).await {
                     self.delivery.dead_lettered();
                     return Flow::Next;
                 }
@@ -297,7 +351,7 @@ impl Shell {
                 if log {
                     let error = result.err().map(|f| f.to_string()).unwrap_or_default();
                     tracing::warn!(
-                        id = entry.id,
+                        id = first.id,
                         error,
                         retry_in_s = backoff.as_secs(),
                         "panel webhook delivery failed (logged at most every 10 s)"
@@ -381,17 +435,18 @@ impl std::fmt::Display for Failure {
     }
 }
 
-async fn deliver(
+/// One signed POST. `event_id` is the entry's id, or a batch's last id.
+async fn post(
     client: &reqwest::Client,
     url: &str,
     key: &[u8],
-    entry: &JournalRow,
+    event_id: i64,
     body: &[u8],
 ) -> Result<(), Failure> {
     let response = client
         .post(url)
         .header("Content-Type", "application/json")
-        .header("X-Vmwatch-Event-Id", entry.id.to_string())
+        .header("X-Vmwatch-Event-Id", event_id.to_string())
         .header("X-Vmwatch-Signature", signature(key, body))
         .body(body.to_vec())
         .send()
@@ -433,7 +488,7 @@ mod tests {
     fn a_panel_that_is_down_is_retried_with_a_doubling_backoff() {
         let t0 = Instant::now();
         let mut d = Delivery::default();
-        d.next_entry();
+        d.next_entry(false);
         assert_eq!(d.attempted(Err(None), t0), Step::RetryNow);
         let wait = |backoff, log| Step::Wait {
             backoff: Duration::from_secs(backoff),
@@ -456,7 +511,7 @@ mod tests {
         assert_eq!(d.attempted(Ok(()), t0 + Duration::from_secs(18)), Step::Ack);
         // The next entry: no immediate retry is owed to a panel that answered, but a first
         // transport failure still gets one; the backoff starts at 1 s again.
-        d.next_entry();
+        d.next_entry(false);
         assert_eq!(
             d.attempted(Err(None), t0 + Duration::from_secs(30)),
             Step::RetryNow
@@ -473,7 +528,7 @@ mod tests {
     fn an_entry_refused_three_times_is_dead_lettered() {
         let t0 = Instant::now();
         let mut d = Delivery::default();
-        d.next_entry();
+        d.next_entry(false);
         assert!(matches!(d.attempted(Err(Some(422)), t0), Step::Wait { .. }));
         assert!(matches!(d.attempted(Err(Some(429)), t0), Step::Wait { .. }));
         assert!(matches!(d.attempted(Err(Some(500)), t0), Step::Wait { .. }));
@@ -494,7 +549,7 @@ mod tests {
             }
         );
         d.dead_lettered();
-        d.next_entry();
+        d.next_entry(false);
         assert_eq!(
             d.attempted(Err(Some(500)), t0),
             Step::Wait {
@@ -502,6 +557,19 @@ mod tests {
                 log: false
             }
         );
+    }
+
+    /// A batch the panel refuses for good is split at once (no entry of it is dead-lettered
+    /// for another's fault); a batch that fails otherwise waits like a single entry.
+    #[test]
+    fn a_batch_refused_for_good_is_split() {
+        let t0 = Instant::now();
+        let mut d = Delivery::default();
+        d.next_entry(true);
+        assert!(matches!(d.attempted(Err(Some(503)), t0), Step::Wait { .. }));
+        assert_eq!(d.attempted(Err(Some(422)), t0), Step::Split);
+        d.next_entry(false);
+        assert!(matches!(d.attempted(Err(Some(422)), t0), Step::Wait { .. }));
     }
 
     #[test]

@@ -1,0 +1,142 @@
+//! References for the benchmarks, measured in the same run as the product (these machines are
+//! noisy, so every figure is a ratio): raw SQLite with the master's schema and settings.
+//!
+//! The SQL here stands in for the master's own writes on purpose: it is the floor the store
+//! is measured against, not product code.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use rusqlite::{params, Connection};
+
+/// The stored usage JSON of a VM with one sample (about the size the master writes).
+const USAGE: &str = r#"{"sample":{"ts":1700000000000,"tx_pkts":12345,"wr_reqs":678,"rx_pkts":23456,"rd_reqs":789,"cpu_time_ns":123456789012},"nics":1,"disks":1,"net":{"idle":false,"since":null,"quiet_windows":0,"last_delta":3,"no_device":false},"disk":{"idle":false,"since":null,"quiet_windows":0,"last_delta":1,"no_device":false},"last_window_ms":600000}"#;
+
+/// Raw SQLite doing the writes of `count` lifecycle events from `nodes` nodes × `vms` VMs the
+/// way the master's core does: batches of `batch` events, each batch one transaction holding
+/// one node row per node touched, then per event the VM row (`INSERT OR REPLACE`) and a
+/// journal entry, on a database the master's `Store::open` created (same schema and indexes)
+/// with the writer's own settings (`store::tune_writer`). Returns events per second.
+pub fn sqlite_events(
+    dir: &Path,
+    nodes: usize,
+    vms: usize,
+    count: usize,
+    batch: usize,
+) -> Result<f64> {
+    let path = dir.join("reference.db");
+    drop(vmwatch_master::store::Store::open(&path)?);
+    let mut conn = Connection::open(&path)?;
+    vmwatch_master::store::tune_writer(&conn)?;
+    let node_id = |n: usize| format!("load-{n:05}");
+    let uuid = |n: usize, v: usize| format!("{n:08x}-0000-4000-8000-{v:012x}");
+    // The inventory, as after the loadgen's snapshots.
+    {
+        let tx = conn.transaction()?;
+        for n in 0..nodes {
+            write_node(&tx, &node_id(n), 1)?;
+            for v in 0..vms {
+                write_vm(&tx, &node_id(n), &uuid(n, v), "running", 1)?;
+            }
+        }
+        tx.commit()?;
+    }
+    let t0 = Instant::now();
+    let mut done = 0;
+    while done < count {
+        let end = (done + batch).min(count);
+        let tx = conn.transaction()?;
+        let touched: std::collections::BTreeSet<usize> = (done..end).map(|i| i % nodes).collect();
+        for n in touched {
+            write_node(&tx, &node_id(n), end as i64)?;
+        }
+        for i in done..end {
+            let (n, k) = (i % nodes, i / nodes);
+            let state = if k % 2 == 0 { "paused" } else { "running" };
+            let (node, vm) = (node_id(n), uuid(n, k % vms));
+            write_vm(&tx, &node, &vm, state, i as i64)?;
+            tx.prepare_cached(
+                "INSERT INTO journal (received_at, event_ts, node_id, uuid, name, type, event, detail, state) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )?
+            .execute(params![i as i64, i as i64, node, vm, format!("vm-{vm}"), "lifecycle", "suspended", "paused", state])?;
+        }
+        tx.commit().context("commit")?;
+        done = end;
+    }
+    Ok(count as f64 / t0.elapsed().as_secs_f64())
+}
+
+fn write_node(tx: &rusqlite::Transaction<'_>, node_id: &str, seq: i64) -> rusqlite::Result<usize> {
+    tx.prepare_cached(
+        "INSERT OR REPLACE INTO nodes (node_id, up, libvirt_up, first_seen, last_seen, boot, boot_ts, \
+         last_seq, version, hostname, libvirt_version, domains, gaps, lost, libvirt_down_since, superseded) \
+         VALUES (?1, 1, 1, 1, ?2, 'b0b0b0b0-0000-4000-8000-000000000000', 1, ?2, '0.1.0', ?1, '9.0.0', 50, 0, 0, 0, '[]')",
+    )?
+    .execute(params![node_id, seq])
+}
+
+fn write_vm(
+    tx: &rusqlite::Transaction<'_>,
+    node_id: &str,
+    uuid: &str,
+    state: &str,
+    at: i64,
+) -> rusqlite::Result<usize> {
+    tx.prepare_cached(
+        "INSERT OR REPLACE INTO vms (node_id, uuid, name, state, reason, state_since, updated_at, \
+         idle_net, idle_disk, duplicate, usage, last_state, unknown_since, unknown_reason) \
+         VALUES (?1, ?2, ?3, ?4, 'user', ?5, ?5, 0, 0, 0, ?6, NULL, NULL, NULL)",
+    )?
+    .execute(params![
+        node_id,
+        uuid,
+        format!("vm-{uuid}"),
+        state,
+        at,
+        USAGE
+    ])
+}
+
+/// Raw libzmq PUSH→PULL over loopback TCP with CURVE, one connection, `count` messages of
+/// `size` bytes (one frame): the floor of the master's node port. Returns messages per second
+/// received.
+pub fn zmq_curve(count: usize, size: usize) -> Result<f64> {
+    let ctx = zmq::Context::new();
+    let server = zmq::CurveKeyPair::new()?;
+    let client = zmq::CurveKeyPair::new()?;
+    let pull = ctx.socket(zmq::PULL)?;
+    pull.set_curve_server(true)?;
+    pull.set_curve_secretkey(&server.secret_key)?;
+    pull.set_rcvhwm(1000)?;
+    pull.bind("tcp://127.0.0.1:*")?;
+    let endpoint = pull
+        .get_last_endpoint()?
+        .map_err(|_| anyhow::anyhow!("endpoint is not UTF-8"))?;
+    let push = ctx.socket(zmq::PUSH)?;
+    push.set_curve_serverkey(&server.public_key)?;
+    push.set_curve_publickey(&client.public_key)?;
+    push.set_curve_secretkey(&client.secret_key)?;
+    push.set_sndhwm(0)?;
+    push.connect(&endpoint)?;
+    // One message through first: the handshake is not what is measured.
+    push.send(&b"hello"[..], 0)?;
+    pull.recv_bytes(0)?;
+    let payload = vec![b'x'; size];
+    let sender = std::thread::spawn(move || -> Result<zmq::Socket> {
+        for _ in 0..count {
+            push.send(&payload[..], 0)?;
+        }
+        Ok(push)
+    });
+    let t0 = Instant::now();
+    for _ in 0..count {
+        pull.recv_bytes(0)?;
+    }
+    let rate = count as f64 / t0.elapsed().as_secs_f64();
+    sender
+        .join()
+        .map_err(|_| anyhow::anyhow!("sender panicked"))??;
+    Ok(rate)
+}
