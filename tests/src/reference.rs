@@ -13,7 +13,8 @@ use rusqlite::{params, Connection};
 /// The stored usage JSON of a VM with one sample (about the size the master writes).
 const USAGE: &str = r#"{"sample":{"ts":1700000000000,"tx_pkts":12345,"wr_reqs":678,"rx_pkts":23456,"rd_reqs":789,"cpu_time_ns":123456789012},"nics":1,"disks":1,"net":{"idle":false,"since":null,"quiet_windows":0,"last_delta":3,"no_device":false},"disk":{"idle":false,"since":null,"quiet_windows":0,"last_delta":1,"no_device":false},"last_window_ms":600000}"#;
 
-/// Raw SQLite doing the writes of `count` lifecycle events from `nodes` nodes × `vms` VMs the
+/// Raw SQLite doing the writes (the master's statements: upserts of the node and VM rows, an
+/// append to the journal) of `count` lifecycle events from `nodes` nodes × `vms` VMs the
 /// way the master's core does: batches of `batch` events, each batch one transaction holding
 /// one node row per node touched, then per event the VM row (`INSERT OR REPLACE`) and a
 /// journal entry, on a database the master's `Store::open` created (same schema and indexes)
@@ -70,9 +71,15 @@ pub fn sqlite_events(
 
 fn write_node(tx: &rusqlite::Transaction<'_>, node_id: &str, seq: i64) -> rusqlite::Result<usize> {
     tx.prepare_cached(
-        "INSERT OR REPLACE INTO nodes (node_id, up, libvirt_up, first_seen, last_seen, boot, boot_ts, \
+        "INSERT INTO nodes (node_id, up, libvirt_up, first_seen, last_seen, boot, boot_ts, \
          last_seq, version, hostname, libvirt_version, domains, gaps, lost, libvirt_down_since, superseded) \
-         VALUES (?1, 1, 1, 1, ?2, 'b0b0b0b0-0000-4000-8000-000000000000', 1, ?2, '0.1.0', ?1, '9.0.0', 50, 0, 0, 0, '[]')",
+         VALUES (?1, 1, 1, 1, ?2, 'b0b0b0b0-0000-4000-8000-000000000000', 1, ?2, '0.1.0', ?1, '9.0.0', 50, 0, 0, 0, '[]') \
+         ON CONFLICT (node_id) DO UPDATE SET up = excluded.up, libvirt_up = excluded.libvirt_up, \
+         first_seen = excluded.first_seen, last_seen = excluded.last_seen, boot = excluded.boot, \
+         boot_ts = excluded.boot_ts, last_seq = excluded.last_seq, version = excluded.version, \
+         hostname = excluded.hostname, libvirt_version = excluded.libvirt_version, \
+         domains = excluded.domains, gaps = excluded.gaps, lost = excluded.lost, \
+         libvirt_down_since = excluded.libvirt_down_since, superseded = excluded.superseded",
     )?
     .execute(params![node_id, seq])
 }
@@ -85,9 +92,14 @@ fn write_vm(
     at: i64,
 ) -> rusqlite::Result<usize> {
     tx.prepare_cached(
-        "INSERT OR REPLACE INTO vms (node_id, uuid, name, state, reason, state_since, updated_at, \
+        "INSERT INTO vms (node_id, uuid, name, state, reason, state_since, updated_at, \
          idle_net, idle_disk, duplicate, usage, last_state, unknown_since, unknown_reason) \
-         VALUES (?1, ?2, ?3, ?4, 'user', ?5, ?5, 0, 0, 0, ?6, NULL, NULL, NULL)",
+         VALUES (?1, ?2, ?3, ?4, 'user', ?5, ?5, 0, 0, 0, ?6, NULL, NULL, NULL) \
+         ON CONFLICT (node_id, uuid) DO UPDATE SET name = excluded.name, state = excluded.state, \
+         reason = excluded.reason, state_since = excluded.state_since, updated_at = excluded.updated_at, \
+         idle_net = excluded.idle_net, idle_disk = excluded.idle_disk, duplicate = excluded.duplicate, \
+         usage = excluded.usage, last_state = excluded.last_state, unknown_since = excluded.unknown_since, \
+         unknown_reason = excluded.unknown_reason",
     )?
     .execute(params![
         node_id,

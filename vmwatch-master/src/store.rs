@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::rules::{Effect, Entry, Inventory, Node, Vm};
 
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 /// From schema 1 (v0.1) to 2: unknown rows and superseded boots.
 const MIGRATE_TO_2: &str = "
@@ -20,6 +20,12 @@ ALTER TABLE vms ADD COLUMN unknown_since INTEGER;
 ALTER TABLE vms ADD COLUMN unknown_reason TEXT;
 ALTER TABLE nodes ADD COLUMN libvirt_down_since INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE nodes ADD COLUMN superseded TEXT NOT NULL DEFAULT '[]';
+";
+
+/// From schema 2 to 3: no index on `received_at` (one index write less per journal entry;
+/// retention finds its cutoff in id order instead).
+const MIGRATE_TO_3: &str = "
+DROP INDEX IF EXISTS journal_received;
 ";
 
 const SCHEMA: &str = "
@@ -67,7 +73,6 @@ CREATE TABLE IF NOT EXISTS journal (
     state TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS journal_uuid ON journal(uuid, id);
-CREATE INDEX IF NOT EXISTS journal_received ON journal(received_at);
 CREATE TABLE IF NOT EXISTS outbox (
     journal_id INTEGER PRIMARY KEY
 );
@@ -164,6 +169,10 @@ impl Store {
             tx.execute_batch(MIGRATE_TO_2)
                 .map_err(ctx("upgrade the schema to version 2"))?;
         }
+        if version < 3 {
+            tx.execute_batch(MIGRATE_TO_3)
+                .map_err(ctx("upgrade the schema to version 3"))?;
+        }
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)
             .map_err(ctx("set schema version"))?;
         tx.commit().map_err(ctx("commit schema upgrade"))?;
@@ -211,10 +220,18 @@ impl Store {
 
     /// Deletes journal entries received before `cutoff` (unix ms), except those still waiting
     /// in the outbox or kept as dead letters. Returns how many went.
+    ///
+    /// In journal order: everything before the first entry received at or after the cutoff
+    /// (found by walking ids from the oldest, which only visits what is purged or kept for the
+    /// panel), so no index on `received_at` costs every write. An entry is never purged early;
+    /// one written while the master's clock stood behind waits for its neighbours.
     pub fn purge_journal(&mut self, cutoff: u64) -> Result<usize, StoreError> {
         self.conn
             .execute(
-                "DELETE FROM journal WHERE received_at < ?1 AND id NOT IN (SELECT journal_id FROM outbox) \
+                "DELETE FROM journal WHERE id < coalesce(\
+                   (SELECT id FROM journal WHERE received_at >= ?1 ORDER BY id LIMIT 1), \
+                   (SELECT max(id) + 1 FROM journal)) \
+                 AND id NOT IN (SELECT journal_id FROM outbox) \
                  AND id NOT IN (SELECT journal_id FROM dead_letters)",
                 params![cutoff as i64],
             )
@@ -268,9 +285,17 @@ fn apply(tx: &Transaction<'_>, effects: &[Effect]) -> Result<Vec<i64>, StoreErro
 fn write_node(tx: &Transaction<'_>, n: &Node) -> Result<(), StoreError> {
     let mut stmt = tx
         .prepare_cached(
-            "INSERT OR REPLACE INTO nodes (node_id, up, libvirt_up, first_seen, last_seen, boot, boot_ts, \
+            "INSERT INTO nodes (node_id, up, libvirt_up, first_seen, last_seen, boot, boot_ts, \
              last_seq, version, hostname, libvirt_version, domains, gaps, lost, libvirt_down_since, superseded) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16) \
+             ON CONFLICT (node_id) DO UPDATE SET up = excluded.up, libvirt_up = excluded.libvirt_up, \
+             first_seen = excluded.first_seen, last_seen = excluded.last_seen, \
+             boot = excluded.boot, boot_ts = excluded.boot_ts, last_seq = excluded.last_seq, \
+             version = excluded.version, hostname = excluded.hostname, \
+             libvirt_version = excluded.libvirt_version, domains = excluded.domains, \
+             gaps = excluded.gaps, lost = excluded.lost, \
+             libvirt_down_since = excluded.libvirt_down_since, \
+             superseded = excluded.superseded",
         )
         .map_err(ctx("write node"))?;
     stmt.execute(params![
@@ -299,9 +324,17 @@ fn write_node(tx: &Transaction<'_>, n: &Node) -> Result<(), StoreError> {
 fn write_vm(tx: &Transaction<'_>, vm: &Vm) -> Result<(), StoreError> {
     let mut stmt = tx
         .prepare_cached(
-            "INSERT OR REPLACE INTO vms (node_id, uuid, name, state, reason, state_since, updated_at, \
+            // An upsert, not INSERT OR REPLACE: a row that exists is updated in place, so the
+            // indexes on columns that did not change (node_id, uuid) are not rewritten.
+            "INSERT INTO vms (node_id, uuid, name, state, reason, state_since, updated_at, \
              idle_net, idle_disk, duplicate, usage, last_state, unknown_since, unknown_reason) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14) \
+             ON CONFLICT (node_id, uuid) DO UPDATE SET name = excluded.name, state = excluded.state, reason = excluded.reason, \
+             state_since = excluded.state_since, updated_at = excluded.updated_at, \
+             idle_net = excluded.idle_net, idle_disk = excluded.idle_disk, \
+             duplicate = excluded.duplicate, usage = excluded.usage, \
+             last_state = excluded.last_state, unknown_since = excluded.unknown_since, \
+             unknown_reason = excluded.unknown_reason",
         )
         .map_err(ctx("write vm"))?;
     stmt.execute(params![
@@ -898,6 +931,42 @@ mod tests {
             [2, pending[0]],
             "the 10-day-old and the undelivered entries stay"
         );
+    }
+
+    /// A schema-2 database (v0.1's tables plus the received_at index) opens as schema 3: the
+    /// index is gone, the rows are kept, and the upserts update rows in place.
+    #[test]
+    fn schema_2_is_upgraded_to_3() {
+        let path = temp_db("schema2");
+        let mut store = Store::open(&path).unwrap();
+        store.commit(&[Effect::Journal(entry_at(5))]).unwrap();
+        store
+            .conn
+            .execute_batch(
+                "CREATE INDEX journal_received ON journal(received_at); PRAGMA user_version = 2;",
+            )
+            .unwrap();
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        let version: i64 = store
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, 3);
+        let index: i64 = store
+            .conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE name = 'journal_received'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(index, 0);
+        let journal: i64 = store
+            .conn
+            .query_row("SELECT count(*) FROM journal", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(journal, 1);
     }
 
     #[test]
