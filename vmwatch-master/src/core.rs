@@ -1,6 +1,7 @@
 //! The core thread: the one writer. Feeds authenticated messages to the rules in batches,
 //! writes the effects in one transaction per batch, then updates metrics and wakes waiters.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
@@ -8,7 +9,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use vmwatch_common::daemon::{Pulse, Shutdown};
-use vmwatch_common::protocol::Rejected;
+use vmwatch_common::protocol::{AgentCounters, Rejected};
 use vmwatch_common::time::now_ms;
 
 use crate::ingest::Received;
@@ -54,6 +55,9 @@ pub struct Core {
     started_at: u64,
     shared: Arc<Shared>,
     retention_days: u64,
+    /// The agent counters of the heartbeats since the gauges were last updated (a gauge per
+    /// node and counter: set once a second, not once a heartbeat).
+    agents: HashMap<String, AgentCounters>,
 }
 
 impl Core {
@@ -76,6 +80,7 @@ impl Core {
             started_at: now_ms(),
             shared,
             retention_days,
+            agents: HashMap::new(),
         }
     }
 
@@ -164,12 +169,12 @@ impl Core {
             let at = received.arrived.min(now);
             match rules::handle(&mut self.inventory, &self.rules, at, received.message) {
                 Ok(outcome) => {
-                    if let Some(agent) = &outcome.agent {
-                        self.metrics.set_agent(&outcome.node_id, agent);
-                    }
                     accepted.push((outcome.kind, outcome.ts));
                     if let Some(lost) = outcome.gap {
-                        gaps.push((outcome.node_id, lost));
+                        gaps.push((outcome.node_id.clone(), lost));
+                    }
+                    if let Some(agent) = outcome.agent {
+                        self.agents.insert(outcome.node_id, agent);
                     }
                     effects.extend(outcome.effects);
                 }
@@ -286,7 +291,10 @@ impl Core {
         }
     }
 
-    fn update_gauges(&self) {
+    fn update_gauges(&mut self) {
+        for (node, agent) in self.agents.drain() {
+            self.metrics.set_agent(&node, &agent);
+        }
         let up = self.inventory.nodes.values().filter(|n| n.up).count() as i64;
         self.metrics.nodes_up.set(up);
         self.metrics

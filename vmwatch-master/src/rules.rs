@@ -648,7 +648,7 @@ fn apply_stats(
 /// Keeps only the last write of each node row and each VM row, so a batch touching the same
 /// rows many times writes each once. Journal entries all stay, in order. Correct because every
 /// row write is a whole-row replacement or a removal: the last one is the row's final state.
-pub fn coalesce(effects: Vec<Effect>) -> Vec<Effect> {
+pub fn coalesce(mut effects: Vec<Effect>) -> Vec<Effect> {
     use std::collections::HashSet;
     let mut seen_nodes: HashSet<String> = HashSet::new();
     let mut seen_vms: HashSet<(String, String)> = HashSet::new();
@@ -661,11 +661,10 @@ pub fn coalesce(effects: Vec<Effect>) -> Vec<Effect> {
             Effect::Journal(_) => true,
         };
     }
+    // In place: only the kept effects move, once each.
+    let mut keep = keep.into_iter();
+    effects.retain(|_| keep.next().unwrap_or(true));
     effects
-        .into_iter()
-        .zip(keep)
-        .filter_map(|(e, k)| k.then_some(e))
-        .collect()
 }
 
 /// Marks down every node silent for longer than `node_timeout`, and makes unknown every VM row
