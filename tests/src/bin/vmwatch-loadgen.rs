@@ -7,7 +7,7 @@
 //! vmwatch-loadgen heartbeats [--nodes 1000] [--count 1000000]
 //! vmwatch-loadgen stats      [--nodes 100] [--vms 50] [--count 4000]   (count = messages)
 //! vmwatch-loadgen latency    [--nodes 100] [--vms 50] [--rate 1000] [--seconds 10]
-//! vmwatch-loadgen inventory  [--nodes 10000] [--vms 50]
+//! vmwatch-loadgen inventory  [--nodes 10000] [--vms 50] [--seconds 60]   (then a steady state)
 //! vmwatch-loadgen webhook    [--count 10000] [--batch 1]   (batch = panel_batch_max)
 //! ```
 //!
@@ -359,11 +359,42 @@ fn main() -> Result<()> {
         "inventory" => {
             let nodes = arg(&args, "--nodes", 10_000)? as usize;
             let vms = arg(&args, "--vms", 50)? as usize;
+            let seconds = arg(&args, "--seconds", 60)?;
             let master = Master::start(&dir, &[("log_level", "warn")])?;
             let usage = Usage::start(&master)?;
-            setup(&ctx, &master, nodes, vms)?;
+            let mut sims = setup(&ctx, &master, nodes, vms)?;
             let total = master.get("/api/v1/vms?limit=1")?["total"].as_u64().unwrap_or(0);
-            println!("inventory: {nodes} nodes × {vms} VMs = {total} rows held; {}", usage.report());
+            println!("inventory: {nodes} nodes × {vms} VMs = {total} rows held; setup {}", usage.report());
+            // Steady state: every node's heartbeat every 30 s and stats every 600 s, spread
+            // evenly, as a fleet sends them.
+            let socket = push_socket(&ctx, &master)?;
+            let beat = |sim: &mut SimNode| sim.message(Body::Heartbeat(Heartbeat { libvirt: "up".into(), domains: vms as u64, version: "load".into(), uptime_s: 1, agent: Default::default() }));
+            let stats = |sim: &mut SimNode, n: u64| {
+                let domains = sim.vms.iter().map(|u| DomainStats { uuid: u.clone(), state: "running".into(), tx_pkts: n, wr_reqs: n, nics: 1, disks: 1, ..Default::default() }).collect();
+                sim.message(Body::Stats(Stats { interval_s: 600, domains }))
+            };
+            let per_s_beats = nodes as f64 / 30.0;
+            let per_s_stats = nodes as f64 / 600.0;
+            let usage = Usage::start(&master)?;
+            let t0 = Instant::now();
+            let (mut beats, mut stat_msgs) = (0usize, 0usize);
+            while t0.elapsed() < Duration::from_secs(seconds) {
+                let at = t0.elapsed().as_secs_f64();
+                while (beats as f64) < at * per_s_beats {
+                    socket.send_multipart(beat(&mut sims[beats % nodes]), 0)?;
+                    beats += 1;
+                }
+                while (stat_msgs as f64) < at * per_s_stats {
+                    let i = (stat_msgs * 7) % nodes;
+                    socket.send_multipart(stats(&mut sims[i], stat_msgs as u64), 0)?;
+                    stat_msgs += 1;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            println!(
+                "steady: {nodes} nodes × {vms} VMs, a heartbeat per node every 30 s ({beats} sent) and stats every 600 s ({stat_msgs} sent) over {seconds} s; {}",
+                usage.report()
+            );
         }
         "webhook" => {
             let count = arg(&args, "--count", 10_000)? as usize;
