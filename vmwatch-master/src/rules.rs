@@ -150,6 +150,8 @@ pub struct Inventory {
     /// Since when each uuid has been active on two or more nodes (kept in memory: after a
     /// master restart the grace starts again).
     pub dup_since: HashMap<String, u64>,
+    /// The duplicate rule's index of which nodes hold each uuid (see `duplicate.rs`).
+    pub copies: crate::duplicate::Copies,
 }
 
 impl Inventory {
