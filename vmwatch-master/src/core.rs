@@ -442,20 +442,7 @@ mod tests {
     use crate::rules::Vm;
 
     fn vm(node: &str, uuid: &str, state: &str) -> Vm {
-        Vm {
-            node_id: node.into(),
-            uuid: uuid.into(),
-            name: uuid.into(),
-            state: state.into(),
-            reason: String::new(),
-            state_since: 0,
-            updated_at: 0,
-            usage: Default::default(),
-            duplicate: false,
-            last_state: None,
-            unknown_since: None,
-            unknown_reason: None,
-        }
+        Vm::for_test(node, uuid, state)
     }
 
     fn recount(inv: &Inventory) -> Counts {

@@ -158,20 +158,7 @@ mod tests {
     use super::*;
 
     fn put(inv: &mut Inventory, node: &str, uuid: &str, state: &str) {
-        let vm = Vm {
-            node_id: node.into(),
-            uuid: uuid.into(),
-            name: format!("vm-{uuid}"),
-            state: state.into(),
-            reason: "unknown".into(),
-            state_since: 0,
-            updated_at: 0,
-            usage: Default::default(),
-            duplicate: false,
-            last_state: None,
-            unknown_since: None,
-            unknown_reason: None,
-        };
+        let vm = Vm::for_test(node, uuid, state);
         let old = inv
             .vms
             .get(node)

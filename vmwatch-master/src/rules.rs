@@ -154,6 +154,27 @@ pub struct Inventory {
     pub copies: crate::duplicate::Copies,
 }
 
+#[cfg(test)]
+impl Vm {
+    /// A row for tests: `state` on `node`, named `vm-<uuid>`, nothing else set.
+    pub(crate) fn for_test(node: &str, uuid: &str, state: &str) -> Vm {
+        Vm {
+            node_id: node.into(),
+            uuid: uuid.into(),
+            name: format!("vm-{uuid}"),
+            state: state.into(),
+            reason: "unknown".into(),
+            state_since: 0,
+            updated_at: 0,
+            usage: Default::default(),
+            duplicate: false,
+            last_state: None,
+            unknown_since: None,
+            unknown_reason: None,
+        }
+    }
+}
+
 impl Inventory {
     pub fn vm_count(&self) -> usize {
         self.vms.values().map(BTreeMap::len).sum()
