@@ -22,8 +22,8 @@ pub struct DomainFacts {
 }
 
 /// What an event callback reported, plus what the adapter read right after it: the state
-/// (`None` if the domain could no longer be read, e.g. after `undefined`) and whether the
-/// domain is persistent.
+/// (`None` if the domain could no longer be read, e.g. after `undefined`) and, for a domain
+/// that stopped, whether it is persistent (`true` for one still active: it is not asked).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EventFacts {
     pub uuid: String,

@@ -415,6 +415,13 @@ fn turn_into_facts(generation: u64, raw: Receiver<Raw>, tx: Sender<Input>) {
                     }
                 };
                 // Events are hints: the state read now is the truth we report.
+                let current = domain_state(&domain).ok();
+                // Persistence matters only once a domain has stopped (a stopped transient one
+                // is about to vanish), so it costs a round trip to libvirtd only then.
+                let persistent = match current {
+                    None | Some((STATE_SHUTOFF, _)) => is_persistent(&domain),
+                    Some(_) => true,
+                };
                 Input::Event(EventFacts {
                     uuid,
                     name,
@@ -422,8 +429,8 @@ fn turn_into_facts(generation: u64, raw: Receiver<Raw>, tx: Sender<Input>) {
                     detail,
                     reboot,
                     event_ts,
-                    current: domain_state(&domain).ok(),
-                    persistent: is_persistent(&domain),
+                    current,
+                    persistent,
                 })
             }
             // A close report while the connection still works is not a loss.
