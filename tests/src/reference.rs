@@ -1,24 +1,23 @@
 //! References for the benchmarks, measured in the same run as the product (these machines are
-//! noisy, so every figure is a ratio): raw SQLite with the master's schema and settings.
-//!
-//! The SQL here stands in for the master's own writes on purpose: it is the floor the store
-//! is measured against, not product code.
+//! noisy, so every figure is a ratio): raw SQLite running the master's statements on its schema
+//! with its settings, and raw libzmq with CURVE.
 
 use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use rusqlite::{params, Connection};
+use vmwatch_master::store;
 
 /// The stored usage JSON of a VM with one sample (about the size the master writes).
 const USAGE: &str = r#"{"sample":{"ts":1700000000000,"tx_pkts":12345,"wr_reqs":678,"rx_pkts":23456,"rd_reqs":789,"cpu_time_ns":123456789012},"nics":1,"disks":1,"net":{"idle":false,"since":null,"quiet_windows":0,"last_delta":3,"no_device":false},"disk":{"idle":false,"since":null,"quiet_windows":0,"last_delta":1,"no_device":false},"last_window_ms":600000}"#;
 
-/// Raw SQLite doing the writes (the master's statements: upserts of the node and VM rows, an
-/// append to the journal) of `count` lifecycle events from `nodes` nodes × `vms` VMs the
-/// way the master's core does: batches of `batch` events, each batch one transaction holding
-/// one node row per node touched, then per event the VM row (`INSERT OR REPLACE`) and a
-/// journal entry, on a database the master's `Store::open` created (same schema and indexes)
-/// with the writer's own settings (`store::tune_writer`). Returns events per second.
+/// Raw SQLite doing the writes of `count` lifecycle events from `nodes` nodes × `vms` VMs
+/// the way the master's core does, with the master's own statements (`store::NODE_UPSERT`,
+/// `VM_UPSERT`, `JOURNAL_INSERT`): batches of `batch` events, each batch one transaction
+/// holding one node row per node touched, then per event the VM row and a journal entry, on a
+/// database the master's `Store::open` created (same schema and indexes) with the writer's own
+/// settings (`store::tune_writer`). Returns events per second.
 pub fn sqlite_events(
     dir: &Path,
     nodes: usize,
@@ -27,9 +26,9 @@ pub fn sqlite_events(
     batch: usize,
 ) -> Result<f64> {
     let path = dir.join("reference.db");
-    drop(vmwatch_master::store::Store::open(&path)?);
+    drop(store::Store::open(&path)?);
     let mut conn = Connection::open(&path)?;
-    vmwatch_master::store::tune_writer(&conn)?;
+    store::tune_writer(&conn)?;
     let node_id = |n: usize| format!("load-{n:05}");
     let uuid = |n: usize, v: usize| format!("{n:08x}-0000-4000-8000-{v:012x}");
     // The inventory, as after the loadgen's snapshots.
@@ -57,11 +56,17 @@ pub fn sqlite_events(
             let state = if k % 2 == 0 { "paused" } else { "running" };
             let (node, vm) = (node_id(n), uuid(n, k % vms));
             write_vm(&tx, &node, &vm, state, i as i64)?;
-            tx.prepare_cached(
-                "INSERT INTO journal (received_at, event_ts, node_id, uuid, name, type, event, detail, state) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            )?
-            .execute(params![i as i64, i as i64, node, vm, format!("vm-{vm}"), "lifecycle", "suspended", "paused", state])?;
+            tx.prepare_cached(store::JOURNAL_INSERT)?.execute(params![
+                i as i64,
+                i as i64,
+                node,
+                vm,
+                format!("vm-{vm}"),
+                "lifecycle",
+                "suspended",
+                "paused",
+                state
+            ])?;
         }
         tx.commit().context("commit")?;
         done = end;
@@ -70,18 +75,24 @@ pub fn sqlite_events(
 }
 
 fn write_node(tx: &rusqlite::Transaction<'_>, node_id: &str, seq: i64) -> rusqlite::Result<usize> {
-    tx.prepare_cached(
-        "INSERT INTO nodes (node_id, up, libvirt_up, first_seen, last_seen, boot, boot_ts, \
-         last_seq, version, hostname, libvirt_version, domains, gaps, lost, libvirt_down_since, superseded) \
-         VALUES (?1, 1, 1, 1, ?2, 'b0b0b0b0-0000-4000-8000-000000000000', 1, ?2, '0.1.0', ?1, '9.0.0', 50, 0, 0, 0, '[]') \
-         ON CONFLICT (node_id) DO UPDATE SET up = excluded.up, libvirt_up = excluded.libvirt_up, \
-         first_seen = excluded.first_seen, last_seen = excluded.last_seen, boot = excluded.boot, \
-         boot_ts = excluded.boot_ts, last_seq = excluded.last_seq, version = excluded.version, \
-         hostname = excluded.hostname, libvirt_version = excluded.libvirt_version, \
-         domains = excluded.domains, gaps = excluded.gaps, lost = excluded.lost, \
-         libvirt_down_since = excluded.libvirt_down_since, superseded = excluded.superseded",
-    )?
-    .execute(params![node_id, seq])
+    tx.prepare_cached(store::NODE_UPSERT)?.execute(params![
+        node_id,
+        true,
+        true,
+        1,
+        seq,
+        "b0b0b0b0-0000-4000-8000-000000000000",
+        1,
+        seq,
+        "0.1.0",
+        node_id,
+        "9.0.0",
+        50,
+        0,
+        0,
+        0,
+        "[]"
+    ])
 }
 
 fn write_vm(
@@ -91,23 +102,21 @@ fn write_vm(
     state: &str,
     at: i64,
 ) -> rusqlite::Result<usize> {
-    tx.prepare_cached(
-        "INSERT INTO vms (node_id, uuid, name, state, reason, state_since, updated_at, \
-         idle_net, idle_disk, duplicate, usage, last_state, unknown_since, unknown_reason) \
-         VALUES (?1, ?2, ?3, ?4, 'user', ?5, ?5, 0, 0, 0, ?6, NULL, NULL, NULL) \
-         ON CONFLICT (node_id, uuid) DO UPDATE SET name = excluded.name, state = excluded.state, \
-         reason = excluded.reason, state_since = excluded.state_since, updated_at = excluded.updated_at, \
-         idle_net = excluded.idle_net, idle_disk = excluded.idle_disk, duplicate = excluded.duplicate, \
-         usage = excluded.usage, last_state = excluded.last_state, unknown_since = excluded.unknown_since, \
-         unknown_reason = excluded.unknown_reason",
-    )?
-    .execute(params![
+    tx.prepare_cached(store::VM_UPSERT)?.execute(params![
         node_id,
         uuid,
         format!("vm-{uuid}"),
         state,
+        "user",
         at,
-        USAGE
+        at,
+        false,
+        false,
+        false,
+        USAGE,
+        None::<String>,
+        None::<i64>,
+        None::<String>
     ])
 }
 

@@ -1,7 +1,7 @@
 //! The core thread: the one writer. Feeds authenticated messages to the rules in batches,
 //! writes the effects in one transaction per batch, then updates metrics and wakes waiters.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
@@ -305,8 +305,8 @@ impl Core {
         self.metrics
             .nodes_down
             .set(self.inventory.nodes.len() as i64 - up);
-        let (nodes, totals) = self.tally.update(&self.inventory);
-        for node_id in nodes {
+        let Updated { node_rows, totals } = self.tally.update(&self.inventory);
+        for node_id in node_rows {
             let Some(n) = self.inventory.nodes.get(&node_id) else {
                 continue;
             };
@@ -388,51 +388,60 @@ impl Counts {
     }
 }
 
-/// The gauges' counts, kept per node and recounted only for the nodes whose rows a batch wrote
-/// (a recount of 500,000 rows every second was a fifth of an idle master's CPU).
+/// The gauges' counts, kept per node and recounted only for the nodes whose VM rows a batch
+/// wrote (a recount of 500,000 rows every second was a fifth of an idle master's CPU). A node
+/// row written (every heartbeat) only refreshes that node's own gauges.
 #[derive(Debug, Default)]
 struct Tally {
     per_node: HashMap<String, Counts>,
     totals: Counts,
-    /// Nodes whose node row or VM rows were written since the last update.
-    dirty: std::collections::HashSet<String>,
+    /// Nodes whose node row was written since the last update.
+    node_rows: HashSet<String>,
+    /// Nodes some of whose VM rows were written or removed since the last update.
+    vm_rows: HashSet<String>,
     built: bool,
+}
+
+/// What one `Tally::update` did.
+#[derive(Debug)]
+struct Updated {
+    /// Nodes whose `node_up`/`node_libvirt_up` gauges are to be set.
+    node_rows: Vec<String>,
+    totals: Counts,
 }
 
 impl Tally {
     fn note(&mut self, effects: &[Effect]) {
         for e in effects {
-            let node_id = match e {
-                Effect::UpsertNode(n) => &n.node_id,
-                Effect::UpsertVm(vm) => &vm.node_id,
-                Effect::RemoveVm { node_id, .. } => node_id,
+            let (set, node_id) = match e {
+                Effect::UpsertNode(n) => (&mut self.node_rows, &n.node_id),
+                Effect::UpsertVm(vm) => (&mut self.vm_rows, &vm.node_id),
+                Effect::RemoveVm { node_id, .. } => (&mut self.vm_rows, node_id),
                 Effect::Journal(_) => continue,
             };
-            if !self.dirty.contains(node_id) {
-                self.dirty.insert(node_id.clone());
+            if !set.contains(node_id) {
+                set.insert(node_id.clone());
             }
         }
     }
 
-    /// Recounts the dirty nodes (every node the first time); returns them, and the totals.
-    fn update(&mut self, inv: &Inventory) -> (Vec<String>, Counts) {
-        let nodes: Vec<String> = if self.built {
-            self.dirty.drain().collect()
-        } else {
+    /// Recounts the nodes whose VM rows were written (every node the first time).
+    fn update(&mut self, inv: &Inventory) -> Updated {
+        if !self.built {
             self.built = true;
-            self.dirty.clear();
-            inv.nodes.keys().chain(inv.vms.keys()).cloned().collect()
-        };
-        for node_id in &nodes {
-            let counts = Counts::of(inv.vms.get(node_id).into_iter().flat_map(|m| m.values()));
-            let old = self
-                .per_node
-                .insert(node_id.clone(), counts)
-                .unwrap_or_default();
+            self.node_rows = inv.nodes.keys().cloned().collect();
+            self.vm_rows = inv.vms.keys().cloned().collect();
+        }
+        for node_id in self.vm_rows.drain() {
+            let counts = Counts::of(inv.vms.get(&node_id).into_iter().flat_map(|m| m.values()));
+            let old = self.per_node.insert(node_id, counts).unwrap_or_default();
             self.totals.add(&old, -1);
             self.totals.add(&counts, 1);
         }
-        (nodes, self.totals)
+        Updated {
+            node_rows: self.node_rows.drain().collect(),
+            totals: self.totals,
+        }
     }
 }
 
@@ -464,7 +473,7 @@ mod tests {
                 .insert(uuid.into(), vm(node, uuid, state));
         }
         let mut tally = Tally::default();
-        assert_eq!(tally.update(&inv).1, recount(&inv));
+        assert_eq!(tally.update(&inv).totals, recount(&inv));
         let other = STATE_LABELS.iter().position(|s| *s == "other").unwrap();
         assert_eq!(
             tally.totals.by_state[other], 1,
@@ -486,13 +495,26 @@ mod tests {
                 uuid: "3".into(),
             },
         ]);
-        let (nodes, totals) = tally.update(&inv);
+        assert_eq!(tally.vm_rows.len(), 2, "both nodes are recounted");
+        let updated = tally.update(&inv);
+        let totals = updated.totals;
         assert_eq!(totals, recount(&inv));
         assert_eq!((totals.duplicates, totals.idle_net), (1, 1));
-        assert_eq!(nodes.len(), 2);
         assert!(
-            tally.update(&inv).0.is_empty(),
-            "nothing written, nothing recounted"
+            tally.vm_rows.is_empty() && tally.node_rows.is_empty(),
+            "an update consumes what was written: nothing is recounted twice"
         );
+        // A heartbeat writes only the node row: its gauges, no recount.
+        let mut node = crate::rules::Node::for_test("a");
+        node.up = true;
+        inv.nodes.insert("a".into(), node.clone());
+        tally.note(&[Effect::UpsertNode(node)]);
+        assert!(
+            tally.vm_rows.is_empty(),
+            "a node row alone recounts nothing"
+        );
+        let updated = tally.update(&inv);
+        assert_eq!(updated.node_rows, vec!["a".to_owned()]);
+        assert_eq!(updated.totals, recount(&inv));
     }
 }

@@ -67,6 +67,9 @@ impl Copies {
                         .push(node_id.clone());
                 }
             }
+            for nodes in self.by_uuid.values_mut() {
+                nodes.sort();
+            }
             return self.by_uuid.keys().cloned().collect();
         }
         let mut uuids = BTreeSet::new();
@@ -74,11 +77,12 @@ impl Copies {
             let exists = vms
                 .get(&node_id)
                 .is_some_and(|rows| rows.contains_key(&uuid));
+            // Kept sorted: node order makes the journal order deterministic.
             let nodes = self.by_uuid.entry(uuid.clone()).or_default();
-            match (exists, nodes.iter().position(|n| *n == node_id)) {
-                (true, None) => nodes.push(node_id),
-                (false, Some(i)) => {
-                    nodes.swap_remove(i);
+            match (exists, nodes.binary_search(&node_id)) {
+                (true, Err(i)) => nodes.insert(i, node_id),
+                (false, Ok(i)) => {
+                    nodes.remove(i);
                 }
                 _ => {}
             }
@@ -99,9 +103,7 @@ pub fn check(inv: &mut Inventory, now: u64, grace_ms: u64) -> Vec<Effect> {
     uuids.extend(inv.dup_since.keys().cloned());
     let mut effects = Vec::new();
     for uuid in uuids {
-        let mut nodes: Vec<String> = inv.copies.by_uuid.get(&uuid).cloned().unwrap_or_default();
-        // Node order makes the journal order deterministic.
-        nodes.sort();
+        let nodes: &[String] = inv.copies.by_uuid.get(&uuid).map_or(&[], Vec::as_slice);
         let active: Vec<&String> = nodes
             .iter()
             .filter(|n| {
@@ -111,19 +113,24 @@ pub fn check(inv: &mut Inventory, now: u64, grace_ms: u64) -> Vec<Effect> {
                     .is_some_and(is_active)
             })
             .collect();
-        let detail = if active.len() >= 2 {
+        if active.len() >= 2 {
             inv.dup_since.entry(uuid.clone()).or_insert(now);
-            let names: Vec<&str> = active.iter().map(|n| n.as_str()).collect();
-            format!("active on {}", names.join(", "))
         } else {
             inv.dup_since.remove(&uuid);
-            "active on one node at most".to_owned()
+        }
+        // Written only when a flag changes (most checks change none).
+        let detail = || match active.as_slice() {
+            [_, _, ..] => {
+                let names: Vec<&str> = active.iter().map(|n| n.as_str()).collect();
+                format!("active on {}", names.join(", "))
+            }
+            _ => "active on one node at most".to_owned(),
         };
         let over_grace = inv
             .dup_since
             .get(&uuid)
             .is_some_and(|since| now.saturating_sub(*since) > grace_ms);
-        for node_id in &nodes {
+        for node_id in nodes {
             let Some(vm) = inv
                 .vms
                 .get_mut(node_id)
@@ -144,7 +151,7 @@ pub fn check(inv: &mut Inventory, now: u64, grace_ms: u64) -> Vec<Effect> {
                 name: vm.name.clone(),
                 kind: EntryType::Duplicate,
                 event: if flagged { "flagged" } else { "cleared" }.to_owned(),
-                detail: detail.clone(),
+                detail: detail(),
                 state: vm.state.clone(),
             }));
             effects.push(Effect::UpsertVm(vm.clone()));

@@ -155,6 +155,14 @@ pub struct Inventory {
 }
 
 #[cfg(test)]
+impl Node {
+    /// A node row for tests: known, down, nothing else set.
+    pub(crate) fn for_test(node_id: &str) -> Node {
+        new_node(node_id, 0)
+    }
+}
+
+#[cfg(test)]
 impl Vm {
     /// A row for tests: `state` on `node`, named `vm-<uuid>`, nothing else set.
     pub(crate) fn for_test(node: &str, uuid: &str, state: &str) -> Vm {
@@ -673,14 +681,15 @@ fn apply_stats(
 /// row write is a whole-row replacement or a removal: the last one is the row's final state.
 pub fn coalesce(mut effects: Vec<Effect>) -> Vec<Effect> {
     use std::collections::HashSet;
-    let mut seen_nodes: HashSet<String> = HashSet::new();
-    let mut seen_vms: HashSet<(String, String)> = HashSet::new();
+    // Keys borrow from the effects: nothing is allocated per effect.
+    let mut seen_nodes: HashSet<&str> = HashSet::new();
+    let mut seen_vms: HashSet<(&str, &str)> = HashSet::new();
     let mut keep = vec![true; effects.len()];
     for (i, e) in effects.iter().enumerate().rev() {
         keep[i] = match e {
-            Effect::UpsertNode(n) => seen_nodes.insert(n.node_id.clone()),
-            Effect::UpsertVm(vm) => seen_vms.insert((vm.node_id.clone(), vm.uuid.clone())),
-            Effect::RemoveVm { node_id, uuid } => seen_vms.insert((node_id.clone(), uuid.clone())),
+            Effect::UpsertNode(n) => seen_nodes.insert(&n.node_id),
+            Effect::UpsertVm(vm) => seen_vms.insert((&vm.node_id, &vm.uuid)),
+            Effect::RemoveVm { node_id, uuid } => seen_vms.insert((node_id, uuid)),
             Effect::Journal(_) => true,
         };
     }

@@ -270,6 +270,36 @@ impl Store {
     }
 }
 
+/// The core's row writes, public so that the benchmark's raw-SQLite reference runs the very
+/// same statements. Rows are upserts, not INSERT OR REPLACE: a row that exists is updated in
+/// place, so the indexes on columns that did not change are not rewritten.
+pub const NODE_UPSERT: &str = "\
+     INSERT INTO nodes (node_id, up, libvirt_up, first_seen, last_seen, boot, boot_ts, \
+     last_seq, version, hostname, libvirt_version, domains, gaps, lost, libvirt_down_since, superseded) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16) \
+     ON CONFLICT (node_id) DO UPDATE SET up = excluded.up, libvirt_up = excluded.libvirt_up, \
+     first_seen = excluded.first_seen, last_seen = excluded.last_seen, \
+     boot = excluded.boot, boot_ts = excluded.boot_ts, last_seq = excluded.last_seq, \
+     version = excluded.version, hostname = excluded.hostname, \
+     libvirt_version = excluded.libvirt_version, domains = excluded.domains, \
+     gaps = excluded.gaps, lost = excluded.lost, \
+     libvirt_down_since = excluded.libvirt_down_since, \
+     superseded = excluded.superseded";
+pub const VM_UPSERT: &str = "\
+     INSERT INTO vms (node_id, uuid, name, state, reason, state_since, updated_at, \
+     idle_net, idle_disk, duplicate, usage, last_state, unknown_since, unknown_reason) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14) \
+     ON CONFLICT (node_id, uuid) DO UPDATE SET name = excluded.name, state = excluded.state, \
+     reason = excluded.reason, \
+     state_since = excluded.state_since, updated_at = excluded.updated_at, \
+     idle_net = excluded.idle_net, idle_disk = excluded.idle_disk, \
+     duplicate = excluded.duplicate, usage = excluded.usage, \
+     last_state = excluded.last_state, unknown_since = excluded.unknown_since, \
+     unknown_reason = excluded.unknown_reason";
+pub const JOURNAL_INSERT: &str = "\
+     INSERT INTO journal (received_at, event_ts, node_id, uuid, name, type, event, detail, state) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)";
+
 /// Writes effects inside a transaction; returns the ids given to journal entries.
 fn apply(tx: &Transaction<'_>, effects: &[Effect]) -> Result<Vec<i64>, StoreError> {
     let mut ids = Vec::new();
@@ -285,21 +315,7 @@ fn apply(tx: &Transaction<'_>, effects: &[Effect]) -> Result<Vec<i64>, StoreErro
 }
 
 fn write_node(tx: &Transaction<'_>, n: &Node) -> Result<(), StoreError> {
-    let mut stmt = tx
-        .prepare_cached(
-            "INSERT INTO nodes (node_id, up, libvirt_up, first_seen, last_seen, boot, boot_ts, \
-             last_seq, version, hostname, libvirt_version, domains, gaps, lost, libvirt_down_since, superseded) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16) \
-             ON CONFLICT (node_id) DO UPDATE SET up = excluded.up, libvirt_up = excluded.libvirt_up, \
-             first_seen = excluded.first_seen, last_seen = excluded.last_seen, \
-             boot = excluded.boot, boot_ts = excluded.boot_ts, last_seq = excluded.last_seq, \
-             version = excluded.version, hostname = excluded.hostname, \
-             libvirt_version = excluded.libvirt_version, domains = excluded.domains, \
-             gaps = excluded.gaps, lost = excluded.lost, \
-             libvirt_down_since = excluded.libvirt_down_since, \
-             superseded = excluded.superseded",
-        )
-        .map_err(ctx("write node"))?;
+    let mut stmt = tx.prepare_cached(NODE_UPSERT).map_err(ctx("write node"))?;
     stmt.execute(params![
         n.node_id,
         n.up,
@@ -324,21 +340,7 @@ fn write_node(tx: &Transaction<'_>, n: &Node) -> Result<(), StoreError> {
 }
 
 fn write_vm(tx: &Transaction<'_>, vm: &Vm) -> Result<(), StoreError> {
-    let mut stmt = tx
-        .prepare_cached(
-            // An upsert, not INSERT OR REPLACE: a row that exists is updated in place, so the
-            // indexes on columns that did not change (node_id, uuid) are not rewritten.
-            "INSERT INTO vms (node_id, uuid, name, state, reason, state_since, updated_at, \
-             idle_net, idle_disk, duplicate, usage, last_state, unknown_since, unknown_reason) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14) \
-             ON CONFLICT (node_id, uuid) DO UPDATE SET name = excluded.name, state = excluded.state, reason = excluded.reason, \
-             state_since = excluded.state_since, updated_at = excluded.updated_at, \
-             idle_net = excluded.idle_net, idle_disk = excluded.idle_disk, \
-             duplicate = excluded.duplicate, usage = excluded.usage, \
-             last_state = excluded.last_state, unknown_since = excluded.unknown_since, \
-             unknown_reason = excluded.unknown_reason",
-        )
-        .map_err(ctx("write vm"))?;
+    let mut stmt = tx.prepare_cached(VM_UPSERT).map_err(ctx("write vm"))?;
     stmt.execute(params![
         vm.node_id,
         vm.uuid,
@@ -372,10 +374,7 @@ fn remove_vm(tx: &Transaction<'_>, node_id: &str, uuid: &str) -> Result<(), Stor
 /// Appends a journal entry; returns its id.
 fn write_journal(tx: &Transaction<'_>, e: &Entry) -> Result<i64, StoreError> {
     let mut stmt = tx
-        .prepare_cached(
-            "INSERT INTO journal (received_at, event_ts, node_id, uuid, name, type, event, detail, state) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-        )
+        .prepare_cached(JOURNAL_INSERT)
         .map_err(ctx("write journal"))?;
     stmt.execute(params![
         e.received_at as i64,
@@ -935,8 +934,8 @@ mod tests {
         );
     }
 
-    /// A schema-2 database (v0.1's tables plus the received_at index) opens as schema 3: the
-    /// index is gone, the rows are kept, and the upserts update rows in place.
+    /// A schema-2 database (with the received_at index) opens as schema 3: the index is gone
+    /// and the rows are kept.
     #[test]
     fn schema_2_is_upgraded_to_3() {
         let path = temp_db("schema2");
