@@ -2,7 +2,8 @@
 """Lists the longest functions of the product crates (common, vmwatch-node, vmwatch-master).
 
 Counts lines from a `fn` line to its closing brace; `#[cfg(test)]` modules and test-only files
-are left out. A heuristic (braces inside strings are counted), good enough for a before/after.
+are left out. A heuristic (strings and `//` comments are stripped; braces in raw strings and char
+literals still count), good enough for a before/after.
 Usage: scripts/longest-fns.py [N]
 """
 import os
@@ -26,7 +27,8 @@ def functions(path):
         if m and not lines[i].rstrip().endswith(";"):
             depth, started, j = 0, False, i
             while j < len(lines):
-                code = re.sub(r'"(\\.|[^"\\])*"', '""', lines[j].split("//")[0])
+                # Strings first: a `//` inside one (a URL) is not a comment.
+                code = re.sub(r'"(\\.|[^"\\])*"', '""', lines[j]).split("//")[0]
                 depth += code.count("{") - code.count("}")
                 started = started or "{" in code
                 if started and depth <= 0:
