@@ -54,6 +54,31 @@ pub struct Panel {
 /// Largest `panel_batch_max`: a POST of 1000 bounded entries stays under 1 MiB.
 pub const MAX_PANEL_BATCH: u64 = 1000;
 
+/// The panel keys as read, before they are checked together.
+struct PanelKeys {
+    url: Option<String>,
+    secret: Option<Secret>,
+    batch_max: usize,
+}
+
+impl PanelKeys {
+    fn take(raw: &mut RawConfig) -> Result<PanelKeys, ConfigError> {
+        Ok(PanelKeys {
+            url: raw.take_with("panel_url", |v| {
+                if v.starts_with("http://") || v.starts_with("https://") {
+                    Ok(v.to_owned())
+                } else {
+                    Err(format!("`{v}` is not an http:// or https:// URL"))
+                }
+            })?,
+            secret: raw.take_with("panel_secret", |v| Secret::new(v.to_owned()))?,
+            batch_max: raw
+                .take_range("panel_batch_max", "a number of entries", 1, MAX_PANEL_BATCH)?
+                .map_or(1, |n| n as usize),
+        })
+    }
+}
+
 impl MasterConfig {
     pub fn load(path: &Path) -> Result<MasterConfig, ConfigError> {
         Self::from_raw(RawConfig::load(path)?)
@@ -71,8 +96,7 @@ impl MasterConfig {
             .map(PathBuf::from);
         let db_path = raw
             .take_str("db_path")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| "/var/lib/vmwatch/master.db".into());
+            .map_or_else(|| "/var/lib/vmwatch/master.db".into(), PathBuf::from);
         let http_listen = raw
             .take_with("http_listen", |v| {
                 v.parse::<SocketAddr>()
@@ -80,84 +104,90 @@ impl MasterConfig {
             })?
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 1516)));
         let api_token = raw.take_with("api_token", |v| Secret::new(v.to_owned()))?;
-        let panel_url = raw.take_with("panel_url", |v| {
-            if v.starts_with("http://") || v.starts_with("https://") {
-                Ok(v.to_owned())
-            } else {
-                Err(format!("`{v}` is not an http:// or https:// URL"))
-            }
-        })?;
-        let panel_secret = raw.take_with("panel_secret", |v| Secret::new(v.to_owned()))?;
-        let panel_batch_max = raw
-            .take_range("panel_batch_max", "a number of entries", 1, MAX_PANEL_BATCH)?
-            .map_or(1, |n| n as usize);
-        let node_timeout = raw.take_seconds("node_timeout", 1, 86_400)?.unwrap_or(90);
-        let max_clock_skew = raw
-            .take_seconds("max_clock_skew", 1, 86_400)?
-            .unwrap_or(300);
-        let max_message_age = raw
-            .take_seconds("max_message_age", 1, 30 * 86_400)?
-            .unwrap_or(3600);
-        let idle_windows = raw
-            .take_parsed::<u32>("idle_windows", "a whole number")?
-            .unwrap_or(1);
-        let duplicate_grace = raw
-            .take_seconds("duplicate_grace", 0, 86_400)?
-            .unwrap_or(60);
-        let event_retention_days = raw
-            .take_seconds("event_retention_days", 0, 36_500)?
-            .unwrap_or(90);
-        let max_message_bytes = raw
-            .take_with("max_message_bytes", |v| match v.parse::<i64>() {
-                Ok(n) if (1024..=(1 << 30)).contains(&n) => Ok(n),
-                _ => Err(format!("`{v}` is not a size in bytes in 1024..=1073741824")),
-            })?
-            .unwrap_or(1_048_576);
-        let node_keys = raw
-            .take_with("node_keys", |v| match v {
-                "derived" => Ok(NodeKeys::Derived),
-                "shared" => Ok(NodeKeys::Shared),
-                _ => Err(format!("`{v}` is neither `derived` nor `shared`")),
-            })?
-            .unwrap_or(NodeKeys::Derived);
+        let panel = PanelKeys::take(&mut raw)?;
         let max_nodes = raw
             .take_range("max_nodes", "a number of nodes", 1, 1_000_000)?
             .unwrap_or(10_000) as usize;
-        let max_connections = raw
-            .take_range("max_connections", "a number of connections", 16, 1_000_000)?
-            .map_or(max_nodes + 1024, |n| n as usize);
-        let log_file = raw
-            .take_str("log_file")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| "/var/log/vmwatch-master.log".into());
-        let log_level = raw
-            .take_with("log_level", |v| {
-                logging::check_level(v).map(|_| v.to_owned())
-            })?
-            .unwrap_or_else(|| "info".into());
+        let config = MasterConfig {
+            disabled,
+            listen,
+            secret,
+            node_secrets: HashMap::new(),
+            node_secrets_file,
+            db_path,
+            http_listen,
+            api_token,
+            panel: None,
+            node_timeout: raw.take_seconds("node_timeout", 1, 86_400)?.unwrap_or(90),
+            max_clock_skew: raw
+                .take_seconds("max_clock_skew", 1, 86_400)?
+                .unwrap_or(300),
+            max_message_age: raw
+                .take_seconds("max_message_age", 1, 30 * 86_400)?
+                .unwrap_or(3600),
+            idle_windows: raw
+                .take_parsed::<u32>("idle_windows", "a whole number")?
+                .unwrap_or(1),
+            duplicate_grace: raw
+                .take_seconds("duplicate_grace", 0, 86_400)?
+                .unwrap_or(60),
+            event_retention_days: raw
+                .take_seconds("event_retention_days", 0, 36_500)?
+                .unwrap_or(90),
+            max_message_bytes: raw
+                .take_with("max_message_bytes", |v| match v.parse::<i64>() {
+                    Ok(n) if (1024..=(1 << 30)).contains(&n) => Ok(n),
+                    _ => Err(format!("`{v}` is not a size in bytes in 1024..=1073741824")),
+                })?
+                .unwrap_or(1_048_576),
+            node_keys: raw
+                .take_with("node_keys", |v| match v {
+                    "derived" => Ok(NodeKeys::Derived),
+                    "shared" => Ok(NodeKeys::Shared),
+                    _ => Err(format!("`{v}` is neither `derived` nor `shared`")),
+                })?
+                .unwrap_or(NodeKeys::Derived),
+            max_nodes,
+            max_connections: raw
+                .take_range("max_connections", "a number of connections", 16, 1_000_000)?
+                .map_or(max_nodes + 1024, |n| n as usize),
+            log_file: raw
+                .take_str("log_file")
+                .map_or_else(|| "/var/log/vmwatch-master.log".into(), PathBuf::from),
+            log_level: raw
+                .take_with("log_level", |v| {
+                    logging::check_level(v).map(|_| v.to_owned())
+                })?
+                .unwrap_or_else(|| "info".into()),
+        };
         let path = raw.path().to_owned();
         raw.finish()?;
+        config.completed(&path, panel)
+    }
+
+    /// The checks across keys, once every key is read: the node secrets file, the panel, and
+    /// what a key requires of another.
+    fn completed(mut self, path: &Path, panel: PanelKeys) -> Result<MasterConfig, ConfigError> {
         let err = |key: &str, message: String| ConfigError {
-            path: path.clone(),
+            path: path.to_owned(),
             line: None,
             key: Some(key.to_owned()),
             message,
         };
-        let node_secrets = match &node_secrets_file {
-            Some(file) => load_node_secrets(file)?,
-            None => HashMap::new(),
-        };
-        if secret.is_none() && !disabled {
+        if let Some(file) = &self.node_secrets_file {
+            self.node_secrets = load_node_secrets(file)?;
+        }
+        if self.secret.is_none() && !self.disabled {
             return Err(err(
                 "secret",
                 "is required (the CURVE keys and the derived node secrets come from it)".into(),
             ));
         }
-        let panel = match (panel_url, panel_secret) {
+        self.panel = match (panel.url, panel.secret) {
             (Some(url), Some(secret)) => Some(Panel {
                 url,
                 secret,
-                batch_max: panel_batch_max,
+                batch_max: panel.batch_max,
             }),
             (Some(_), None) => {
                 return Err(err(
@@ -168,38 +198,19 @@ impl MasterConfig {
             }
             (None, _) => None,
         };
-        if idle_windows == 0 {
+        if self.idle_windows == 0 {
             return Err(err("idle_windows", "must be at least 1".into()));
         }
-        if !http_listen.ip().is_loopback() && api_token.is_none() {
+        if !self.http_listen.ip().is_loopback() && self.api_token.is_none() {
             return Err(err(
                 "api_token",
-                format!("is required when http_listen ({http_listen}) is not a loopback address"),
+                format!(
+                    "is required when http_listen ({}) is not a loopback address",
+                    self.http_listen
+                ),
             ));
         }
-        Ok(MasterConfig {
-            disabled,
-            listen,
-            secret,
-            node_secrets_file,
-            node_secrets,
-            db_path,
-            http_listen,
-            api_token,
-            panel,
-            node_timeout,
-            max_clock_skew,
-            max_message_age,
-            idle_windows,
-            duplicate_grace,
-            event_retention_days,
-            max_message_bytes,
-            node_keys,
-            max_nodes,
-            max_connections,
-            log_file,
-            log_level,
-        })
+        Ok(self)
     }
 
     /// The HMAC secret of a node: its own if `node_secrets_file` lists it, else derived from
