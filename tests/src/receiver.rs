@@ -118,11 +118,39 @@ impl PanelReceiver {
     }
 }
 
+/// Every delivery is signed, its body carries the id it was recorded under, and entries first
+/// arrive in journal order (at least once: a re-delivery may repeat earlier ids).
+pub fn assert_signed_and_ordered(deliveries: &[Delivery]) {
+    assert!(
+        deliveries.iter().all(|d| d.signature_ok),
+        "bad signature in {deliveries:?}"
+    );
+    let mut firsts: Vec<i64> = Vec::new();
+    for d in deliveries {
+        if !firsts.contains(&d.event_id) {
+            assert!(
+                firsts.last().is_none_or(|last| d.event_id > *last),
+                "entry {} first arrived after a later one",
+                d.event_id
+            );
+            firsts.push(d.event_id);
+        }
+        assert_eq!(
+            d.body["id"].as_i64(),
+            Some(d.event_id),
+            "the body carries the same id"
+        );
+    }
+}
+
 impl Drop for PanelReceiver {
     fn drop(&mut self) {
         self.stop();
     }
 }
+
+/// How often an idle connection checks whether the panel was stopped.
+const IDLE_POLL: Duration = Duration::from_millis(200);
 
 /// Serves HTTP/1.1 keep-alive requests on one connection until it closes or the receiver stops.
 fn serve(
@@ -134,7 +162,7 @@ fn serve(
 ) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_nodelay(true)?;
-    stream.set_read_timeout(Some(Duration::from_millis(200)))?;
+    stream.set_read_timeout(Some(IDLE_POLL))?;
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut writer = stream;
     loop {
@@ -159,6 +187,9 @@ fn serve(
             return Ok(());
         }
         handle(&line, &mut reader, &mut writer, key, deliveries, refuse)?;
+        // Back to the short idle wait, so a stopped panel drops a keep-alive connection within
+        // 200 ms (handling a request raised it to 5 s).
+        reader.get_ref().set_read_timeout(Some(IDLE_POLL))?;
     }
 }
 

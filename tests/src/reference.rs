@@ -120,10 +120,10 @@ fn write_vm(
     ])
 }
 
-/// Raw libzmq PUSH→PULL over loopback TCP with CURVE, one connection, `count` messages of
-/// `size` bytes (one frame): the floor of the master's node port. Returns messages per second
-/// received.
-pub fn zmq_curve(count: usize, size: usize) -> Result<f64> {
+/// Raw libzmq PUSH→PULL over loopback TCP with CURVE, one connection, `count` copies of
+/// `message` (every frame, each encrypted on its own as the product's are): the floor of the
+/// master's node port. Returns messages per second received.
+pub fn zmq_curve(count: usize, message: &[Vec<u8>]) -> Result<f64> {
     let ctx = zmq::Context::new();
     let server = zmq::CurveKeyPair::new()?;
     let client = zmq::CurveKeyPair::new()?;
@@ -142,18 +142,18 @@ pub fn zmq_curve(count: usize, size: usize) -> Result<f64> {
     push.set_sndhwm(0)?;
     push.connect(&endpoint)?;
     // One message through first: the handshake is not what is measured.
-    push.send(&b"hello"[..], 0)?;
-    pull.recv_bytes(0)?;
-    let payload = vec![b'x'; size];
+    push.send_multipart(message, 0)?;
+    pull.recv_multipart(0)?;
+    let message = message.to_vec();
     let sender = std::thread::spawn(move || -> Result<zmq::Socket> {
         for _ in 0..count {
-            push.send(&payload[..], 0)?;
+            push.send_multipart(&message, 0)?;
         }
         Ok(push)
     });
     let t0 = Instant::now();
     for _ in 0..count {
-        pull.recv_bytes(0)?;
+        pull.recv_multipart(0)?;
     }
     let rate = count as f64 / t0.elapsed().as_secs_f64();
     sender

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use vmwatch_tests::guests::GuestKind;
 use vmwatch_tests::libvirtd::PrivateLibvirtd;
 use vmwatch_tests::product::{temp_dir, wait_for, Master, Node};
-use vmwatch_tests::receiver::{Delivery, PanelReceiver};
+use vmwatch_tests::receiver::{assert_signed_and_ordered, Delivery, PanelReceiver};
 use vmwatch_tests::require_root_env;
 
 fn wait_node_libvirt(master: &Master, node: &str, up: bool, timeout: Duration) {
@@ -645,30 +645,6 @@ fn wait_all_delivered(master: &Master, panel: &PanelReceiver, timeout: Duration)
         std::thread::sleep(Duration::from_millis(50));
     }
     panic!("not every journal entry reached the panel within {timeout:?}:\n journal: {:?}\n panel:   {:?}", last.0, last.1);
-}
-
-/// Every delivery is signed, and ids only go up (a re-delivery repeats the previous id at most).
-fn assert_signed_and_ordered(deliveries: &[Delivery]) {
-    assert!(
-        deliveries.iter().all(|d| d.signature_ok),
-        "bad signature in {deliveries:?}"
-    );
-    let mut firsts: Vec<i64> = Vec::new();
-    for d in deliveries {
-        if !firsts.contains(&d.event_id) {
-            assert!(
-                firsts.last().is_none_or(|last| d.event_id > *last),
-                "entry {} first arrived after a later one",
-                d.event_id
-            );
-            firsts.push(d.event_id);
-        }
-        assert_eq!(
-            d.body["id"].as_i64(),
-            Some(d.event_id),
-            "the body carries the same id"
-        );
-    }
 }
 
 #[test]

@@ -12,6 +12,7 @@ use vmwatch_master::rules::{self, Inventory, Rules};
 use vmwatch_master::store::{EventFilter, Reader, Store};
 use vmwatch_node::core::{Action, CoreConfig, Input, NodeCore, Now, Transmit};
 use vmwatch_node::facts::{DomainFacts, EventFacts};
+use vmwatch_tests::product::temp_dir;
 use vmwatch_tests::sim::node_key;
 
 const NODE: &str = "pair-hv";
@@ -50,11 +51,7 @@ impl Pair {
             "pair-host".into(),
             now,
         );
-        let db =
-            std::env::temp_dir().join(format!("vmwatch-pair-{name}-{}.sqlite", std::process::id()));
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
-        }
+        let db = temp_dir(&format!("pair-{name}")).join("master.db");
         Pair {
             node,
             now,
@@ -166,8 +163,8 @@ impl Pair {
 
 impl Drop for Pair {
     fn drop(&mut self) {
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", self.db.display()));
+        if let Some(dir) = self.db.parent() {
+            let _ = std::fs::remove_dir_all(dir);
         }
     }
 }

@@ -18,7 +18,7 @@ use crate::rules::{self, Effect, Inventory, Rules, VmChange};
 use crate::store::Store;
 
 /// Most messages applied in one transaction.
-const MAX_BATCH: usize = 4096;
+pub const MAX_BATCH: usize = 4096;
 
 /// Shared signals between the core and the HTTP side.
 pub struct Shared {

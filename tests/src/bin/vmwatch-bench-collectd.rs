@@ -5,37 +5,32 @@
 //! `cargo run --release -p vmwatch-tests --bin vmwatch-bench-collectd [-- GUESTS [SECONDS]]`
 //! as root (defaults: 20 guests, 120 s). Starts a private libvirtd with GUESTS idle guests, a
 //! master and the real node (`stats_interval=10`), and collectd polling the same libvirtd every
-//! 10 s (virt plugin, csv writer). After a 30 s warm-up it measures, over SECONDS: the CPU of
-//! each, the CPU of libvirtd (what the two cost it, measured once with the node alone and once
-//! with collectd alone), and at the end RSS, PSS and private memory of each. RSS counts every
+//! 10 s (virt plugin, csv writer). After a 30 s warm-up it measures, over SECONDS each: libvirtd
+//! with no client, then the node alone, then collectd alone: the CPU of each client, what each
+//! costs libvirtd (its CPU with that client less its CPU with none), and at the end RSS, PSS
+//! and private memory of each. RSS counts every
 //! shared library page both programs map (both link the libvirt client stack), so PSS and
 //! private memory are printed beside it.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use vmwatch_tests::guests::GuestKind;
 use vmwatch_tests::libvirtd::PrivateLibvirtd;
-use vmwatch_tests::product::{cpu_ticks, temp_dir, wait_for, Master, Node};
+use vmwatch_tests::product::{proc_kib, temp_dir, wait_for, CpuMeter, Master, Node};
 
 const WARM_UP: Duration = Duration::from_secs(30);
 
 fn main() -> Result<()> {
-    let mut args = std::env::args().skip(1);
-    let guests: usize = args
-        .next()
-        .map(|a| a.parse())
-        .transpose()
-        .context("GUESTS")?
-        .unwrap_or(20);
-    let seconds: u64 = args
-        .next()
-        .map(|a| a.parse())
-        .transpose()
-        .context("SECONDS")?
-        .unwrap_or(120);
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let arg = |i: usize, name: &str, default: u64| -> Result<u64> {
+        args.get(i)
+            .map_or(Ok(default), |a| a.parse().context(name.to_owned()))
+    };
+    let guests = arg(0, "GUESTS", 20)? as usize;
+    let seconds = arg(1, "SECONDS", 120)?;
     install_collectd()?;
     let lv = PrivateLibvirtd::start("benchcollectd")?;
     for i in 0..guests {
@@ -43,6 +38,10 @@ fn main() -> Result<()> {
     }
     let libvirtd = lv.pid().context("libvirtd pid")?;
     let dir = temp_dir("benchcollectd");
+
+    // libvirtd with no client but its guests: what neither of the two costs it.
+    std::thread::sleep(WARM_UP);
+    let libvirtd_alone = cpu_over(libvirtd, seconds);
 
     // The node alone.
     let master = Master::start(&dir, &[("log_level", "warn")])?;
@@ -58,12 +57,16 @@ fn main() -> Result<()> {
     });
     std::thread::sleep(WARM_UP);
     let node_pid = node.pid().context("node pid")?;
-    let (node_cpu, node_libvirtd_cpu) = cpu_of(&[node_pid, libvirtd], seconds);
+    let (node_cpu, node_libvirtd_cpu) = cpu_of_two(node_pid, libvirtd, seconds);
     let node_mem = Memory::of(node_pid)?;
     node.stop()?;
 
     // collectd alone, on the same libvirtd and guests.
     let mut collectd = start_collectd(&dir, &lv.uri())?;
+    let values = dir.join("csv");
+    wait_for(Duration::from_secs(60), "collectd's first values", || {
+        values.exists().then_some(())
+    });
     std::thread::sleep(WARM_UP);
     if let Some(status) = collectd.try_wait()? {
         bail!(
@@ -72,11 +75,7 @@ fn main() -> Result<()> {
         );
     }
     let collectd_pid = collectd.id();
-    let values = dir.join("csv");
-    if !values.exists() {
-        bail!("collectd wrote no values in {}", values.display());
-    }
-    let (collectd_cpu, collectd_libvirtd_cpu) = cpu_of(&[collectd_pid, libvirtd], seconds);
+    let (collectd_cpu, collectd_libvirtd_cpu) = cpu_of_two(collectd_pid, libvirtd, seconds);
     let collectd_mem = Memory::of(collectd_pid)?;
     let _ = collectd.kill();
     let _ = collectd.wait();
@@ -90,9 +89,14 @@ fn main() -> Result<()> {
         "  CPU            node {node_cpu:.3} %   collectd {collectd_cpu:.3} %   ratio {:.2}",
         ratio(node_cpu, collectd_cpu)
     );
+    // What each client costs libvirtd: its CPU with that client, less its CPU with none.
+    let (node_cost, collectd_cost) = (
+        node_libvirtd_cpu - libvirtd_alone,
+        collectd_libvirtd_cpu - libvirtd_alone,
+    );
     println!(
-        "  libvirtd CPU   with node {node_libvirtd_cpu:.3} %   with collectd {collectd_libvirtd_cpu:.3} %   ratio {:.2}",
-        ratio(node_libvirtd_cpu, collectd_libvirtd_cpu)
+        "  libvirtd CPU   alone {libvirtd_alone:.3} %   with node {node_libvirtd_cpu:.3} % (+{node_cost:.3})   with collectd {collectd_libvirtd_cpu:.3} % (+{collectd_cost:.3})   ratio of the costs {:.2}",
+        ratio(node_cost, collectd_cost)
     );
     for (what, n, c) in [
         ("RSS", node_mem.rss, collectd_mem.rss),
@@ -160,20 +164,18 @@ fn start_collectd(dir: &Path, uri: &str) -> Result<Child> {
         .context("collectd")
 }
 
-/// Each process's CPU over `seconds`, in % of one core.
-fn cpu_of(pids: &[u32], seconds: u64) -> (f64, f64) {
-    let before: Vec<u64> = pids.iter().map(|p| cpu_ticks(*p).unwrap_or(0)).collect();
-    let t0 = Instant::now();
+/// Two processes' CPU over the same `seconds`, in % of one core.
+fn cpu_of_two(a: u32, b: u32, seconds: u64) -> (f64, f64) {
+    let (a, b) = (CpuMeter::start(a), CpuMeter::start(b));
     std::thread::sleep(Duration::from_secs(seconds));
-    let secs = t0.elapsed().as_secs_f64();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    let pct: Vec<f64> = pids
-        .iter()
-        .zip(before)
-        .map(|(p, b)| cpu_ticks(*p).unwrap_or(0).saturating_sub(b) as f64 / hz / secs * 100.0)
-        .collect();
-    (pct[0], pct[1])
+    (a.percent(), b.percent())
+}
+
+/// One process's CPU over `seconds`, in % of one core.
+fn cpu_over(pid: u32, seconds: u64) -> f64 {
+    let meter = CpuMeter::start(pid);
+    std::thread::sleep(Duration::from_secs(seconds));
+    meter.percent()
 }
 
 /// Resident memory of a process, in KiB, from `/proc/PID/smaps_rollup`.
@@ -186,17 +188,12 @@ struct Memory {
 
 impl Memory {
     fn of(pid: u32) -> Result<Memory> {
-        let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
-        let field = |name: &str| -> u64 {
-            text.lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-                .unwrap_or(0)
-        };
+        let path = format!("/proc/{pid}/smaps_rollup");
+        let field = |name| proc_kib(&path, name).with_context(|| format!("{name} in {path}"));
         Ok(Memory {
-            rss: field("Rss:"),
-            pss: field("Pss:"),
-            private: field("Private_Clean:") + field("Private_Dirty:"),
+            rss: field("Rss:")?,
+            pss: field("Pss:")?,
+            private: field("Private_Clean:")? + field("Private_Dirty:")?,
         })
     }
 }

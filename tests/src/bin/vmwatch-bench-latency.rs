@@ -3,7 +3,7 @@
 //!
 //! `cargo run --release -p vmwatch-tests --bin vmwatch-bench-latency [-- ROUNDS]` as root.
 //! Starts a private libvirtd with the three demo guests, a master and a node (the release
-//! binaries next to this one), then suspends/resumes the idle guest ROUNDS times (default 20).
+//! binaries next to this one), then suspends/resumes the idle guest ROUNDS times (default 100).
 //! For each action it measures from the moment the command is written to an already connected
 //! interactive `virsh` (so no process start or connection is counted) to the answer of a
 //! `GET /api/v1/vms/{uuid}/wait` long-poll asked just before. Prints median,
@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use vmwatch_tests::guests::GuestKind;
 use vmwatch_tests::libvirtd::PrivateLibvirtd;
-use vmwatch_tests::product::{cpu_ticks, rss_kib, temp_dir, wait_for, Master, Node};
+use vmwatch_tests::product::{percentile, rss_kib, temp_dir, wait_for, CpuMeter, Master, Node};
 
 fn main() -> Result<()> {
     let rounds: usize = std::env::args()
@@ -53,12 +53,8 @@ fn main() -> Result<()> {
         .stdout(std::process::Stdio::null())
         .spawn()
         .context("interactive virsh")?;
-    let mut stdin = virsh.stdin.take().context("virsh stdin")?;
-    use std::io::Write;
-    writeln!(stdin, "list")?;
-    stdin.flush()?;
-    std::thread::sleep(Duration::from_millis(500)); // let it connect before the first timing
-                                                    // The floor: a bare listener, its lines time-stamped as they arrive.
+    let stdin = virsh.stdin.take().context("virsh stdin")?;
+    // The floor: a bare listener, each of its lines time-stamped as it arrives.
     let mut listener = std::process::Command::new("virsh")
         .args([
             "-q",
@@ -73,56 +69,49 @@ fn main() -> Result<()> {
         .spawn()
         .context("virsh event")?;
     let events = listener.stdout.take().context("virsh event stdout")?;
-    let (seen_tx, seen) = std::sync::mpsc::channel::<Instant>();
+    let (seen_tx, seen) = std::sync::mpsc::channel::<(Instant, String)>();
     std::thread::spawn(move || {
         use std::io::BufRead;
         for line in std::io::BufReader::new(events).lines() {
             let Ok(line) = line else { break };
-            if line.contains("bench-idle") && seen_tx.send(Instant::now()).is_err() {
+            if seen_tx.send((Instant::now(), line)).is_err() {
                 break;
             }
         }
     });
-    std::thread::sleep(Duration::from_millis(500)); // connected and registered
+    let mut bench = Bench {
+        stdin,
+        master: &master,
+        uuid: &idle,
+        seen,
+    };
+    // Warm-up: both virsh clients connect in their own time; actions (alternating suspend and
+    // resume, as all of them do) are repeated until the listener reports one. Nothing before
+    // that is timed.
+    let mut action = 0;
+    wait_for(
+        Duration::from_secs(60),
+        "the bare listener to report an action",
+        || {
+            action += 1;
+            bench.round(action - 1, Duration::from_secs(2)).ok()?.1
+        },
+    );
     let mut samples = Vec::with_capacity(rounds);
     let mut floor = Vec::with_capacity(rounds);
-    for i in 0..rounds {
-        let (cmd, want) = if i % 2 == 0 {
-            ("suspend", "paused")
-        } else {
-            ("resume", "running")
-        };
-        // A panel's long-poll, asked before the action: it answers when the core commits the
-        // change (or at once, if it is already visible).
-        let url = master.url(&format!("/api/v1/vms/{idle}/wait?state={want}&timeout=10"));
-        let waiter = std::thread::spawn(move || -> Result<Instant> {
-            let v: serde_json::Value = ureq::get(&url).call()?.into_json()?;
-            anyhow::ensure!(v["reached"] == true, "state not reached: {v}");
-            Ok(Instant::now())
-        });
-        let t0 = Instant::now();
-        writeln!(stdin, "{cmd} bench-idle")?;
-        stdin.flush()?;
-        let visible = waiter
-            .join()
-            .map_err(|_| anyhow::anyhow!("waiter panicked"))?
-            .with_context(|| format!("{cmd}: state {want} not visible within 10 s"))?;
-        samples.push(visible.saturating_duration_since(t0));
-        let at = seen
-            .recv_timeout(Duration::from_secs(10))
-            .context("the bare listener saw no event")?;
-        floor.push(at.saturating_duration_since(t0));
-        // The next action starts from a quiet state.
-        while seen.try_recv().is_ok() {}
+    for i in action..action + rounds {
+        let (product, bare) = bench.round(i, Duration::from_secs(10))?;
+        samples.push(product);
+        floor.push(bare.context("the bare listener saw no event")?);
     }
-    drop(stdin);
+    drop(bench);
     let _ = virsh.wait();
     let _ = listener.kill();
     let _ = listener.wait();
     samples.sort();
     floor.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    let q = |v: &[Duration], p: f64| ms(v[((v.len() as f64 * p) as usize).min(v.len() - 1)]);
+    let q = |v: &[Duration], p: f64| ms(percentile(v, p));
     println!(
         "libvirt action -> API ({rounds} suspend/resume actions): median {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, worst {:.1} ms",
         q(&samples, 0.5),
@@ -140,26 +129,71 @@ fn main() -> Result<()> {
         q(&samples, 0.99) - q(&floor, 0.99)
     );
 
-    let (np, mp) = (
-        node.pid().context("node pid")?,
-        master.pid().context("master pid")?,
-    );
-    let (n0, m0, t0) = (
-        cpu_ticks(np).unwrap_or(0),
-        cpu_ticks(mp).unwrap_or(0),
-        Instant::now(),
+    let (node_cpu, master_cpu) = (
+        CpuMeter::start(node.pid().context("node pid")?),
+        CpuMeter::start(master.pid().context("master pid")?),
     );
     std::thread::sleep(Duration::from_secs(30));
-    let secs = t0.elapsed().as_secs_f64();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    let pct = |a: u64, b: u64| (b.saturating_sub(a)) as f64 / hz / secs * 100.0;
     println!(
         "quiet 30 s with 3 guests: node RSS {} KiB, CPU {:.3} % of a core; master RSS {} KiB, CPU {:.3} %",
-        rss_kib(np).unwrap_or(0),
-        pct(n0, cpu_ticks(np).unwrap_or(0)),
-        rss_kib(mp).unwrap_or(0),
-        pct(m0, cpu_ticks(mp).unwrap_or(0)),
+        rss_kib(node_cpu.pid).unwrap_or(0),
+        node_cpu.percent(),
+        rss_kib(master_cpu.pid).unwrap_or(0),
+        master_cpu.percent(),
     );
     Ok(())
+}
+
+/// The interactive virsh, the API and the bare listener of one run.
+struct Bench<'a> {
+    stdin: std::process::ChildStdin,
+    master: &'a Master,
+    uuid: &'a str,
+    seen: std::sync::mpsc::Receiver<(Instant, String)>,
+}
+
+impl Bench<'_> {
+    /// Action `i` (suspend when even, resume when odd): how long until the API's long-poll
+    /// answers, and until the bare listener printed that event (`None` if it did not within
+    /// `wait`).
+    fn round(&mut self, i: usize, wait: Duration) -> Result<(Duration, Option<Duration>)> {
+        use std::io::Write;
+        let (cmd, want, event) = if i.is_multiple_of(2) {
+            ("suspend", "paused", "Suspended")
+        } else {
+            ("resume", "running", "Resumed")
+        };
+        // Lines of earlier actions are not this one's.
+        while self.seen.try_recv().is_ok() {}
+        // A panel's long-poll, asked before the action: it answers when the core commits the
+        // change (or at once, if it is already visible).
+        let url = self.master.url(&format!(
+            "/api/v1/vms/{}/wait?state={want}&timeout=10",
+            self.uuid
+        ));
+        let waiter = std::thread::spawn(move || -> Result<Instant> {
+            let v: serde_json::Value = ureq::get(&url).call()?.into_json()?;
+            anyhow::ensure!(v["reached"] == true, "state not reached: {v}");
+            Ok(Instant::now())
+        });
+        let t0 = Instant::now();
+        writeln!(self.stdin, "{cmd} bench-idle")?;
+        self.stdin.flush()?;
+        let visible = waiter
+            .join()
+            .map_err(|_| anyhow::anyhow!("waiter panicked"))?
+            .with_context(|| format!("{cmd}: state {want} not visible within 10 s"))?;
+        let deadline = t0 + wait;
+        let bare = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.seen.recv_timeout(left) {
+                Ok((at, line)) if line.contains("bench-idle") && line.contains(event) => {
+                    break Some(at.saturating_duration_since(t0))
+                }
+                Ok(_) => {}
+                Err(_) => break None,
+            }
+        };
+        Ok((visible.saturating_duration_since(t0), bare))
+    }
 }
