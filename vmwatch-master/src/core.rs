@@ -251,9 +251,7 @@ impl Core {
         for (kind, ts) in accepted {
             self.metrics
                 .accepted
-                .get_or_create(&KindLabel {
-                    kind: (*kind).into(),
-                })
+                .get_or_create(&KindLabel { kind })
                 .inc();
             self.metrics
                 .ingest_latency
@@ -321,20 +319,13 @@ impl Core {
         for (resource, n) in [("net", totals.idle_net), ("disk", totals.idle_disk)] {
             self.metrics
                 .vms_idle
-                .get_or_create(&ResourceLabel {
-                    resource: resource.into(),
-                })
+                .get_or_create(&ResourceLabel { resource })
                 .set(n);
         }
         self.metrics.vms.clear();
         for (state, n) in STATE_LABELS.iter().zip(totals.by_state) {
             if n > 0 {
-                self.metrics
-                    .vms
-                    .get_or_create(&StateLabel {
-                        state: (*state).into(),
-                    })
-                    .set(n);
+                self.metrics.vms.get_or_create(&StateLabel { state }).set(n);
             }
         }
     }

@@ -15,17 +15,17 @@ use vmwatch_common::protocol::{Reject, Rejected};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabel {
-    pub kind: String,
+    pub kind: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
-    pub reason: String,
+    pub reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateLabel {
-    pub state: String,
+    pub state: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -82,7 +82,7 @@ fn reg<M: prometheus_client::registry::Metric + Clone>(
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResourceLabel {
-    pub resource: String,
+    pub resource: &'static str,
 }
 
 impl Metrics {
@@ -188,7 +188,7 @@ impl Metrics {
         for reason in Reject::ALL {
             // Every reason is exported from the start, at zero.
             let _ = m.rejected.get_or_create(&ReasonLabel {
-                reason: reason.as_str().into(),
+                reason: reason.as_str(),
             });
         }
         m
@@ -226,7 +226,7 @@ impl Metrics {
     pub fn count_reject(&self, reason: Reject) {
         self.rejected
             .get_or_create(&ReasonLabel {
-                reason: reason.as_str().into(),
+                reason: reason.as_str(),
             })
             .inc();
     }
