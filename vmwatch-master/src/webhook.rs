@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use crate::metrics::Metrics;
 use crate::store::{JournalRow, Outbox, StoreError};
 
+/// Outbox rows read at a time.
 const BATCH: u32 = 256;
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(300);
@@ -238,7 +239,9 @@ impl Webhook {
                 return;
             }
             committed.borrow_and_update();
-            let pending = match blocking(&shell.outbox, |o| o.pending(BATCH)).await {
+            // At least one full POST's worth (panel_batch_max may exceed BATCH).
+            let read = BATCH.max(shell.batch_max as u32);
+            let pending = match blocking(&shell.outbox, move |o| o.pending(read)).await {
                 Ok(p) => p,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot read the outbox");
@@ -267,7 +270,12 @@ impl Webhook {
                     Flow::Split => break,
                     Flow::Next => rest = after,
                 }
+                // Acknowledgements are written as they accumulate, without reading the outbox
+                // again for the rows already in hand.
                 if shell.acked.len() >= ACK_EVERY {
+                    shell.record_acks().await;
+                }
+                if *shell.shutdown.borrow() {
                     break;
                 }
             }
