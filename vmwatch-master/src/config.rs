@@ -132,14 +132,11 @@ impl MasterConfig {
                 .take_seconds("duplicate_grace", 0, 86_400)?
                 .unwrap_or(60),
             event_retention_days: raw
-                .take_seconds("event_retention_days", 0, 36_500)?
+                .take_range("event_retention_days", "a whole number of days", 0, 36_500)?
                 .unwrap_or(90),
             max_message_bytes: raw
-                .take_with("max_message_bytes", |v| match v.parse::<i64>() {
-                    Ok(n) if (1024..=(1 << 30)).contains(&n) => Ok(n),
-                    _ => Err(format!("`{v}` is not a size in bytes in 1024..=1073741824")),
-                })?
-                .unwrap_or(1_048_576),
+                .take_range("max_message_bytes", "a size in bytes", 1024, 1 << 30)?
+                .map_or(1_048_576, |n| n as i64),
             node_keys: raw
                 .take_with("node_keys", |v| match v {
                     "derived" => Ok(NodeKeys::Derived),
