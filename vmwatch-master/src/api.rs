@@ -12,14 +12,14 @@ use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 pub mod view;
 
 use crate::core::Shared;
 use crate::metrics::Metrics;
-use crate::store::{EventFilter, Reader, StoreError, VmFilter};
+use crate::store::{DeadLetter, EventFilter, JournalRow, Reader, StoreError, VmFilter};
 
 pub const MAX_PAGE: u32 = 1000;
 const DEFAULT_PAGE: u32 = 100;
@@ -167,7 +167,7 @@ fn page(limit: Option<u32>) -> Result<u32, ApiError> {
 async fn list_vms(
     State(state): State<AppState>,
     q: Result<Query<VmsQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<view::VmsPage>, ApiError> {
     let Query(q) = q.map_err(|e| bad_request(e.body_text()))?;
     let filter = VmFilter {
         node: q.node,
@@ -180,15 +180,19 @@ async fn list_vms(
     let (limit, offset) = (filter.limit, filter.offset);
     let (vms, total) = read(&state, move |r| r.vms(&filter)).await?;
     let next_offset = (offset + (vms.len() as u64) < total).then_some(offset + vms.len() as u64);
-    Ok(Json(
-        json!({ "vms": view::vms(&vms), "total": total, "limit": limit, "offset": offset, "next_offset": next_offset }),
-    ))
+    Ok(Json(view::VmsPage {
+        vms,
+        total,
+        limit,
+        offset,
+        next_offset,
+    }))
 }
 
 async fn get_vm(
     State(state): State<AppState>,
     Path(uuid): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<view::VmRows>, ApiError> {
     let key = uuid.clone();
     let rows = read(&state, move |r| r.vm(&key)).await?;
     if rows.is_empty() {
@@ -197,12 +201,16 @@ async fn get_vm(
             format!("no VM with uuid {uuid}"),
         ));
     }
-    Ok(Json(json!({ "uuid": uuid, "rows": view::vms(&rows) })))
+    Ok(Json(view::VmRows {
+        uuid,
+        reached: None,
+        rows,
+    }))
 }
 
-async fn list_nodes(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn list_nodes(State(state): State<AppState>) -> Result<Json<view::Nodes>, ApiError> {
     let nodes = read(&state, |r| r.nodes()).await?;
-    Ok(Json(json!({ "nodes": view::nodes(&nodes) })))
+    Ok(Json(view::Nodes { nodes }))
 }
 
 /// Longest a `/wait` may hold a request.
@@ -247,10 +255,12 @@ async fn wait_vm(
         let key = uuid.clone();
         let rows = read(&state, move |r| r.vm(&key)).await?;
         if rows.iter().any(|r| r.state == q.state) {
-            return Ok(
-                Json(json!({ "uuid": uuid, "reached": true, "rows": view::vms(&rows) }))
-                    .into_response(),
-            );
+            return Ok(Json(view::VmRows {
+                uuid,
+                reached: Some(true),
+                rows,
+            })
+            .into_response());
         }
         // Wait for a change of this uuid into the wanted state (or a lag: then re-read).
         loop {
@@ -267,7 +277,11 @@ async fn wait_vm(
                 Err(_) => {
                     return Ok((
                         StatusCode::REQUEST_TIMEOUT,
-                        Json(json!({ "uuid": uuid, "reached": false, "rows": view::vms(&rows) })),
+                        Json(view::VmRows {
+                            uuid,
+                            reached: Some(false),
+                            rows,
+                        }),
                     )
                         .into_response());
                 }
@@ -305,7 +319,7 @@ struct EventsQuery {
 async fn list_events(
     State(state): State<AppState>,
     q: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<EventsPage>, ApiError> {
     let Query(q) = q.map_err(|e| bad_request(e.body_text()))?;
     if let Some(k) = &q.kind {
         if crate::rules::EntryType::parse(k).is_none() {
@@ -322,14 +336,25 @@ async fn list_events(
     };
     let events = read(&state, move |r| r.events(&filter)).await?;
     let last_id = events.last().map(|e| e.id).unwrap_or(after);
-    Ok(Json(json!({ "events": events, "last_id": last_id })))
+    Ok(Json(EventsPage { events, last_id }))
 }
 
-async fn list_dead_letters(
-    State(state): State<AppState>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    let letters = read(&state, |r| r.dead_letters(MAX_PAGE)).await?;
-    Ok(Json(json!({ "dead_letters": letters })))
+/// `GET /api/v1/events`, serialized once from the rows.
+#[derive(Serialize)]
+struct EventsPage {
+    events: Vec<JournalRow>,
+    last_id: i64,
+}
+
+/// `GET /api/v1/dead-letters`.
+#[derive(Serialize)]
+struct DeadLetters {
+    dead_letters: Vec<DeadLetter>,
+}
+
+async fn list_dead_letters(State(state): State<AppState>) -> Result<Json<DeadLetters>, ApiError> {
+    let dead_letters = read(&state, |r| r.dead_letters(MAX_PAGE)).await?;
+    Ok(Json(DeadLetters { dead_letters }))
 }
 
 /// Puts a dead letter back into the outbox; the webhook delivers it in journal order.

@@ -6,18 +6,18 @@
 //! shells around them, and [`run`] wires them together.
 #![forbid(unsafe_code)]
 
-pub mod api;
+mod api;
 pub mod config;
 pub mod core;
-pub mod duplicate;
+mod duplicate;
 #[cfg(test)]
 mod fuzz;
-pub mod idle;
-pub mod ingest;
-pub mod metrics;
-pub mod retention;
+mod idle;
+mod ingest;
+mod metrics;
+mod retention;
 pub mod rules;
 pub mod run;
-pub mod serve;
+mod serve;
 pub mod store;
-pub mod webhook;
+mod webhook;

@@ -16,14 +16,41 @@ use crate::rules::{Node, Vm};
 /// A domain value in its API shape: `View(&node)` serializes as `GET /api/v1/nodes` shows it.
 pub struct View<'a, T>(pub &'a T);
 
-/// Rows as views.
-pub fn vms(rows: &[Vm]) -> Vec<View<'_, Vm>> {
-    rows.iter().map(View).collect()
+/// A list of domain values in their API shape (`#[serde(serialize_with = "view::all")]`).
+pub fn all<T, S: Serializer>(items: &[T], s: S) -> Result<S::Ok, S::Error>
+where
+    for<'a> View<'a, T>: Serialize,
+{
+    s.collect_seq(items.iter().map(View))
 }
 
-/// Nodes as views.
-pub fn nodes(nodes: &[Node]) -> Vec<View<'_, Node>> {
-    nodes.iter().map(View).collect()
+/// `GET /api/v1/vms`: one page of rows. The bodies are serialized once, straight from the
+/// rows (building a `serde_json::Value` first copied every row into a tree).
+#[derive(serde::Serialize)]
+pub struct VmsPage {
+    #[serde(serialize_with = "all")]
+    pub vms: Vec<Vm>,
+    pub total: u64,
+    pub limit: u32,
+    pub offset: u64,
+    pub next_offset: Option<u64>,
+}
+
+/// `GET /api/v1/vms/{uuid}` and `/wait`: every row of one uuid (`reached` only from `/wait`).
+#[derive(serde::Serialize)]
+pub struct VmRows {
+    pub uuid: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reached: Option<bool>,
+    #[serde(serialize_with = "all")]
+    pub rows: Vec<Vm>,
+}
+
+/// `GET /api/v1/nodes`.
+#[derive(serde::Serialize)]
+pub struct Nodes {
+    #[serde(serialize_with = "all")]
+    pub nodes: Vec<Node>,
 }
 
 /// One node (`GET /api/v1/nodes`). `superseded` stays inside.
