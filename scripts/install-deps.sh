@@ -28,6 +28,21 @@ apt-get install -y -qq --no-install-recommends --allow-downgrades \
   pkg-config libzmq3-dev iproute2 procps curl python3 python3-zmq python3-prometheus-client cmake g++ make sqlite3 \
   chromium fonts-dejavu-core "${pin[@]}" >/dev/null
 
+# The event bus tests (tests/tests/bus.rs) start private RabbitMQ brokers, and run the Python
+# consumer of docs/API.md with pika. The package's own broker is not started on install (a
+# policy-rc.d for this one call, unless the machine has its own): the tests need none and an
+# operator's machine should not grow a broker on port 5672 by surprise.
+if ! dpkg -s rabbitmq-server python3-pika >/dev/null 2>&1; then
+  policy=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    policy=/usr/sbin/policy-rc.d
+    printf '#!/bin/sh\nexit 101\n' > "$policy"
+    chmod 755 "$policy"
+  fi
+  apt-get install -y -qq --no-install-recommends rabbitmq-server python3-pika >/dev/null
+  if [ -n "$policy" ]; then rm -f "$policy"; fi
+fi
+
 # libvirtd looks up this user before it reads qemu.conf and dies without it.
 getent group libvirt-qemu >/dev/null || groupadd --system libvirt-qemu
 getent passwd libvirt-qemu >/dev/null || useradd --system -g libvirt-qemu --no-create-home libvirt-qemu

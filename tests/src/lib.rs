@@ -14,6 +14,8 @@
 //!
 //! See `shared/libvirt-testing.md` for the measured facts this harness is built on.
 
+/// A private RabbitMQ broker and a consumer on it (the event bus tests).
+pub mod broker;
 /// The status page in a real browser (headless Chromium driven by `tests/browser/`).
 pub mod browser;
 pub mod guests;

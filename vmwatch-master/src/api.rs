@@ -56,6 +56,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub shared: Arc<Shared>,
     pub api_token: Option<Arc<String>>,
+    /// Whether the event bus is configured (`/healthz` reports it).
+    pub bus: bool,
 }
 
 /// An API error: a status and a message, as JSON `{"error": "..."}`.
@@ -398,7 +400,15 @@ async fn healthz(State(state): State<AppState>) -> Response {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (status, Json(json!({ "status": if ok { "ok" } else { "degraded" }, "db": if db_ok { "ok" } else { "failing" }, "core_loop_age_ms": core_age_ms }))).into_response()
+    let mut body = json!({ "status": if ok { "ok" } else { "degraded" }, "db": if db_ok { "ok" } else { "failing" }, "core_loop_age_ms": core_age_ms });
+    if state.bus {
+        // The bus degrades only itself: ingestion goes on and entries wait for it, so a broker
+        // outage shows here without turning the master's health to 503.
+        let up = state.metrics.bus_up.get() == 1;
+        body["bus"] = json!(if up { "up" } else { "down" });
+        body["bus_lag"] = json!(state.metrics.bus_lag.get());
+    }
+    (status, Json(body)).into_response()
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {

@@ -25,6 +25,8 @@ pub struct MasterConfig {
     pub api_token: Option<Secret>,
     /// Where and with which key the webhook notifies the panel (`panel_url`, `panel_secret`).
     pub panel: Option<Panel>,
+    /// Where every journal entry is also published (`bus_url`, `bus_exchange`).
+    pub bus: Option<Bus>,
     pub node_timeout: u64,
     pub max_clock_skew: u64,
     pub max_message_age: u64,
@@ -49,6 +51,91 @@ pub struct Panel {
     /// Entries per POST (`panel_batch_max`): 1 posts each entry as a JSON object; more posts
     /// JSON arrays of up to this many.
     pub batch_max: usize,
+}
+
+/// The event bus: the broker and the topic exchange every journal entry is published to.
+#[derive(Debug, Clone)]
+pub struct Bus {
+    pub url: BusUrl,
+    pub exchange: String,
+}
+
+/// A broker address (`amqp://` or `amqps://`). Its password is never shown: `Display` and
+/// `Debug` print it as `********`.
+#[derive(Clone)]
+pub struct BusUrl {
+    uri: lapin::uri::AMQPUri,
+    masked: String,
+}
+
+impl BusUrl {
+    /// Parses `amqp[s]://[user[:password]@]host[:port][/vhost][?heartbeat=…]`. The error never
+    /// repeats the URL (it may hold a password).
+    pub fn parse(text: &str) -> Result<BusUrl, String> {
+        let mut url = url::Url::parse(text).map_err(|e| format!("is not a URL ({e})"))?;
+        if !matches!(url.scheme(), "amqp" | "amqps") {
+            return Err(format!(
+                "has the scheme `{}`; expected amqp:// or amqps://",
+                url.scheme()
+            ));
+        }
+        let mut uri: lapin::uri::AMQPUri = text
+            .parse()
+            .map_err(|e| format!("is not an AMQP URL ({e})"))?;
+        // amq-protocol-uri takes the host from `Url::domain`, which is empty for an IP
+        // address (it would connect to `localhost` instead): take the host as written.
+        match url.host_str() {
+            Some(host) if !host.is_empty() => {
+                uri.authority.host = host
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_owned()
+            }
+            _ => return Err("has no host".into()),
+        }
+        if url.password().is_some() {
+            // Only fails for URLs that cannot have a password, which amqp ones can.
+            let _ = url.set_password(Some("********"));
+        }
+        Ok(BusUrl {
+            uri,
+            masked: url.to_string(),
+        })
+    }
+
+    /// The parsed address, credentials included, for the connection only.
+    pub fn uri(&self) -> &lapin::uri::AMQPUri {
+        &self.uri
+    }
+}
+
+impl std::fmt::Display for BusUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.masked)
+    }
+}
+
+impl std::fmt::Debug for BusUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.masked)
+    }
+}
+
+/// An exchange name the broker accepts for a topic exchange of ours: 1–127 letters, digits,
+/// `-`, `_`, `.` or `:`, not in the broker's reserved `amq.` space.
+fn exchange_name(v: &str) -> Result<String, String> {
+    let ok = (1..=127).contains(&v.len())
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
+    if !ok {
+        return Err(format!(
+            "`{v}` is not an exchange name (1-127 letters, digits, `-`, `_`, `.`, `:`)"
+        ));
+    }
+    if v.starts_with("amq.") {
+        return Err(format!("`{v}` is in the broker's reserved `amq.` names"));
+    }
+    Ok(v.to_owned())
 }
 
 /// Largest `panel_batch_max`: a POST of 1000 bounded entries stays under 1 MiB.
@@ -105,6 +192,10 @@ impl MasterConfig {
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 1516)));
         let api_token = raw.take_with("api_token", |v| Secret::new(v.to_owned()))?;
         let panel = PanelKeys::take(&mut raw)?;
+        let bus_url = raw.take_with("bus_url", BusUrl::parse)?;
+        let bus_exchange = raw
+            .take_with("bus_exchange", exchange_name)?
+            .unwrap_or_else(|| "vmwatch".into());
         let max_nodes = raw
             .take_range("max_nodes", "a number of nodes", 1, 1_000_000)?
             .unwrap_or(10_000) as usize;
@@ -118,6 +209,10 @@ impl MasterConfig {
             http_listen,
             api_token,
             panel: None,
+            bus: bus_url.map(|url| Bus {
+                url,
+                exchange: bus_exchange,
+            }),
             node_timeout: raw.take_seconds("node_timeout", 1, 86_400)?.unwrap_or(90),
             max_clock_skew: raw
                 .take_seconds("max_clock_skew", 1, 86_400)?
@@ -238,7 +333,7 @@ impl MasterConfig {
         let opt = |o: &Option<Secret>| o.as_ref().map(|s| s.to_string()).unwrap_or_default();
         format!(
             "disabled={}\nlisten={}\nsecret={}\nnode_secrets_file={} ({} nodes)\ndb_path={}\nhttp_listen={}\napi_token={}\n\
-             panel_url={}\npanel_secret={}\npanel_batch_max={}\nnode_timeout={}\nmax_clock_skew={}\nmax_message_age={}\nidle_windows={}\nduplicate_grace={}\n\
+             panel_url={}\npanel_secret={}\npanel_batch_max={}\nbus_url={}\nbus_exchange={}\nnode_timeout={}\nmax_clock_skew={}\nmax_message_age={}\nidle_windows={}\nduplicate_grace={}\n\
              event_retention_days={}\nmax_message_bytes={}\nnode_keys={}\nmax_nodes={}\nmax_connections={}\n\
              log_file={}\nlog_level={}\n",
             if self.disabled { "yes" } else { "no" },
@@ -255,6 +350,8 @@ impl MasterConfig {
                 .map(|p| p.secret.to_string())
                 .unwrap_or_default(),
             self.panel.as_ref().map_or(1, |p| p.batch_max),
+            self.bus.as_ref().map(|b| b.url.to_string()).unwrap_or_default(),
+            self.bus.as_ref().map_or("vmwatch", |b| b.exchange.as_str()),
             self.node_timeout,
             self.max_clock_skew,
             self.max_message_age,
@@ -371,6 +468,57 @@ mod tests {
             load("secret=0123456789abcdef\nidle_windows=0\n").unwrap_err(),
             "master.conf: key `idle_windows`: must be at least 1"
         );
+    }
+
+    /// The broker's password never shows, not even in an error; an IP host is kept as written.
+    #[test]
+    fn bus_keys() {
+        let c =
+            load("secret=0123456789abcdef\nbus_url=amqp://panel:s3cret-pw@127.0.0.1:5673/prod\n")
+                .unwrap();
+        let bus = c.bus.as_ref().unwrap();
+        assert_eq!(bus.exchange, "vmwatch");
+        assert_eq!(bus.url.uri().authority.host, "127.0.0.1");
+        assert_eq!(bus.url.uri().authority.port, 5673);
+        assert_eq!(bus.url.uri().authority.userinfo.password, "s3cret-pw");
+        assert_eq!(bus.url.uri().vhost, "prod");
+        assert_eq!(
+            bus.url.to_string(),
+            "amqp://panel:********@127.0.0.1:5673/prod"
+        );
+        assert!(!c.describe().contains("s3cret-pw"));
+        assert!(!format!("{c:?}").contains("s3cret-pw"));
+        assert!(c
+            .describe()
+            .contains("bus_url=amqp://panel:********@127.0.0.1:5673/prod\n"));
+        let e = load("secret=0123456789abcdef\nbus_url=http://u:s3cret-pw@host/\n").unwrap_err();
+        assert_eq!(
+            e,
+            "master.conf:2: key `bus_url`: has the scheme `http`; expected amqp:// or amqps://"
+        );
+        let e = load("secret=0123456789abcdef\nbus_url=amqp://u:s3cret-pw@\n").unwrap_err();
+        assert!(!e.contains("s3cret-pw"), "{e}");
+        assert!(
+            load("secret=0123456789abcdef\nbus_url=amqp://h\nbus_exchange=amq.topic\n")
+                .unwrap_err()
+                .contains("reserved")
+        );
+        assert!(
+            load("secret=0123456789abcdef\nbus_url=amqp://h\nbus_exchange=a b\n")
+                .unwrap_err()
+                .contains("not an exchange name")
+        );
+        let c = load("secret=0123456789abcdef\nbus_url=amqps://[::1]\nbus_exchange=events.v1\n")
+            .unwrap();
+        let bus = c.bus.as_ref().unwrap();
+        assert_eq!(
+            (
+                bus.url.uri().authority.host.as_str(),
+                bus.url.uri().authority.port
+            ),
+            ("::1", 5671)
+        );
+        assert_eq!(bus.exchange, "events.v1");
     }
 
     #[test]

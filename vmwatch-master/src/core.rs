@@ -99,7 +99,8 @@ impl Core {
     fn run(mut self, rx: Receiver<Received>) {
         let mut next_liveness = Instant::now();
         let mut next_gauges = Instant::now();
-        let mut next_purge = Instant::now() + Duration::from_secs(60);
+        // Once at start (a master that was down may be behind), then hourly.
+        let mut next_purge = Instant::now();
         loop {
             self.shared.pulse.beat(now_ms());
             if let Some(decided) = self.pending.take() {

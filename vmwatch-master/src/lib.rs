@@ -2,11 +2,12 @@
 //! serves the API. `main.rs` is only the daemon skeleton around [`run::run`].
 //!
 //! Decisions are plain functions with time as an argument ([`rules`], [`idle`], [`duplicate`],
-//! [`retention`]); [`core`], [`store`], [`ingest`], [`webhook`], [`serve`] and [`api`] are the
+//! [`retention`]); [`core`], [`store`], [`ingest`], [`webhook`], [`bus`], [`serve`] and [`api`] are the
 //! shells around them, and [`run`] wires them together.
 #![forbid(unsafe_code)]
 
 mod api;
+mod bus;
 pub mod config;
 pub mod core;
 mod duplicate;

@@ -67,6 +67,12 @@ pub struct Metrics {
     pub http_connections: Gauge,
     pub http_connections_refused: Counter,
     pub dead_letters: Gauge,
+    pub bus_published: Counter,
+    pub bus_confirm: Histogram,
+    pub bus_lag: Gauge,
+    pub bus_in_flight: Gauge,
+    pub bus_up: Gauge,
+    pub bus_failures: Counter,
 }
 
 /// Registers `metric` under `name` and hands it back (metrics are cheap shared handles).
@@ -160,6 +166,22 @@ impl Metrics {
                 "From journal entry to the panel's 2xx",
                 Histogram::new(exponential_buckets(0.001, 2.0, 20)),
             ),
+            bus_published: reg(
+                &mut r,
+                "bus_published",
+                "Journal entries the event bus's broker confirmed",
+                Counter::default(),
+            ),
+            bus_confirm: reg(
+                &mut r,
+                "bus_confirm_seconds",
+                "From publishing a journal entry to the broker's confirm",
+                Histogram::new(exponential_buckets(0.0001, 2.0, 20)),
+            ),
+            bus_lag: reg(&mut r, "bus_lag", "Journal entries the broker has not confirmed yet (the cursor's lag)", Gauge::default()),
+            bus_in_flight: reg(&mut r, "bus_in_flight", "Journal entries published and waiting for the broker's confirm", Gauge::default()),
+            bus_up: reg(&mut r, "bus_up", "1 while the master holds a connection to the event bus's broker", Gauge::default()),
+            bus_failures: reg(&mut r, "bus_failures", "Failed connections to the broker and lost or refused publishes (each is retried)", Counter::default()),
             api_waiters: reg(&mut r, "api_waiters", "Requests waiting in GET /api/v1/vms/{uuid}/wait", Gauge::default()),
             db_errors: reg(&mut r, "db_errors", "Failed database batches", Counter::default()),
             zmq_connections: reg(&mut r, "zmq_connections", "TCP connections held on the node port", Gauge::default()),

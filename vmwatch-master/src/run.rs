@@ -1,10 +1,10 @@
 //! The master's wiring: opens everything before `READY=1`, serves until the shutdown token
 //! fires, then drains each part within its own grace period.
 //!
-//! Order at start: database (inventory, outbox) → descriptor limit → ZAP handler + CURVE PULL
-//! bind → HTTP bind → core and ingest threads, webhook and HTTP tasks → `READY=1`. At stop
-//! every part sees the one shutdown token at once: long-polls answer, the accept loop ends,
-//! the webhook and ingest stop; ingest dropping its channel lets the core commit what it holds
+//! Order at start: database (inventory, outbox, bus cursor) → descriptor limit → ZAP handler +
+//! CURVE PULL bind → HTTP bind → core and ingest threads, webhook, bus and HTTP tasks →
+//! `READY=1`. At stop every part sees the one shutdown token at once: long-polls answer, the
+//! accept loop ends, the webhook, the bus and ingest stop; ingest dropping its channel lets the core commit what it holds
 //! and return. `run` then waits for each in turn, each within its own grace. If the core or
 //! ingest thread ends on its own, its guard triggers the same shutdown and `run` fails.
 
@@ -17,15 +17,17 @@ use vmwatch_common::daemon::{join_within, Context};
 
 use crate::config::{MasterConfig, NodeKeys};
 use crate::ingest::BindError;
-use crate::store::{Outbox, Store, StoreError};
-use crate::{api, core, ingest, metrics, rules, serve, webhook};
+use crate::store::{BusCursor, Outbox, Store, StoreError};
+use crate::{api, bus, core, ingest, metrics, rules, serve, webhook};
 
 // The graces of the drain, in the order they are waited for. Their sum with the runtime's
-// 2 s (15 s) stays under the unit's TimeoutStopSec=20, so systemd never kills a drain that
+// 2 s (16 s) stays under the unit's TimeoutStopSec=20, so systemd never kills a drain that
 // would still log its own overrun.
 /// How long the HTTP side may take to finish open requests once stopping.
 const HTTP_GRACE: Duration = Duration::from_secs(2);
 const WEBHOOK_GRACE: Duration = Duration::from_secs(1);
+/// The bus closes its broker connection (≤ 0.5 s); unconfirmed entries stay after its cursor.
+const BUS_GRACE: Duration = Duration::from_secs(1);
 /// Ingest sees the token within one poll (≤ 100 ms).
 const INGEST_GRACE: Duration = Duration::from_secs(2);
 /// The core commits what it holds; a refusing database makes it give up at once.
@@ -73,7 +75,7 @@ pub fn run(config: MasterConfig, ctx: Context) -> Result<(), MasterError> {
     running.runtime.block_on(ctx.shutdown.triggered());
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     tracing::info!(
-        "stopping: answering long-polls, draining HTTP, the webhook, ingest and the core"
+        "stopping: answering long-polls, draining HTTP, the webhook, the bus, ingest and the core"
     );
     running.drain();
     match ctx.shutdown.failed() {
@@ -87,6 +89,7 @@ struct Running {
     runtime: tokio::runtime::Runtime,
     server: tokio::task::JoinHandle<()>,
     webhook: Option<tokio::task::JoinHandle<()>>,
+    bus: Option<tokio::task::JoinHandle<()>>,
     ingest_thread: std::thread::JoinHandle<()>,
     core_thread: std::thread::JoinHandle<()>,
 }
@@ -94,7 +97,7 @@ struct Running {
 /// Opens, binds and spawns every part; nothing has been announced to systemd yet.
 fn start(config: Arc<MasterConfig>, ctx: &Context) -> Result<Running, MasterError> {
     let metrics = Arc::new(metrics::Metrics::new());
-    let (store, inventory, outbox) = open_database(&config, &metrics)?;
+    let (store, inventory, outbox, bus_cursor) = open_database(&config, &metrics)?;
     let readers = Arc::new(api::ReaderPool::open(&config.db_path, 4)?);
     let max_connections = ingest::raise_fd_limit(config.max_connections);
     let node_port = ingest::bind(&config, max_connections)?;
@@ -154,6 +157,19 @@ fn start(config: Arc<MasterConfig>, ctx: &Context) -> Result<Running, MasterErro
             .run(),
         )
     });
+    let bus = config.bus.as_ref().zip(bus_cursor).map(|(b, cursor)| {
+        runtime.spawn(
+            bus::Bus {
+                url: b.url.clone(),
+                exchange: b.exchange.clone(),
+                cursor,
+                metrics: metrics.clone(),
+                committed: shared.committed.subscribe(),
+                shutdown: ctx.shutdown.subscribe(),
+            }
+            .run(),
+        )
+    });
     let state = api::AppState {
         db_path: config.db_path.clone(),
         readers,
@@ -163,6 +179,7 @@ fn start(config: Arc<MasterConfig>, ctx: &Context) -> Result<Running, MasterErro
             .api_token
             .as_ref()
             .map(|t| Arc::new(String::from_utf8_lossy(t.expose()).into_owned())),
+        bus: config.bus.is_some(),
     };
     let server = runtime.spawn(serve::serve(
         listener,
@@ -176,21 +193,33 @@ fn start(config: Arc<MasterConfig>, ctx: &Context) -> Result<Running, MasterErro
         runtime,
         server,
         webhook,
+        bus,
         ingest_thread,
         core_thread,
     })
 }
 
-/// The database: the writer with the inventory it holds, and the outbox when a panel is set.
-/// The metrics start from what is stored.
+/// The database: the writer with the inventory it holds, the outbox when a panel is set and
+/// the bus cursor when a bus is. The metrics start from what is stored.
 fn open_database(
     config: &MasterConfig,
     metrics: &metrics::Metrics,
-) -> Result<(Store, rules::Inventory, Option<Outbox>), StoreError> {
+) -> Result<(Store, rules::Inventory, Option<Outbox>, Option<BusCursor>), StoreError> {
     let mut store = Store::open(&config.db_path)?;
     if config.panel.is_some() {
         store.enable_outbox();
     }
+    let bus_cursor = match &config.bus {
+        Some(_) => {
+            store.enable_bus()?;
+            let cursor = BusCursor::open(&config.db_path)?;
+            metrics
+                .bus_lag
+                .set(cursor.journal_end()?.saturating_sub(cursor.position()?));
+            Some(cursor)
+        }
+        None => None,
+    };
     let inventory = store.load_inventory()?;
     tracing::info!(nodes = inventory.nodes.len(), vms = inventory.vm_count(), db = %config.db_path.display(), "inventory loaded");
     metrics.journal_size.set(store.journal_size()? as i64);
@@ -205,7 +234,7 @@ fn open_database(
         }
         None => None,
     };
-    Ok((store, inventory, outbox))
+    Ok((store, inventory, outbox, bus_cursor))
 }
 
 fn rules_of(config: &MasterConfig) -> rules::Rules {
@@ -233,6 +262,15 @@ impl Running {
                     tracing::warn!(
                         grace_ms = WEBHOOK_GRACE.as_millis() as u64,
                         "the webhook did not stop within its grace period; its delivery in flight is aborted (the entry stays in the outbox)"
+                    );
+                }
+            }
+            if let Some(mut task) = self.bus {
+                if tokio::time::timeout(BUS_GRACE, &mut task).await.is_err() {
+                    task.abort();
+                    tracing::warn!(
+                        grace_ms = BUS_GRACE.as_millis() as u64,
+                        "the event bus did not stop within its grace period; entries it had not had confirmed are published again at the next start"
                     );
                 }
             }

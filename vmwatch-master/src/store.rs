@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::rules::{Effect, Entry, Inventory, Node, Vm};
 
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 /// From schema 1 (v0.1) to 2: unknown rows and superseded boots.
 const MIGRATE_TO_2: &str = "
@@ -26,6 +26,15 @@ ALTER TABLE nodes ADD COLUMN superseded TEXT NOT NULL DEFAULT '[]';
 /// retention finds its cutoff in id order instead).
 const MIGRATE_TO_3: &str = "
 DROP INDEX IF EXISTS journal_received;
+";
+
+/// From schema 3 to 4: the event bus's cursor, the last journal id the broker confirmed (one
+/// row, present once a bus was configured).
+const MIGRATE_TO_4: &str = "
+CREATE TABLE IF NOT EXISTS bus_cursor (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    journal_id INTEGER NOT NULL
+);
 ";
 
 const SCHEMA: &str = "
@@ -145,6 +154,8 @@ pub struct Store {
     conn: Connection,
     /// Whether journal entries also go to the webhook outbox (`panel_url` is set).
     outbox: bool,
+    /// Whether retention waits for the event bus (`bus_url` is set).
+    bus: bool,
 }
 
 impl Store {
@@ -175,18 +186,38 @@ impl Store {
             tx.execute_batch(MIGRATE_TO_3)
                 .map_err(ctx("upgrade the schema to version 3"))?;
         }
+        if version < 4 {
+            tx.execute_batch(MIGRATE_TO_4)
+                .map_err(ctx("upgrade the schema to version 4"))?;
+        }
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)
             .map_err(ctx("set schema version"))?;
         tx.commit().map_err(ctx("commit schema upgrade"))?;
         Ok(Store {
             conn,
             outbox: false,
+            bus: false,
         })
     }
 
     /// Makes every journal entry written from now on wait in the outbox for the panel.
     pub fn enable_outbox(&mut self) {
         self.outbox = true;
+    }
+
+    /// Keeps every journal entry the event bus has not had confirmed out of retention's reach.
+    /// The first time, the bus starts at the journal's end: it publishes what is written from
+    /// now on, not the history already stored.
+    pub fn enable_bus(&mut self) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "INSERT OR IGNORE INTO bus_cursor (id, journal_id) \
+                 SELECT 1, coalesce(max(id), 0) FROM journal",
+                [],
+            )
+            .map_err(ctx("create the bus cursor"))?;
+        self.bus = true;
+        Ok(())
     }
 
     /// Journal entries stored.
@@ -221,7 +252,8 @@ impl Store {
     }
 
     /// Deletes journal entries received before `cutoff` (unix ms), except those still waiting
-    /// in the outbox or kept as dead letters. Returns how many went.
+    /// in the outbox, kept as dead letters, or (with the bus on) not yet confirmed by the broker.
+    /// Returns how many went.
     ///
     /// In journal order: everything before the first entry received at or after the cutoff
     /// (found by walking ids from the oldest, which only visits what is purged or kept for the
@@ -234,8 +266,9 @@ impl Store {
                    (SELECT id FROM journal WHERE received_at >= ?1 ORDER BY id LIMIT 1), \
                    (SELECT max(id) + 1 FROM journal)) \
                  AND id NOT IN (SELECT journal_id FROM outbox) \
-                 AND id NOT IN (SELECT journal_id FROM dead_letters)",
-                params![cutoff as i64],
+                 AND id NOT IN (SELECT journal_id FROM dead_letters) \
+                 AND (?2 = 0 OR id <= (SELECT journal_id FROM bus_cursor))",
+                params![cutoff as i64, self.bus],
             )
             .map_err(ctx("purge journal"))
     }
@@ -581,6 +614,66 @@ impl Outbox {
             .query_row("SELECT count(*) FROM outbox", [], |r| r.get::<_, i64>(0))
             .map(|n| n.max(0) as u64)
             .map_err(ctx("count outbox"))
+    }
+}
+
+/// The event bus's side of the journal, on a connection of its own: the entries after its
+/// cursor, and the cursor, moved once the broker confirmed them.
+pub struct BusCursor {
+    conn: Connection,
+}
+
+impl BusCursor {
+    pub fn open(path: &Path) -> Result<BusCursor, StoreError> {
+        let conn = Connection::open(path).map_err(open_error(path, "for the event bus"))?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(ctx("set busy timeout"))?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(ctx("set synchronous"))?;
+        Ok(BusCursor { conn })
+    }
+
+    /// The last journal id the broker confirmed (0 before any).
+    pub fn position(&self) -> Result<i64, StoreError> {
+        self.conn
+            .query_row(
+                "SELECT coalesce((SELECT journal_id FROM bus_cursor), 0)",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(ctx("read the bus cursor"))
+    }
+
+    /// The newest journal id (0 if the journal is empty): with the position, the lag.
+    pub fn journal_end(&self) -> Result<i64, StoreError> {
+        self.conn
+            .query_row("SELECT coalesce(max(id), 0) FROM journal", [], |r| r.get(0))
+            .map_err(ctx("read the journal end"))
+    }
+
+    /// Up to `limit` entries after `id`, in journal order.
+    pub fn after(&self, id: i64, limit: u32) -> Result<Vec<JournalRow>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT * FROM journal WHERE id > ?1 ORDER BY id LIMIT ?2")
+            .map_err(ctx("read the journal for the bus"))?;
+        let rows = stmt
+            .query_map(params![id, limit], journal_from_row)
+            .map_err(ctx("read the journal for the bus"))?;
+        rows.collect::<Result<Vec<_>, _>>()
+            .map_err(ctx("read the journal for the bus"))
+    }
+
+    /// Moves the cursor to `id`, durably: everything up to it is confirmed.
+    pub fn advance(&mut self, id: i64) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "INSERT INTO bus_cursor (id, journal_id) VALUES (1, ?1) \
+                 ON CONFLICT (id) DO UPDATE SET journal_id = max(journal_id, excluded.journal_id)",
+                params![id],
+            )
+            .map(|_| ())
+            .map_err(ctx("move the bus cursor"))
     }
 }
 
@@ -934,17 +1027,54 @@ mod tests {
         );
     }
 
-    /// A schema-2 database (with the received_at index) opens as schema 3: the index is gone
-    /// and the rows are kept.
+    /// With the bus on, an old entry the broker has not confirmed stays; once the cursor passes
+    /// it, it goes. The cursor starts at the journal's end and never moves back.
     #[test]
-    fn schema_2_is_upgraded_to_3() {
+    fn retention_keeps_what_the_bus_has_not_confirmed() {
+        let path = temp_db("retention-bus");
+        let mut store = Store::open(&path).unwrap();
+        const DAY: u64 = 86_400_000;
+        let now = 400 * DAY;
+        let before = store
+            .commit(&[Effect::Journal(entry_at(now - 100 * DAY))])
+            .unwrap();
+        store.enable_bus().unwrap();
+        let mut cursor = BusCursor::open(&path).unwrap();
+        assert_eq!(cursor.position().unwrap(), before[0], "starts at the end");
+        let old = store
+            .commit(&[
+                Effect::Journal(entry_at(now - 100 * DAY)),
+                Effect::Journal(entry_at(now - 100 * DAY)),
+            ])
+            .unwrap();
+        assert_eq!(cursor.after(before[0], 10).unwrap().len(), 2);
+        let cutoff = crate::retention::cutoff(now, 90).unwrap();
+        assert_eq!(
+            store.purge_journal(cutoff).unwrap(),
+            1,
+            "only the one before the bus"
+        );
+        cursor.advance(old[0]).unwrap();
+        cursor.advance(before[0]).unwrap();
+        assert_eq!(cursor.position().unwrap(), old[0], "never moves back");
+        assert_eq!(store.purge_journal(cutoff).unwrap(), 1);
+        let left: Vec<i64> = cursor.after(0, 10).unwrap().iter().map(|e| e.id).collect();
+        assert_eq!(left, [old[1]], "the unconfirmed entry stays");
+        assert_eq!(cursor.journal_end().unwrap(), old[1]);
+    }
+
+    /// A schema-2 database (with the received_at index) opens as the current schema: the index
+    /// is gone, the bus cursor's table exists and the rows are kept.
+    #[test]
+    fn schema_2_is_upgraded() {
         let path = temp_db("schema2");
         let mut store = Store::open(&path).unwrap();
         store.commit(&[Effect::Journal(entry_at(5))]).unwrap();
         store
             .conn
             .execute_batch(
-                "CREATE INDEX journal_received ON journal(received_at); PRAGMA user_version = 2;",
+                "CREATE INDEX journal_received ON journal(received_at); DROP TABLE bus_cursor; \
+                 PRAGMA user_version = 2;",
             )
             .unwrap();
         drop(store);
@@ -953,7 +1083,7 @@ mod tests {
             .conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .unwrap();
-        assert_eq!(version, 3);
+        assert_eq!(version, SCHEMA_VERSION);
         let index: i64 = store
             .conn
             .query_row(
@@ -963,6 +1093,15 @@ mod tests {
             )
             .unwrap();
         assert_eq!(index, 0);
+        let bus: i64 = store
+            .conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE name = 'bus_cursor'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(bus, 1);
         let journal: i64 = store
             .conn
             .query_row("SELECT count(*) FROM journal", [], |r| r.get(0))
