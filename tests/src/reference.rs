@@ -1,6 +1,6 @@
 //! References for the benchmarks, measured in the same run as the product (these machines are
 //! noisy, so every figure is a ratio): raw SQLite running the master's statements on its schema
-//! with its settings, and raw libzmq with CURVE.
+//! with its settings, raw libzmq with CURVE, and raw AMQP publishing with confirms.
 
 use std::path::Path;
 use std::time::Instant;
@@ -160,4 +160,108 @@ pub fn zmq_curve(count: usize, message: &[Vec<u8>]) -> Result<f64> {
         .join()
         .map_err(|_| anyhow::anyhow!("sender panicked"))??;
     Ok(rate)
+}
+
+/// Raw AMQP publishing in the same run as the product's bus (lapin, like the master): `count`
+/// persistent messages of `body` to `exchange` on the broker at `url`, `window` published
+/// before waiting for their publisher confirms, as the master's bus does. Returns messages
+/// per second.
+pub fn amqp_publish(
+    url: &str,
+    exchange: &str,
+    count: usize,
+    body: &[u8],
+    window: usize,
+) -> Result<f64> {
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+    use lapin::{BasicProperties, Connection, ConnectionProperties};
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let connection = Connection::connect(url, ConnectionProperties::default()).await?;
+        let channel = connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        let t0 = Instant::now();
+        let mut sent = 0;
+        while sent < count {
+            let n = window.min(count - sent);
+            let mut confirms = Vec::with_capacity(n);
+            for i in 0..n {
+                let properties = BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_content_type("application/json".into())
+                    .with_message_id((sent + i).to_string().into());
+                confirms.push(
+                    channel
+                        .basic_publish(
+                            exchange.into(),
+                            "vmwatch.lifecycle.suspended.load-00000".into(),
+                            BasicPublishOptions::default(),
+                            body,
+                            properties,
+                        )
+                        .await?,
+                );
+            }
+            for c in confirms {
+                anyhow::ensure!(c.await?.is_ack(), "the broker refused a message");
+            }
+            sent += n;
+        }
+        let rate = count as f64 / t0.elapsed().as_secs_f64();
+        let _ = connection.close(200, "done".into()).await;
+        Ok(rate)
+    })
+}
+
+/// Raw AMQP confirm latency in the same run: `count` persistent messages of `body`, one at a
+/// time every `pace`, each timed from `basic_publish` to its confirm. Returns the sorted
+/// latencies in milliseconds.
+pub fn amqp_confirm_latency(
+    url: &str,
+    exchange: &str,
+    count: usize,
+    body: &[u8],
+    pace: std::time::Duration,
+) -> Result<Vec<f64>> {
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+    use lapin::{BasicProperties, Connection, ConnectionProperties};
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let connection = Connection::connect(url, ConnectionProperties::default()).await?;
+        let channel = connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        let mut out = Vec::with_capacity(count);
+        for i in 0..count {
+            let t0 = Instant::now();
+            let properties = BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_content_type("application/json".into())
+                .with_message_id(i.to_string().into());
+            let confirm = channel
+                .basic_publish(
+                    exchange.into(),
+                    "vmwatch.lifecycle.suspended.load-00000".into(),
+                    BasicPublishOptions::default(),
+                    body,
+                    properties,
+                )
+                .await?;
+            anyhow::ensure!(confirm.await?.is_ack(), "the broker refused a message");
+            out.push(t0.elapsed().as_secs_f64() * 1000.0);
+            tokio::time::sleep(pace.saturating_sub(t0.elapsed())).await;
+        }
+        out.sort_by(f64::total_cmp);
+        let _ = connection.close(200, "done".into()).await;
+        Ok(out)
+    })
 }

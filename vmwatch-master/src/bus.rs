@@ -23,7 +23,7 @@ use crate::metrics::Metrics;
 use crate::store::{BusCursor, JournalRow, StoreError};
 
 /// Entries published before waiting for their confirms.
-const WINDOW: u32 = 1024;
+pub const WINDOW: u32 = 1024;
 const RECONNECT_MIN: Duration = Duration::from_secs(1);
 const RECONNECT_MAX: Duration = Duration::from_secs(30);
 /// A confirm that takes longer counts as a lost connection: the window is published again.

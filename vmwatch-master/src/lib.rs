@@ -8,6 +8,9 @@
 
 mod api;
 mod bus;
+/// Journal entries the event bus publishes before waiting for their confirms (for the benchmark
+/// reference).
+pub const BUS_WINDOW: u32 = bus::WINDOW;
 pub mod config;
 pub mod core;
 mod duplicate;

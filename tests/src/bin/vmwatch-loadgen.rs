@@ -9,6 +9,7 @@
 //! vmwatch-loadgen latency    [--nodes 100] [--vms 50] [--rate 1000] [--seconds 10]
 //! vmwatch-loadgen inventory  [--nodes 10000] [--vms 50] [--seconds 60]   (then a steady state)
 //! vmwatch-loadgen webhook    [--count 10000] [--batch 1]   (batch = panel_batch_max)
+//! vmwatch-loadgen bus        [--count 100000]   (a private RabbitMQ broker; needs root)
 //! ```
 //!
 //! Messages are built and signed before the clock starts, so the figures are the master's.
@@ -462,7 +463,182 @@ fn main() -> Result<()> {
                 usage.report()
             );
         }
-        _ => bail!("usage: vmwatch-loadgen events|heartbeats|stats|latency|inventory|webhook [--nodes N] [--vms V] [--count M]"),
+        "bus" => bus(&ctx, &dir, arg(&args, "--count", 100_000)? as usize)?,
+        _ => bail!("usage: vmwatch-loadgen events|heartbeats|stats|latency|inventory|webhook|bus [--nodes N] [--vms V] [--count M]"),
     }
     Ok(())
+}
+
+/// The event bus: latency with the broker keeping up, then a backlog built while the broker is
+/// frozen, drained once it goes on; beside raw AMQP publishing to the same broker.
+fn bus(ctx: &zmq::Context, dir: &std::path::Path, count: usize) -> Result<()> {
+    use vmwatch_tests::broker::{Broker, BusQueue};
+    let t0 = Instant::now();
+    let broker = Broker::start(&dir.join("broker"))?;
+    println!(
+        "bus: a private RabbitMQ broker accepted AMQP {:.1} s after it was started",
+        t0.elapsed().as_secs_f64()
+    );
+    let url = broker.url();
+    let queue = BusQueue::bind(&url, "vmwatch", "bench", "vmwatch.#")?;
+    let master = Master::start(dir, &[("log_level", "warn"), ("bus_url", &url)])?;
+    let mut sims = setup(ctx, &master, 10, 50)?;
+    wait_for_every(
+        POLL,
+        Duration::from_secs(60),
+        "the setup's entries confirmed",
+        || {
+            (master.metric("vmwatch_bus_lag").ok()? == 0.0
+                && master.metric("vmwatch_bus_up").ok()? == 1.0)
+                .then_some(())
+        },
+    );
+    queue.take()?;
+    // Latency: 200 events paced at 50/s, journal entry → the consumer's basic_get (polled
+    // every millisecond), and publish → confirm from the master's histogram.
+    let socket = push_socket(ctx, &master)?;
+    let before = master.metric("vmwatch_bus_published_total")?;
+    let confirm_before = histogram(&master, "vmwatch_bus_confirm_seconds")?;
+    let mut lat = Vec::new();
+    for n in 0..200 {
+        let sent = Instant::now();
+        socket.send_multipart(sims[n % 10].event(n / 10), 0)?;
+        let got = loop {
+            let got = queue.take()?;
+            if !got.is_empty() || sent.elapsed() > Duration::from_secs(10) {
+                break got;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        let at = now_ms();
+        lat.extend(
+            got.iter()
+                .filter_map(|m| m.body["received_at"].as_u64())
+                .map(|r| at.saturating_sub(r)),
+        );
+        std::thread::sleep(Duration::from_millis(20).saturating_sub(sent.elapsed()));
+    }
+    wait_for_every(
+        POLL,
+        Duration::from_secs(60),
+        "paced entries confirmed",
+        || (master.metric("vmwatch_bus_published_total").ok()? >= before + 200.0).then_some(()),
+    );
+    lat.sort_unstable();
+    // Only the paced entries: the setup's 501 went as one window.
+    let confirm_after = histogram(&master, "vmwatch_bus_confirm_seconds")?;
+    let paced: Vec<(f64, f64)> = confirm_after
+        .iter()
+        .zip(&confirm_before)
+        .map(|(a, b)| (a.0, a.1 - b.1))
+        .collect();
+    let confirm = [percentile_of(&paced, 0.5), percentile_of(&paced, 0.99)];
+    let sample = master.get("/api/v1/events?limit=1")?;
+    let body = serde_json::to_vec(&sample["events"][0])?;
+    let floor = vmwatch_tests::reference::amqp_confirm_latency(
+        &url,
+        "vmwatch",
+        200,
+        &body,
+        Duration::from_millis(20),
+    )?;
+    queue.take()?;
+    println!(
+        "bus latency, 200 entries at 50/s: journal entry → consumer median {} ms, p99 {} ms; publish → confirm (the master's histogram, interpolated) median {:.1} ms, p99 {:.1} ms",
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.99),
+        confirm[0] * 1000.0,
+        confirm[1] * 1000.0
+    );
+    println!(
+        "bus latency reference: raw AMQP (lapin), the same broker, queue and entry size, one persistent message at a time every 20 ms, publish → confirm: median {:.1} ms, p99 {:.1} ms",
+        percentile(&floor, 0.5),
+        percentile(&floor, 0.99)
+    );
+
+    // Backlog: the broker frozen (its connection held, nothing confirmed) while `count` events
+    // are journaled; the drain is timed from the moment it goes on.
+    broker.pause()?;
+    let messages: Vec<_> = (0..count).map(|n| sims[n % 10].event(n / 10)).collect();
+    let _senders = blast(ctx, &master, messages)?;
+    wait_for_every(
+        POLL,
+        Duration::from_secs(300),
+        "the backlog journaled",
+        || {
+            master
+                .metric("vmwatch_bus_lag")
+                .ok()
+                .filter(|l| *l >= count as f64)
+        },
+    );
+    let lag = master.metric("vmwatch_bus_lag")?;
+    let usage = Usage::start(&master)?;
+    let t1 = Instant::now();
+    broker.resume()?;
+    wait_for_every(
+        POLL,
+        Duration::from_secs(600),
+        "the backlog confirmed",
+        || master.metric("vmwatch_bus_lag").ok().filter(|l| *l == 0.0),
+    );
+    let secs = t1.elapsed().as_secs_f64();
+    let product = lag / secs;
+    println!("bus drain: {lag:.0} entries backlog published and confirmed in {secs:.2} s = {product:.0} entries/s; {}", usage.report());
+    // The reference: raw lapin, the same broker, exchange and queue, an entry of the same size.
+    let reference = vmwatch_tests::reference::amqp_publish(
+        &url,
+        "vmwatch",
+        count,
+        &body,
+        vmwatch_master::BUS_WINDOW as usize,
+    )?;
+    println!(
+        "bus reference: raw AMQP (lapin) to the same broker and queue, {} B persistent messages, {} per confirm window: {reference:.0} messages/s; product/reference = {:.2}",
+        body.len(),
+        vmwatch_master::BUS_WINDOW,
+        product / reference
+    );
+    Ok(())
+}
+
+/// The cumulative buckets `(le, count)` of an OpenMetrics histogram.
+fn histogram(master: &Master, name: &str) -> Result<Vec<(f64, f64)>> {
+    let text = master.metrics()?;
+    let mut buckets = Vec::new();
+    let prefix = format!("{name}_bucket{{le=\"");
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix(&prefix) {
+            let (le, count) = rest.split_once("\"} ").context("bucket line")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse()?
+            };
+            buckets.push((le, count.trim().parse()?));
+        }
+    }
+    Ok(buckets)
+}
+
+/// A percentile of cumulative buckets, interpolated linearly inside its bucket.
+fn percentile_of(buckets: &[(f64, f64)], p: f64) -> f64 {
+    let total = buckets.last().map_or(0.0, |b| b.1);
+    let rank = p * total;
+    let mut lower = (0.0, 0.0);
+    for &(le, n) in buckets {
+        if n >= rank {
+            if le.is_infinite() {
+                return lower.0;
+            }
+            let share = if n > lower.1 {
+                (rank - lower.1) / (n - lower.1)
+            } else {
+                1.0
+            };
+            return lower.0 + (le - lower.0) * share;
+        }
+        lower = (le, n);
+    }
+    lower.0
 }
