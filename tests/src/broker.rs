@@ -43,6 +43,9 @@ pub fn require_broker(test: &str) -> bool {
 /// A running private broker. Dropping it kills it and deletes its directory.
 pub struct Broker {
     pub port: u16,
+    /// With [`Broker::start_tls`]: the `amqps` port, and the CA that signed its certificate
+    /// (for `localhost` and `127.0.0.1`).
+    pub tls: Option<(u16, PathBuf)>,
     dir: PathBuf,
     child: Option<Child>,
 }
@@ -51,18 +54,41 @@ impl Broker {
     /// Starts a broker in `dir` (created), with user [`USER`]/[`PASSWORD`]; returns once it
     /// accepts AMQP connections.
     pub fn start(dir: &Path) -> Result<Broker> {
+        Broker::start_with(dir, false)
+    }
+
+    /// [`Broker::start`] with an `amqps` listener too, its certificate signed by a CA made
+    /// here with `openssl`.
+    pub fn start_tls(dir: &Path) -> Result<Broker> {
+        Broker::start_with(dir, true)
+    }
+
+    fn start_with(dir: &Path, tls: bool) -> Result<Broker> {
         std::fs::create_dir_all(dir)?;
         let port = free_port();
-        std::fs::write(
-            dir.join("rabbitmq.conf"),
-            format!(
-                "listeners.tcp.default = 127.0.0.1:{port}\ndefault_user = {USER}\n\
-                 default_pass = {PASSWORD}\nloopback_users = none\n"
-            ),
-        )?;
+        let mut conf = format!(
+            "listeners.tcp.default = 127.0.0.1:{port}\ndefault_user = {USER}\n\
+             default_pass = {PASSWORD}\nloopback_users = none\n"
+        );
+        let tls = if tls {
+            let tls_port = free_port();
+            make_certificates(dir)?;
+            conf.push_str(&format!(
+                "listeners.ssl.default = 127.0.0.1:{tls_port}\n\
+                 ssl_options.cacertfile = {d}/ca.pem\nssl_options.certfile = {d}/server.pem\n\
+                 ssl_options.keyfile = {d}/server.key\nssl_options.verify = verify_none\n\
+                 ssl_options.fail_if_no_peer_cert = false\n",
+                d = dir.display()
+            ));
+            Some((tls_port, dir.join("ca.pem")))
+        } else {
+            None
+        };
+        std::fs::write(dir.join("rabbitmq.conf"), conf)?;
         std::fs::write(dir.join("enabled_plugins"), "[].\n")?;
         let mut b = Broker {
             port,
+            tls,
             dir: dir.to_owned(),
             child: None,
         };
@@ -179,6 +205,77 @@ impl Broker {
         unsafe { libc::kill(self.vm_pid()?, libc::SIGCONT) };
         Ok(())
     }
+}
+
+/// A CA and a server certificate for `localhost` and `127.0.0.1` it signed, in `dir`.
+fn make_certificates(dir: &Path) -> Result<()> {
+    let run = |args: &[&str]| -> Result<()> {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .context("run openssl")?;
+        if !out.status.success() {
+            bail!("openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    run(&[
+        &["req", "-x509"][..],
+        &ec,
+        &[
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=vmwatch test CA",
+        ],
+    ]
+    .concat())?;
+    run(&[
+        &["req"][..],
+        &ec,
+        &[
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=localhost",
+        ],
+    ]
+    .concat())?;
+    std::fs::write(
+        dir.join("san.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+    )?;
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+    ])
 }
 
 fn kill_group(child: &Child) {

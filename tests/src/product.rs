@@ -86,12 +86,19 @@ pub fn wait_for_every<T>(
     }
 }
 
-fn spawn(binary: &Path, config: &Path, log_dir: &Path, name: &str) -> Result<Child> {
+fn spawn(
+    binary: &Path,
+    config: &Path,
+    log_dir: &Path,
+    name: &str,
+    env: &[(String, String)],
+) -> Result<Child> {
     let out = std::fs::File::create(log_dir.join(format!("{name}.stdout")))?;
     let err = std::fs::File::create(log_dir.join(format!("{name}.stderr")))?;
     Command::new(binary)
         .arg("--config")
         .arg(config)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err)
@@ -148,12 +155,19 @@ pub struct Master {
     pub http_port: u16,
     pub config: PathBuf,
     pub log: PathBuf,
+    /// Extra environment of the master process (kept across restarts).
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
 impl Master {
     /// Writes a config in `dir` and starts the master; waits until `/healthz` answers.
     pub fn start(dir: &Path, extra: Extra<'_>) -> Result<Master> {
+        Master::start_with_env(dir, extra, &[])
+    }
+
+    /// [`Master::start`] with extra environment variables for the master process.
+    pub fn start_with_env(dir: &Path, extra: Extra<'_>, env: &[(&str, &str)]) -> Result<Master> {
         let zmq_port = free_port();
         let http_port = free_port();
         let config = dir.join("master.conf");
@@ -174,6 +188,10 @@ impl Master {
             http_port,
             config,
             log,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             child: None,
         };
         m.spawn()?;
@@ -186,6 +204,7 @@ impl Master {
             &self.config,
             &self.dir,
             "master",
+            &self.env,
         )?);
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
@@ -447,6 +466,7 @@ impl Node {
             &self.config,
             &self.dir,
             &format!("node-{}", self.node_id),
+            &[],
         )?);
         Ok(())
     }

@@ -305,6 +305,22 @@ fn a_broker_outage_delays_nothing_and_every_entry_arrives_after_it() {
         return;
     }
     let (mut rig, queues) = Rig::start("bus-outage", &[], &[("all", "vmwatch.#")]);
+    // --check-config shows the broker address with its password masked.
+    let out = Command::new(vmwatch_tests::product::bin("vmwatch-master"))
+        .args(["--check-config", "--config"])
+        .arg(&rig.master.config)
+        .output()
+        .expect("--check-config");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains(&format!(
+            "bus_url=amqp://vmwatch:********@127.0.0.1:{}/%2f",
+            rig.broker.port
+        )),
+        "{text}"
+    );
+    assert!(!text.contains(PASSWORD), "{text}");
     let before = ids(&rig.journal(""));
     queues[0].take_ids(&before, Duration::from_secs(30));
     drop(queues);
@@ -456,4 +472,64 @@ fn retention_keeps_an_entry_the_broker_has_not_confirmed() {
     let queue = BusQueue::bind(&rig.broker.url(), EXCHANGE, "all", "vmwatch.#").expect("queue");
     queue.take_ids(&unconfirmed, Duration::from_secs(60));
     let _ = &rig.node;
+}
+
+/// `amqps://` verified against the roots the system's loader reads (`SSL_CERT_FILE` pointing
+/// at a bundle with the test CA, the standard way to add one), and refused without that CA.
+#[test]
+fn amqps_is_verified_against_the_system_roots() {
+    if !ready("amqps_is_verified_against_the_system_roots") {
+        return;
+    }
+    let dir = temp_dir("bus-tls");
+    let broker = Broker::start_tls(&dir.join("broker")).expect("broker");
+    let (tls_port, ca) = broker.tls.clone().expect("tls");
+    let queue = BusQueue::bind(&broker.url(), EXCHANGE, "tls", "vmwatch.#").expect("queue");
+    let url = format!(
+        "amqps://{}:{PASSWORD}@localhost:{tls_port}/%2f",
+        vmwatch_tests::broker::USER
+    );
+    let extra = [("bus_url", url.as_str()), ("bus_exchange", EXCHANGE)];
+
+    // Without the CA: the certificate is refused, nothing is published, the password unlogged.
+    for sub in ["untrusted", "trusted"] {
+        std::fs::create_dir_all(dir.join(sub)).expect("dir");
+    }
+    let untrusted = Master::start(&dir.join("untrusted"), &extra).expect("master");
+    wait_for(
+        Duration::from_secs(20),
+        "a refused TLS handshake logged",
+        || {
+            untrusted
+                .log_text()
+                .contains("event bus unavailable")
+                .then_some(())
+        },
+    );
+    let log = untrusted.log_text();
+    assert!(!log.contains("connected to the event bus"), "{log}");
+    assert!(!log.contains(PASSWORD));
+    drop(untrusted);
+
+    let bundle = dir.join("roots.pem");
+    let mut roots = std::fs::read("/etc/ssl/certs/ca-certificates.crt").unwrap_or_default();
+    roots.extend(std::fs::read(&ca).expect("test CA"));
+    std::fs::write(&bundle, roots).expect("bundle");
+    let bundle = bundle.display().to_string();
+    let master =
+        Master::start_with_env(&dir.join("trusted"), &extra, &[("SSL_CERT_FILE", &bundle)])
+            .expect("master");
+    wait_for(Duration::from_secs(20), "connected over TLS", || {
+        master
+            .log_text()
+            .contains("connected to the event bus")
+            .then_some(())
+    });
+    // A journal entry through TLS: a node's first message journals it as up.
+    let lv = PrivateLibvirtd::start("bus-tls").expect("libvirtd");
+    let _node = Node::start(&dir, "tls-hv", &master.endpoint(), &lv.uri(), &[]).expect("node");
+    master.wait_matches_libvirt(&lv, "tls-hv", Duration::from_secs(30));
+    let journal = master.events("").expect("events");
+    let got = queue.take_ids(&ids(&journal), Duration::from_secs(30));
+    assert_messages_are_the_journal(&got, &master.events("").expect("events"));
 }
