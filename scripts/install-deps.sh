@@ -32,15 +32,16 @@ apt-get install -y -qq --no-install-recommends --allow-downgrades \
 # consumer of docs/API.md with pika. The package's own broker is not started on install (a
 # policy-rc.d for this one call, unless the machine has its own): the tests need none and an
 # operator's machine should not grow a broker on port 5672 by surprise.
-if ! dpkg -s rabbitmq-server python3-pika >/dev/null 2>&1; then
-  policy=""
+if ! dpkg -s rabbitmq-server python3-pika openssl >/dev/null 2>&1; then
   if [ ! -e /usr/sbin/policy-rc.d ]; then
-    policy=/usr/sbin/policy-rc.d
-    printf '#!/bin/sh\nexit 101\n' > "$policy"
-    chmod 755 "$policy"
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+    chmod 755 /usr/sbin/policy-rc.d
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
   fi
-  apt-get install -y -qq --no-install-recommends rabbitmq-server python3-pika >/dev/null
-  if [ -n "$policy" ]; then rm -f "$policy"; fi
+  # openssl makes the TLS test's CA and broker certificate.
+  apt-get install -y -qq --no-install-recommends rabbitmq-server python3-pika openssl >/dev/null
+  rm -f /usr/sbin/policy-rc.d
+  trap - EXIT
 fi
 
 # libvirtd looks up this user before it reads qemu.conf and dies without it.
