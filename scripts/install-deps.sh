@@ -33,15 +33,19 @@ apt-get install -y -qq --no-install-recommends --allow-downgrades \
 # policy-rc.d for this one call, unless the machine has its own): the tests need none and an
 # operator's machine should not grow a broker on port 5672 by surprise.
 if ! dpkg -s rabbitmq-server python3-pika openssl >/dev/null 2>&1; then
+  ours=""
   if [ ! -e /usr/sbin/policy-rc.d ]; then
-    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
-    chmod 755 /usr/sbin/policy-rc.d
-    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+    ours=/usr/sbin/policy-rc.d
+    printf '#!/bin/sh\nexit 101\n' > "$ours"
+    chmod 755 "$ours"
+    trap 'rm -f "$ours"' EXIT
   fi
   # openssl makes the TLS test's CA and broker certificate.
   apt-get install -y -qq --no-install-recommends rabbitmq-server python3-pika openssl >/dev/null
-  rm -f /usr/sbin/policy-rc.d
-  trap - EXIT
+  if [ -n "$ours" ]; then
+    rm -f "$ours"
+    trap - EXIT
+  fi
 fi
 
 # libvirtd looks up this user before it reads qemu.conf and dies without it.
