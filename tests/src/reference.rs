@@ -1,6 +1,7 @@
 //! References for the benchmarks, measured in the same run as the product (these machines are
 //! noisy, so every figure is a ratio): raw SQLite running the master's statements on its schema
-//! with its settings, raw libzmq with CURVE, and raw AMQP publishing with confirms.
+//! with its settings, raw libzmq with CURVE, raw AMQP publishing with confirms, and raw HTTP
+//! POSTs.
 
 use std::path::Path;
 use std::time::Instant;
@@ -264,4 +265,185 @@ pub fn amqp_confirm_latency(
         let _ = connection.close(200, "done".into()).await;
         Ok(out)
     })
+}
+
+/// A database the master's `Store::open` created, holding `nodes` × `vms` running VMs, on a
+/// writer with the master's settings: the start of the references below.
+fn inventory_db(dir: &Path, name: &str, nodes: usize, vms: usize) -> Result<Connection> {
+    let path = dir.join(name);
+    drop(store::Store::open(&path)?);
+    let mut conn = Connection::open(&path)?;
+    store::tune_writer(&conn)?;
+    let tx = conn.transaction()?;
+    for n in 0..nodes {
+        write_node(&tx, &format!("load-{n:05}"), 1)?;
+        for v in 0..vms {
+            write_vm(
+                &tx,
+                &format!("load-{n:05}"),
+                &format!("{n:08x}-0000-4000-8000-{v:012x}"),
+                "running",
+                1,
+            )?;
+        }
+    }
+    tx.commit()?;
+    Ok(conn)
+}
+
+/// Raw SQLite committing one lifecycle event at a time (its node row, VM row and journal
+/// entry, one durable transaction each, as the master does when events arrive one by one),
+/// `count` of them every `pace`: the floor of send → visible. Returns each commit's duration
+/// in microseconds, sorted.
+pub fn sqlite_commit_latency(
+    dir: &Path,
+    count: usize,
+    pace: std::time::Duration,
+) -> Result<Vec<u64>> {
+    let mut conn = inventory_db(dir, "reference-latency.db", 10, 50)?;
+    let mut out = Vec::with_capacity(count);
+    for i in 0..count {
+        let t0 = Instant::now();
+        let (node, vm) = (
+            format!("load-{:05}", i % 10),
+            format!("{:08x}-0000-4000-8000-{:012x}", i % 10, i % 50),
+        );
+        let tx = conn.transaction()?;
+        write_node(&tx, &node, i as i64 + 2)?;
+        write_vm(
+            &tx,
+            &node,
+            &vm,
+            if i % 2 == 0 { "paused" } else { "running" },
+            i as i64,
+        )?;
+        tx.prepare_cached(store::JOURNAL_INSERT)?.execute(params![
+            i as i64,
+            i as i64,
+            node,
+            vm,
+            format!("vm-{vm}"),
+            "lifecycle",
+            "suspended",
+            "paused",
+            "paused"
+        ])?;
+        tx.commit()?;
+        out.push(t0.elapsed().as_micros() as u64);
+        std::thread::sleep(pace.saturating_sub(t0.elapsed()));
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
+/// The CPU time this thread has used.
+fn thread_cpu() -> std::time::Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec we own; CLOCK_THREAD_CPUTIME_ID always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// Raw SQLite doing the steady state's writes for `nodes` × `vms`: per heartbeat the node's
+/// row, per stats message the node's row and every VM's row (with its usage), at
+/// `beats_per_s` and `stats_per_s`, committed once every 10 ms as the master's core batches
+/// them, for `seconds`. Returns the CPU of the writing thread in percent of one core.
+pub fn sqlite_steady(
+    dir: &Path,
+    nodes: usize,
+    vms: usize,
+    seconds: u64,
+    beats_per_s: f64,
+    stats_per_s: f64,
+) -> Result<f64> {
+    let mut conn = inventory_db(dir, "reference-steady.db", nodes, vms)?;
+    let (cpu0, t0) = (thread_cpu(), Instant::now());
+    let (mut beats, mut stats) = (0usize, 0usize);
+    while t0.elapsed() < std::time::Duration::from_secs(seconds) {
+        let at = t0.elapsed().as_secs_f64();
+        let tx = conn.transaction()?;
+        while (beats as f64) < at * beats_per_s {
+            write_node(&tx, &format!("load-{:05}", beats % nodes), beats as i64 + 2)?;
+            beats += 1;
+        }
+        while (stats as f64) < at * stats_per_s {
+            let n = (stats * 7) % nodes;
+            write_node(&tx, &format!("load-{n:05}"), stats as i64 + 2)?;
+            for v in 0..vms {
+                write_vm(
+                    &tx,
+                    &format!("load-{n:05}"),
+                    &format!("{n:08x}-0000-4000-8000-{v:012x}"),
+                    "running",
+                    stats as i64,
+                )?;
+            }
+            stats += 1;
+        }
+        tx.commit()?;
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    Ok((thread_cpu() - cpu0).as_secs_f64() * 100.0 / t0.elapsed().as_secs_f64())
+}
+
+/// Raw SQLite writing `count` stats messages' VM rows (each message: its node's row and
+/// `vms` VM rows with their usage) in batches of `batch` messages: the floor of stats
+/// ingestion. Returns VM samples per second.
+pub fn sqlite_stats(
+    dir: &Path,
+    nodes: usize,
+    vms: usize,
+    count: usize,
+    batch: usize,
+) -> Result<f64> {
+    let mut conn = inventory_db(dir, "reference-stats.db", nodes, vms)?;
+    let t0 = Instant::now();
+    let mut done = 0;
+    while done < count {
+        let end = (done + batch).min(count);
+        let tx = conn.transaction()?;
+        for i in done..end {
+            let n = i % nodes;
+            write_node(&tx, &format!("load-{n:05}"), i as i64 + 2)?;
+            for v in 0..vms {
+                write_vm(
+                    &tx,
+                    &format!("load-{n:05}"),
+                    &format!("{n:08x}-0000-4000-8000-{v:012x}"),
+                    "running",
+                    i as i64,
+                )?;
+            }
+        }
+        tx.commit()?;
+        done = end;
+    }
+    Ok((count * vms) as f64 / t0.elapsed().as_secs_f64())
+}
+
+/// Raw HTTP: `count` signed POSTs of `body`, one at a time on one keep-alive connection, to
+/// `url` (the same receiver the webhook posts to). Returns POSTs per second.
+pub fn http_posts(url: &str, key: &[u8], count: usize, body: &[u8]) -> Result<f64> {
+    use hmac::{Hmac, Mac};
+    let agent = ureq::AgentBuilder::new().build();
+    let t0 = Instant::now();
+    for i in 0..count {
+        let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(key)?;
+        mac.update(body);
+        let signature = format!("sha256={}", hex_lower(&mac.finalize().into_bytes()));
+        agent
+            .post(url)
+            .set("Content-Type", "application/json")
+            .set("X-Vmwatch-Event-Id", &i.to_string())
+            .set("X-Vmwatch-Signature", &signature)
+            .send_bytes(body)?;
+    }
+    Ok(count as f64 / t0.elapsed().as_secs_f64())
+}
+
+fn hex_lower(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -199,6 +199,10 @@ impl Usage {
         Ok(Usage(CpuMeter::start(master.pid().context("master pid")?)))
     }
 
+    fn cpu_percent(&self) -> f64 {
+        self.0.percent()
+    }
+
     fn report(&self) -> String {
         format!(
             "master CPU {:.1} % of one core over {:.1} s, RSS {} MiB",
@@ -287,6 +291,15 @@ fn main() -> Result<()> {
                     product / flat
                 );
             }
+            if mode == "stats" {
+                // The floor in the same run: raw SQLite writing the same VM rows.
+                let reference = vmwatch_tests::reference::sqlite_stats(&dir, nodes, vms, count, 64)?;
+                let product = (count * vms) as f64 / secs;
+                println!(
+                    "stats reference: raw SQLite writing the same node and VM rows (usage included) with the master's statements and settings, 64 messages per transaction: {reference:.0} samples/s; product/reference = {:.2}",
+                    product / reference
+                );
+            }
             if mode == "events" {
                 // The floor in the same run: raw SQLite, the same rows, schema and settings.
                 let reference = vmwatch_tests::reference::sqlite_events(&dir, nodes, vms, count, vmwatch_master::core::MAX_BATCH)?;
@@ -373,6 +386,15 @@ fn main() -> Result<()> {
                 percentile(&polls, 0.5),
                 percentile(&polls, 0.99)
             );
+            // The floor in the same run: raw SQLite committing one event's rows durably, one
+            // transaction per event, at the same pace.
+            let floor = vmwatch_tests::reference::sqlite_commit_latency(&dir, 1000, Duration::from_secs_f64(1.0 / rate as f64))?;
+            println!(
+                "latency reference: raw SQLite, one event's node row, VM row and journal entry per durable commit, 1000 at {rate}/s: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+                percentile(&floor, 0.5) as f64 / 1000.0,
+                percentile(&floor, 0.99) as f64 / 1000.0,
+                floor[floor.len() - 1] as f64 / 1000.0
+            );
         }
         "inventory" => {
             let nodes = arg(&args, "--nodes", 10_000)? as usize;
@@ -407,6 +429,14 @@ fn main() -> Result<()> {
             println!(
                 "steady: {nodes} nodes × {vms} VMs, a heartbeat per node every 30 s ({beats} sent) and stats every 600 s ({stat_msgs} sent) over {seconds} s; {}",
                 usage.report()
+            );
+            let product_cpu = usage.cpu_percent();
+            drop(master);
+            // The floor in the same run: raw SQLite writing the same rows at the same rates.
+            let reference = vmwatch_tests::reference::sqlite_steady(&dir, nodes, vms, seconds, per_s_beats, per_s_stats)?;
+            println!(
+                "steady reference: raw SQLite writing the same node and VM rows at the same rates, one transaction every 10 ms: CPU {reference:.2} % of one core; product/reference = {:.1}",
+                product_cpu / reference
             );
         }
         "webhook" => {
@@ -461,6 +491,16 @@ fn main() -> Result<()> {
                 "webhook drain: {depth:.0} entries backlog delivered in {secs:.2} s = {:.0} entries/s ({new} new ids received, one POST at a time to keep the order, panel_batch_max={batch}); {}",
                 depth / secs,
                 usage.report()
+            );
+            // The floor in the same run: raw signed POSTs of one entry each, one at a time on
+            // one keep-alive connection, to the same receiver.
+            let sample = master.get("/api/v1/events?limit=1")?;
+            let body = serde_json::to_vec(&sample["events"][0])?;
+            let reference = vmwatch_tests::reference::http_posts(&url, b"panel-key-for-the-loadgen-000", count, &body)?;
+            println!(
+                "webhook reference: raw HTTP (ureq), {count} signed POSTs of one {} B entry, one at a time on one keep-alive connection to the same receiver: {reference:.0} POSTs/s; product entries/s ÷ reference POSTs/s = {:.2}",
+                body.len(),
+                (depth / secs) / reference
             );
         }
         "bus" => bus(&ctx, &dir, arg(&args, "--count", 100_000)? as usize)?,
