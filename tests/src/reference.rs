@@ -163,6 +163,49 @@ pub fn zmq_curve(count: usize, message: &[Vec<u8>]) -> Result<f64> {
     Ok(rate)
 }
 
+/// A runtime and a connection with a confirming channel to the broker at `url`.
+fn confirming_channel(
+    url: &str,
+) -> Result<(tokio::runtime::Runtime, lapin::Connection, lapin::Channel)> {
+    use lapin::options::ConfirmSelectOptions;
+    use lapin::{Connection, ConnectionProperties};
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let (connection, channel) = runtime.block_on(async {
+        let connection = Connection::connect(url, ConnectionProperties::default()).await?;
+        let channel = connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        Ok::<_, lapin::Error>((connection, channel))
+    })?;
+    Ok((runtime, connection, channel))
+}
+
+/// Publishes `body` as the master's bus does (persistent JSON, `message_id`).
+async fn publish(
+    channel: &lapin::Channel,
+    exchange: &str,
+    body: &[u8],
+    id: usize,
+) -> lapin::Result<lapin::PublisherConfirm> {
+    let properties = lapin::BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into())
+        .with_message_id(id.to_string().into());
+    channel
+        .basic_publish(
+            exchange.into(),
+            "vmwatch.lifecycle.suspended.load-00000".into(),
+            lapin::options::BasicPublishOptions::default(),
+            body,
+            properties,
+        )
+        .await
+}
+
 /// Raw AMQP publishing in the same run as the product's bus (lapin, like the master): `count`
 /// persistent messages of `body` to `exchange` on the broker at `url`, `window` published
 /// before waiting for their publisher confirms, as the master's bus does. Returns messages
@@ -174,39 +217,15 @@ pub fn amqp_publish(
     body: &[u8],
     window: usize,
 ) -> Result<f64> {
-    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-    use lapin::{BasicProperties, Connection, ConnectionProperties};
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()?;
+    let (runtime, connection, channel) = confirming_channel(url)?;
     runtime.block_on(async {
-        let connection = Connection::connect(url, ConnectionProperties::default()).await?;
-        let channel = connection.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
         let t0 = Instant::now();
         let mut sent = 0;
         while sent < count {
             let n = window.min(count - sent);
             let mut confirms = Vec::with_capacity(n);
             for i in 0..n {
-                let properties = BasicProperties::default()
-                    .with_delivery_mode(2)
-                    .with_content_type("application/json".into())
-                    .with_message_id((sent + i).to_string().into());
-                confirms.push(
-                    channel
-                        .basic_publish(
-                            exchange.into(),
-                            "vmwatch.lifecycle.suspended.load-00000".into(),
-                            BasicPublishOptions::default(),
-                            body,
-                            properties,
-                        )
-                        .await?,
-                );
+                confirms.push(publish(&channel, exchange, body, sent + i).await?);
             }
             for c in confirms {
                 anyhow::ensure!(c.await?.is_ack(), "the broker refused a message");
@@ -229,34 +248,12 @@ pub fn amqp_confirm_latency(
     body: &[u8],
     pace: std::time::Duration,
 ) -> Result<Vec<f64>> {
-    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-    use lapin::{BasicProperties, Connection, ConnectionProperties};
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()?;
+    let (runtime, connection, channel) = confirming_channel(url)?;
     runtime.block_on(async {
-        let connection = Connection::connect(url, ConnectionProperties::default()).await?;
-        let channel = connection.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
         let mut out = Vec::with_capacity(count);
         for i in 0..count {
             let t0 = Instant::now();
-            let properties = BasicProperties::default()
-                .with_delivery_mode(2)
-                .with_content_type("application/json".into())
-                .with_message_id(i.to_string().into());
-            let confirm = channel
-                .basic_publish(
-                    exchange.into(),
-                    "vmwatch.lifecycle.suspended.load-00000".into(),
-                    BasicPublishOptions::default(),
-                    body,
-                    properties,
-                )
-                .await?;
+            let confirm = publish(&channel, exchange, body, i).await?;
             anyhow::ensure!(confirm.await?.is_ack(), "the broker refused a message");
             out.push(t0.elapsed().as_secs_f64() * 1000.0);
             tokio::time::sleep(pace.saturating_sub(t0.elapsed())).await;

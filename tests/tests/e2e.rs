@@ -2,6 +2,7 @@
 //! private libvirtd with real QEMU guests, a real ZeroMQ socket, a real SQLite file and the
 //! real HTTP API. Every wait is a poll with a deadline.
 
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use vmwatch_tests::guests::GuestKind;
@@ -539,6 +540,90 @@ fn idle_detection_on_real_guests() {
             .ok()
             .filter(|n| *n == 3.0)
     });
+}
+
+/// The background-noise threshold on a real guest: the disk writer's ≈ 1 write/s is ≈ 3 write
+/// requests per 3 s window. One master with `idle_wr_reqs_max=10` flags it idle on the disk
+/// and journals the window, the delta and the threshold; another, watching the same guest
+/// through its own node with `idle_wr_reqs_max=1`, never does. (The tiny guests have no OS to
+/// send network noise; the same rule on `tx_pkts` is unit-tested in idle.rs.)
+#[test]
+fn background_writes_under_the_threshold_are_idle_and_over_it_are_not() {
+    if !require_root_env("background_writes_under_the_threshold_are_idle_and_over_it_are_not") {
+        return;
+    }
+    let lv = PrivateLibvirtd::start("noise").expect("libvirtd");
+    let writer = lv
+        .start_guest("e2e-noise", GuestKind::DiskWriter)
+        .expect("writer guest");
+    let run = |name: &str, max: &str| {
+        let dir = temp_dir(name);
+        let master = Master::start(&dir, &[("idle_windows", "3"), ("idle_wr_reqs_max", max)])
+            .expect("master");
+        let node = Node::start(
+            &dir,
+            name,
+            &master.endpoint(),
+            &lv.uri(),
+            &[("stats_interval", "3")],
+        )
+        .expect("node");
+        (master, node)
+    };
+    let (under, _n1) = run("noise-under", "10");
+    let (over, _n2) = run("noise-over", "1");
+    let t0 = Instant::now();
+    wait_for(
+        Duration::from_secs(60),
+        "idle.disk under a threshold of 10",
+        || {
+            let row = under.vm_row(&writer, "noise-under")?;
+            idle_flag(&row, "disk").then_some(())
+        },
+    );
+    eprintln!("idle.disk under the threshold after {:?}", t0.elapsed());
+    let entries = journal_of(&under, &writer, "idle");
+    let (_, detail) = entries
+        .iter()
+        .find(|(e, _)| e == "disk")
+        .expect("an idle disk entry");
+    // "3 quiet window(s) of 3 s; wr_reqs +N in the last, threshold 10 per window", N > 0.
+    assert!(
+        detail.starts_with("3 quiet window(s) of 3 s; wr_reqs +"),
+        "{detail}"
+    );
+    assert!(
+        detail.ends_with(" in the last, threshold 10 per window"),
+        "{detail}"
+    );
+    assert!(
+        !detail.contains("wr_reqs +0 "),
+        "the guest writes: {detail}"
+    );
+    let settings = Command::new(vmwatch_tests::product::bin("vmwatch-master"))
+        .args(["--check-config", "--config"])
+        .arg(&under.config)
+        .output()
+        .expect("--check-config");
+    assert!(String::from_utf8_lossy(&settings.stdout).contains("idle_wr_reqs_max=10\n"));
+
+    // The other master saw as many windows of the same guest, every one over its threshold.
+    wait_for(
+        Duration::from_secs(20),
+        "windows judged over a threshold of 1",
+        || {
+            let row = over.vm_row(&writer, "noise-over")?;
+            (row["usage"]["disk"]["last_delta"].as_u64()? > 1).then_some(())
+        },
+    );
+    let row = over.vm_row(&writer, "noise-over").expect("row");
+    assert!(
+        !idle_flag(&row, "disk"),
+        "over the threshold yet idle: {row}"
+    );
+    assert!(journal_of(&over, &writer, "idle")
+        .iter()
+        .all(|(e, _)| e != "disk"));
 }
 
 #[test]

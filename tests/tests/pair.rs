@@ -62,6 +62,8 @@ impl Pair {
                 max_message_age_ms: 300_000,
                 node_timeout_ms: 90_000,
                 idle_windows: 3,
+                idle_tx_packets_max: 0,
+                idle_wr_reqs_max: 0,
                 duplicate_grace_ms: 120_000,
             },
             store: Store::open(&db).unwrap(),

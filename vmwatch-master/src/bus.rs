@@ -18,9 +18,10 @@ use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use tokio::sync::watch;
 
+use crate::blocking::blocking;
 use crate::config::BusUrl;
 use crate::metrics::Metrics;
-use crate::store::{BusCursor, JournalRow, StoreError};
+use crate::store::{BusCursor, JournalRow};
 
 /// Entries published before waiting for their confirms.
 pub const WINDOW: u32 = 1024;
@@ -120,24 +121,6 @@ enum Stopped {
     Shutdown,
     /// The connection is gone or refused something: reconnect.
     Lost(String),
-}
-
-/// Runs `f` on the cursor on a blocking thread (SQLite waits on the disk). Only this task uses
-/// the cursor, so the lock never waits.
-async fn blocking<T: Send + 'static>(
-    cursor: &Arc<Mutex<BusCursor>>,
-    f: impl FnOnce(&mut BusCursor) -> Result<T, StoreError> + Send + 'static,
-) -> Result<T, StoreError> {
-    let cursor = cursor.clone();
-    let run = move || match cursor.lock() {
-        Ok(mut c) => f(&mut c),
-        Err(poisoned) => f(&mut poisoned.into_inner()),
-    };
-    match tokio::task::spawn_blocking(run).await {
-        Ok(r) => r,
-        // spawn_blocking only fails if the closure panicked, which these never do.
-        Err(e) => panic!("bus cursor task failed: {e}"),
-    }
 }
 
 struct Shell {

@@ -31,6 +31,10 @@ pub struct MasterConfig {
     pub max_clock_skew: u64,
     pub max_message_age: u64,
     pub idle_windows: u32,
+    /// A stats window with at most this many transmitted packets counts as quiet.
+    pub idle_tx_packets_max: u64,
+    /// A stats window with at most this many disk write requests counts as quiet.
+    pub idle_wr_reqs_max: u64,
     pub duplicate_grace: u64,
     pub event_retention_days: u64,
     pub max_message_bytes: i64,
@@ -223,6 +227,22 @@ impl MasterConfig {
             idle_windows: raw
                 .take_parsed::<u32>("idle_windows", "a whole number")?
                 .unwrap_or(1),
+            idle_tx_packets_max: raw
+                .take_range(
+                    "idle_tx_packets_max",
+                    "a number of packets per window",
+                    0,
+                    1 << 40,
+                )?
+                .unwrap_or(0),
+            idle_wr_reqs_max: raw
+                .take_range(
+                    "idle_wr_reqs_max",
+                    "a number of write requests per window",
+                    0,
+                    1 << 40,
+                )?
+                .unwrap_or(0),
             duplicate_grace: raw
                 .take_seconds("duplicate_grace", 0, 86_400)?
                 .unwrap_or(60),
@@ -333,7 +353,7 @@ impl MasterConfig {
         let opt = |o: &Option<Secret>| o.as_ref().map(|s| s.to_string()).unwrap_or_default();
         format!(
             "disabled={}\nlisten={}\nsecret={}\nnode_secrets_file={} ({} nodes)\ndb_path={}\nhttp_listen={}\napi_token={}\n\
-             panel_url={}\npanel_secret={}\npanel_batch_max={}\nbus_url={}\nbus_exchange={}\nnode_timeout={}\nmax_clock_skew={}\nmax_message_age={}\nidle_windows={}\nduplicate_grace={}\n\
+             panel_url={}\npanel_secret={}\npanel_batch_max={}\nbus_url={}\nbus_exchange={}\nnode_timeout={}\nmax_clock_skew={}\nmax_message_age={}\nidle_windows={}\nidle_tx_packets_max={}\nidle_wr_reqs_max={}\nduplicate_grace={}\n\
              event_retention_days={}\nmax_message_bytes={}\nnode_keys={}\nmax_nodes={}\nmax_connections={}\n\
              log_file={}\nlog_level={}\n",
             if self.disabled { "yes" } else { "no" },
@@ -356,6 +376,8 @@ impl MasterConfig {
             self.max_clock_skew,
             self.max_message_age,
             self.idle_windows,
+            self.idle_tx_packets_max,
+            self.idle_wr_reqs_max,
             self.duplicate_grace,
             self.event_retention_days,
             self.max_message_bytes,

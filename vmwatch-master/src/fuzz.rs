@@ -23,6 +23,8 @@ fn rules() -> Rules {
         max_message_age_ms: 3_600_000,
         node_timeout_ms: 90_000,
         idle_windows: 1,
+        idle_tx_packets_max: 0,
+        idle_wr_reqs_max: 0,
         duplicate_grace_ms: 1_000,
     }
 }

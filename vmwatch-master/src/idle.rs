@@ -1,8 +1,10 @@
 //! The idle rule (pure): per running VM, each stats sample against the previous one.
 //!
-//! For each resource — network (`tx_pkts`) and disk (`wr_reqs`) — a zero delta is a quiet
-//! window; after `idle_windows` consecutive quiet windows the resource is flagged idle, and any
-//! activity clears the flag. A counter that went down (the VM restarted) or a missing previous
+//! For each resource — network (`tx_pkts`) and disk (`wr_reqs`) — a window whose delta is at
+//! most the resource's threshold (`idle_tx_packets_max`, `idle_wr_reqs_max`; 0 by default: no
+//! change at all) is quiet; after `idle_windows` consecutive quiet windows the resource is
+//! flagged idle, and a window over the threshold clears the flag. A threshold lets a guest whose
+//! OS is up but unused (ARP, DHCP renewals, NTP) be flagged. A counter that went down (the VM restarted) or a missing previous
 //! sample is *unknown*: it never flags and it restarts the count. A VM with no interface (or no
 //! disk) cannot be judged on it and says so (`no_device`) instead of looking idle.
 //!
@@ -58,6 +60,11 @@ pub struct Change {
     pub idle: bool,
     /// Quiet windows behind the change (0 for activity).
     pub windows: u32,
+    /// The counter's change over the last evaluated window(s); `None` when a removed device
+    /// cleared the flag.
+    pub delta: Option<u64>,
+    /// The threshold per window the delta was judged against.
+    pub threshold: u64,
 }
 
 /// One stats sample of one VM, with what the rule needs to judge it.
@@ -77,6 +84,10 @@ pub struct IdleConfig {
     pub interval_ms: u64,
     /// Consecutive quiet windows before a flag is set.
     pub idle_windows: u32,
+    /// A window with at most this many transmitted packets is quiet on the network.
+    pub tx_packets_max: u64,
+    /// A window with at most this many disk write requests is quiet on the disk.
+    pub wr_reqs_max: u64,
 }
 
 /// Applies one observation at `now`; returns the flags that changed.
@@ -105,11 +116,16 @@ pub fn observe(usage: &mut Usage, obs: Observation, cfg: IdleConfig, now: u64) -
     };
     let net = delta(obs.nics, prev.map(|p| p.tx_pkts), sample.tx_pkts);
     let disk = delta(obs.disks, prev.map(|p| p.wr_reqs), sample.wr_reqs);
-    for (name, r, devices, d) in [
-        ("net", &mut usage.net, obs.nics, net),
-        ("disk", &mut usage.disk, obs.disks, disk),
+    for (name, r, devices, d, max) in [
+        ("net", &mut usage.net, obs.nics, net, cfg.tx_packets_max),
+        ("disk", &mut usage.disk, obs.disks, disk, cfg.wr_reqs_max),
     ] {
-        if let Some(change) = evaluate(r, devices, d, windows, cfg.idle_windows, now) {
+        let judged = Judged {
+            delta: d,
+            windows,
+            max,
+        };
+        if let Some(change) = evaluate(r, devices, judged, cfg.idle_windows, now) {
             changes.push(Change {
                 resource: name,
                 ..change
@@ -119,22 +135,37 @@ pub fn observe(usage: &mut Usage, obs: Observation, cfg: IdleConfig, now: u64) -
     changes
 }
 
+/// One resource's delta over `windows` windows, and its threshold per window.
+struct Judged {
+    delta: Option<u64>,
+    windows: u32,
+    max: u64,
+}
+
 /// Updates one resource; returns the change of its flag, if any.
 fn evaluate(
     r: &mut Resource,
     devices: u32,
-    delta: Option<u64>,
-    windows: u32,
+    judged: Judged,
     idle_windows: u32,
     now: u64,
 ) -> Option<Change> {
+    let Judged {
+        delta,
+        windows,
+        max,
+    } = judged;
     r.no_device = devices == 0;
     r.last_delta = delta;
     let cleared = Change {
         resource: "",
         idle: false,
         windows: 0,
+        delta,
+        threshold: max,
     };
+    // A delta over several missed windows is judged against the threshold of as many.
+    let quiet = |d: u64| d <= max.saturating_mul(u64::from(windows));
     match delta {
         None => {
             r.quiet_windows = 0;
@@ -146,7 +177,7 @@ fn evaluate(
             }
             None
         }
-        Some(0) => {
+        Some(d) if quiet(d) => {
             r.quiet_windows = r.quiet_windows.saturating_add(windows);
             if !r.idle && r.quiet_windows >= idle_windows {
                 r.idle = true;
@@ -155,6 +186,8 @@ fn evaluate(
                     resource: "",
                     idle: true,
                     windows: r.quiet_windows,
+                    delta,
+                    threshold: max,
                 });
             }
             None
@@ -201,6 +234,8 @@ mod tests {
         IdleConfig {
             interval_ms: MIN,
             idle_windows,
+            tx_packets_max: 0,
+            wr_reqs_max: 0,
         }
     }
 
@@ -341,14 +376,71 @@ mod tests {
                 Change {
                     resource: "net",
                     idle: true,
-                    windows: 2
+                    windows: 2,
+                    delta: Some(0),
+                    threshold: 0
                 },
                 Change {
                     resource: "disk",
                     idle: true,
-                    windows: 2
+                    windows: 2,
+                    delta: Some(0),
+                    threshold: 0
                 }
             ]
+        );
+    }
+
+    /// Background traffic at or under the threshold is quiet; one packet over it is activity.
+    /// A delta over missed windows is judged against the threshold of as many windows.
+    #[test]
+    fn a_threshold_lets_background_noise_be_idle() {
+        let config = IdleConfig {
+            tx_packets_max: 5,
+            wr_reqs_max: 2,
+            ..cfg(2)
+        };
+        let mut u = Usage::default();
+        let mut feed = |t: u64, tx: u64, wr: u64| {
+            observe(&mut u, obs(s(t, tx, wr), 1, 1, true), config, t * MIN)
+        };
+        assert!(feed(0, 100, 100).is_empty());
+        assert!(feed(1, 105, 102).is_empty(), "one quiet window of 2");
+        let flagged = feed(2, 108, 103);
+        assert_eq!(
+            flagged,
+            [
+                Change {
+                    resource: "net",
+                    idle: true,
+                    windows: 2,
+                    delta: Some(3),
+                    threshold: 5
+                },
+                Change {
+                    resource: "disk",
+                    idle: true,
+                    windows: 2,
+                    delta: Some(1),
+                    threshold: 2
+                },
+            ]
+        );
+        // Two windows missed: 10 packets over 3 windows is still under 3 × 5.
+        assert!(
+            feed(5, 118, 109).is_empty(),
+            "14 ≤ 15 and 6 ≤ 6 over three windows"
+        );
+        let cleared = feed(6, 124, 109);
+        assert_eq!(
+            cleared,
+            [Change {
+                resource: "net",
+                idle: false,
+                windows: 0,
+                delta: Some(6),
+                threshold: 5
+            }]
         );
     }
 }

@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 mod api;
+mod blocking;
 mod bus;
 /// Journal entries the event bus publishes before waiting for their confirms (for the benchmark
 /// reference).

@@ -24,6 +24,10 @@ pub struct Rules {
     pub max_message_age_ms: u64,
     pub node_timeout_ms: u64,
     pub idle_windows: u32,
+    /// A stats window with at most this many transmitted packets is quiet (`idle_tx_packets_max`).
+    pub idle_tx_packets_max: u64,
+    /// A stats window with at most this many disk write requests is quiet (`idle_wr_reqs_max`).
+    pub idle_wr_reqs_max: u64,
     pub duplicate_grace_ms: u64,
 }
 
@@ -647,6 +651,8 @@ fn apply_stats(
         let cfg = idle::IdleConfig {
             interval_ms,
             idle_windows: rules.idle_windows,
+            tx_packets_max: rules.idle_tx_packets_max,
+            wr_reqs_max: rules.idle_wr_reqs_max,
         };
         let changes = idle::observe(&mut vm.usage, observation, cfg, now);
         vm.updated_at = now;
@@ -656,14 +662,7 @@ fn apply_stats(
             } else {
                 EntryType::Active
             };
-            let detail = if c.idle {
-                format!(
-                    "no change in {} window(s) of {} s",
-                    c.windows, stats.interval_s
-                )
-            } else {
-                format!("activity in the last window of {} s", stats.interval_s)
-            };
+            let detail = idle_detail(&c, stats.interval_s);
             out.effects.push(Effect::Journal(Entry {
                 uuid: vm.uuid.clone(),
                 name: vm.name.clone(),
@@ -673,6 +672,29 @@ fn apply_stats(
             }));
         }
         out.effects.push(Effect::UpsertVm(vm.clone()));
+    }
+}
+
+/// The `detail` of an `idle`/`active` journal entry: the window, the last delta and the
+/// threshold that decided (docs/API.md).
+fn idle_detail(c: &idle::Change, interval_s: u64) -> String {
+    let counter = if c.resource == "net" {
+        "tx_pkts"
+    } else {
+        "wr_reqs"
+    };
+    match (c.idle, c.delta) {
+        (true, delta) => format!(
+            "{} quiet window(s) of {interval_s} s; {counter} +{} in the last, threshold {} per window",
+            c.windows,
+            delta.unwrap_or(0),
+            c.threshold
+        ),
+        (false, Some(delta)) => format!(
+            "activity in the last window of {interval_s} s: {counter} +{delta}, threshold {} per window",
+            c.threshold
+        ),
+        (false, None) => format!("no {} any more: cannot be judged", if c.resource == "net" { "interface" } else { "disk" }),
     }
 }
 
@@ -774,6 +796,8 @@ mod tests {
         max_message_age_ms: 3_600_000,
         node_timeout_ms: 90_000,
         idle_windows: 1,
+        idle_tx_packets_max: 0,
+        idle_wr_reqs_max: 0,
         duplicate_grace_ms: 60_000,
     };
     const NOW: u64 = 1_800_000_000_000;
@@ -1206,7 +1230,7 @@ mod tests {
             vec![(
                 EntryType::Idle,
                 "net".into(),
-                "no change in 1 window(s) of 60 s".into()
+                "1 quiet window(s) of 60 s; tx_pkts +0 in the last, threshold 0 per window".into()
             )]
         );
         assert!(inv.vms["hv1"]["a"].usage.net.idle);
@@ -1218,12 +1242,14 @@ mod tests {
                 (
                     EntryType::Active,
                     "net".into(),
-                    "activity in the last window of 60 s".into()
+                    "activity in the last window of 60 s: tx_pkts +1, threshold 0 per window"
+                        .into()
                 ),
                 (
                     EntryType::Idle,
                     "disk".into(),
-                    "no change in 1 window(s) of 60 s".into()
+                    "1 quiet window(s) of 60 s; wr_reqs +0 in the last, threshold 0 per window"
+                        .into()
                 )
             ]
         );

@@ -244,6 +244,8 @@ fn rules_of(config: &MasterConfig) -> rules::Rules {
         max_message_age_ms: config.max_message_age * 1000,
         node_timeout_ms: config.node_timeout * 1000,
         idle_windows: config.idle_windows,
+        idle_tx_packets_max: config.idle_tx_packets_max,
+        idle_wr_reqs_max: config.idle_wr_reqs_max,
         duplicate_grace_ms: config.duplicate_grace * 1000,
     }
 }

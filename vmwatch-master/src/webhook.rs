@@ -13,8 +13,9 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use tokio::sync::watch;
 
+use crate::blocking::blocking;
 use crate::metrics::Metrics;
-use crate::store::{JournalRow, Outbox, StoreError};
+use crate::store::{JournalRow, Outbox};
 
 /// Outbox rows read at a time.
 const BATCH: u32 = 256;
@@ -166,24 +167,6 @@ pub struct Webhook {
     pub metrics: Arc<Metrics>,
     pub committed: watch::Receiver<u64>,
     pub shutdown: watch::Receiver<bool>,
-}
-
-/// Runs `f` on the outbox on a blocking thread (SQLite waits on the disk). Only this task uses
-/// the outbox, so the lock never waits.
-async fn blocking<T: Send + 'static>(
-    outbox: &Arc<Mutex<Outbox>>,
-    f: impl FnOnce(&mut Outbox) -> Result<T, StoreError> + Send + 'static,
-) -> Result<T, StoreError> {
-    let outbox = outbox.clone();
-    let run = move || match outbox.lock() {
-        Ok(mut o) => f(&mut o),
-        Err(poisoned) => f(&mut poisoned.into_inner()),
-    };
-    match tokio::task::spawn_blocking(run).await {
-        Ok(r) => r,
-        // spawn_blocking only fails if the closure panicked, which these never do.
-        Err(e) => panic!("outbox task failed: {e}"),
-    }
 }
 
 /// Whether the deliverer goes on, splits a refused batch, or stops (shutdown).
