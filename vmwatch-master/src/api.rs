@@ -58,6 +58,16 @@ pub struct AppState {
     pub api_token: Option<Arc<String>>,
     /// Whether the event bus is configured (`/healthz` reports it).
     pub bus: bool,
+    /// The idle rule's settings, shown with the activity history.
+    pub idle: IdleSettings,
+}
+
+/// The idle rule's settings (`idle_tx_packets_max`, `idle_wr_reqs_max`, `idle_windows`).
+#[derive(Clone, Copy)]
+pub struct IdleSettings {
+    pub tx_packets_max: u64,
+    pub wr_reqs_max: u64,
+    pub windows: u32,
 }
 
 /// An API error: a status and a message, as JSON `{"error": "..."}`.
@@ -101,6 +111,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/vms", get(list_vms))
         .route("/api/v1/vms/{uuid}", get(get_vm))
         .route("/api/v1/vms/{uuid}/wait", get(wait_vm))
+        .route("/api/v1/vms/{uuid}/activity", get(vm_activity))
         .route("/api/v1/nodes", get(list_nodes))
         .route("/api/v1/events", get(list_events))
         .route("/api/v1/dead-letters", get(list_dead_letters))
@@ -207,6 +218,96 @@ async fn get_vm(
         uuid,
         reached: None,
         rows,
+    }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ActivityQuery {
+    from: Option<u64>,
+    to: Option<u64>,
+    node: Option<String>,
+    max_points: Option<u32>,
+}
+
+/// Longest range of `/activity`.
+const MAX_ACTIVITY_DAYS: u64 = 366;
+/// Default `max_points` of `/activity`: 14 days of 10-minute windows, unmerged.
+const DEFAULT_ACTIVITY_POINTS: u32 = 2016;
+const MAX_ACTIVITY_POINTS: u32 = 10_000;
+
+/// A VM's activity history from `from` to `to` (unix ms; default the last 24 h), each node's
+/// windows merged into at most `max_points` points when the range holds more.
+async fn vm_activity(
+    State(state): State<AppState>,
+    Path(uuid): Path<String>,
+    Query(q): Query<ActivityQuery>,
+) -> Result<Json<view::ActivityPage>, ApiError> {
+    use crate::activity::{day_of, downsample, DAY_MS};
+    let bad = |m: String| ApiError(StatusCode::BAD_REQUEST, m);
+    let to = q.to.unwrap_or_else(vmwatch_common::time::now_ms);
+    let from = q.from.unwrap_or(to.saturating_sub(DAY_MS));
+    if from > to {
+        return Err(bad(format!("from ({from}) is after to ({to})")));
+    }
+    if to - from > MAX_ACTIVITY_DAYS * DAY_MS {
+        return Err(bad(format!(
+            "the range is longer than {MAX_ACTIVITY_DAYS} days"
+        )));
+    }
+    let max_points = q.max_points.unwrap_or(DEFAULT_ACTIVITY_POINTS);
+    if !(1..=MAX_ACTIVITY_POINTS).contains(&max_points) {
+        return Err(bad(format!(
+            "max_points must be 1 to {MAX_ACTIVITY_POINTS}"
+        )));
+    }
+    let key = uuid.clone();
+    let (rows, days) = read(&state, move |r| {
+        let rows = r.vm(&key)?;
+        let days = r.activity(&key, q.node.as_deref(), day_of(from), day_of(to))?;
+        Ok((rows, days))
+    })
+    .await?;
+    if rows.is_empty() && days.is_empty() {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no VM with uuid {uuid}"),
+        ));
+    }
+    // Each node's points, in time order, merged on their own (a migrated VM has two).
+    let mut per_node: std::collections::BTreeMap<String, Vec<crate::activity::Point>> =
+        std::collections::BTreeMap::new();
+    for (node_id, points) in days {
+        per_node
+            .entry(node_id)
+            .or_default()
+            .extend(points.into_iter().filter(|p| p.ts > from && p.ts <= to));
+    }
+    let total: usize = per_node.values().map(Vec::len).sum();
+    let per_point = total.div_ceil(max_points as usize).max(1);
+    let mut points = Vec::new();
+    for (node_id, mut node_points) in per_node {
+        node_points.sort_by_key(|p| p.ts);
+        let buckets = node_points.len().div_ceil(per_point);
+        points.extend(downsample(&node_points, buckets).into_iter().map(|bucket| {
+            view::NodeBucket {
+                node_id: node_id.clone(),
+                bucket,
+            }
+        }));
+    }
+    points.sort_by(|a, b| (a.bucket.ts, &a.node_id).cmp(&(b.bucket.ts, &b.node_id)));
+    Ok(Json(view::ActivityPage {
+        uuid,
+        from,
+        to,
+        thresholds: view::Thresholds {
+            tx_pkts: state.idle.tx_packets_max,
+            wr_reqs: state.idle.wr_reqs_max,
+        },
+        idle_windows: state.idle.windows,
+        windows_per_point: per_point as u32,
+        points,
     }))
 }
 

@@ -37,6 +37,8 @@ pub struct MasterConfig {
     pub idle_wr_reqs_max: u64,
     pub duplicate_grace: u64,
     pub event_retention_days: u64,
+    /// Days of activity history kept (0: forever).
+    pub activity_retention_days: u64,
     pub max_message_bytes: i64,
     pub node_keys: NodeKeys,
     /// Distinct node ids the master keeps; messages of further new ids are rejected.
@@ -249,6 +251,9 @@ impl MasterConfig {
             event_retention_days: raw
                 .take_range("event_retention_days", "a whole number of days", 0, 36_500)?
                 .unwrap_or(90),
+            activity_retention_days: raw
+                .take_range("activity_retention_days", "a whole number of days", 0, 3650)?
+                .unwrap_or(14),
             max_message_bytes: raw
                 .take_range("max_message_bytes", "a size in bytes", 1024, 1 << 30)?
                 .map_or(1_048_576, |n| n as i64),
@@ -354,7 +359,7 @@ impl MasterConfig {
         format!(
             "disabled={}\nlisten={}\nsecret={}\nnode_secrets_file={} ({} nodes)\ndb_path={}\nhttp_listen={}\napi_token={}\n\
              panel_url={}\npanel_secret={}\npanel_batch_max={}\nbus_url={}\nbus_exchange={}\nnode_timeout={}\nmax_clock_skew={}\nmax_message_age={}\nidle_windows={}\nidle_tx_packets_max={}\nidle_wr_reqs_max={}\nduplicate_grace={}\n\
-             event_retention_days={}\nmax_message_bytes={}\nnode_keys={}\nmax_nodes={}\nmax_connections={}\n\
+             event_retention_days={}\nactivity_retention_days={}\nmax_message_bytes={}\nnode_keys={}\nmax_nodes={}\nmax_connections={}\n\
              log_file={}\nlog_level={}\n",
             if self.disabled { "yes" } else { "no" },
             self.listen,
@@ -380,6 +385,7 @@ impl MasterConfig {
             self.idle_wr_reqs_max,
             self.duplicate_grace,
             self.event_retention_days,
+            self.activity_retention_days,
             self.max_message_bytes,
             self.node_keys.as_str(),
             self.max_nodes,

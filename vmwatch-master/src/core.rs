@@ -54,7 +54,7 @@ pub struct Core {
     /// From when every node is given a full node_timeout (the start, or the end of an outage).
     started_at: u64,
     shared: Arc<Shared>,
-    retention_days: u64,
+    retention: crate::retention::Retention,
     /// The VM gauges' counts per node.
     tally: Tally,
     /// The agent counters of the heartbeats since the gauges were last updated (a gauge per
@@ -67,7 +67,7 @@ impl Core {
         store: Store,
         inventory: Inventory,
         rules: Rules,
-        retention_days: u64,
+        retention: crate::retention::Retention,
         metrics: Arc<Metrics>,
         reject_log: Arc<RejectLog>,
         shared: Arc<Shared>,
@@ -81,7 +81,7 @@ impl Core {
             reject_log,
             started_at: now_ms(),
             shared,
-            retention_days,
+            retention,
             agents: HashMap::new(),
             tally: Tally::default(),
         }
@@ -278,20 +278,31 @@ impl Core {
     }
 
     fn purge(&mut self) {
-        let Some(cutoff) = crate::retention::cutoff(now_ms(), self.retention_days) else {
-            return;
-        };
-        match self.store.purge_journal(cutoff) {
-            Ok(0) => {}
-            Ok(n) => {
-                self.metrics.journal_size.dec_by(n as i64);
-                tracing::info!(
-                    purged = n,
-                    retention_days = self.retention_days,
-                    "old journal entries purged"
-                );
+        let now = now_ms();
+        if let Some(cutoff) = crate::retention::cutoff(now, self.retention.journal_days) {
+            match self.store.purge_journal(cutoff) {
+                Ok(0) => {}
+                Ok(n) => {
+                    self.metrics.journal_size.dec_by(n as i64);
+                    tracing::info!(
+                        purged = n,
+                        retention_days = self.retention.journal_days,
+                        "old journal entries purged"
+                    );
+                }
+                Err(e) => tracing::error!(error = %e, "journal purge failed; retrying in an hour"),
             }
-            Err(e) => tracing::error!(error = %e, "journal purge failed; retrying in an hour"),
+        }
+        if let Some(day) = crate::activity::cutoff_day(now, self.retention.activity_days) {
+            match self.store.purge_activity(day) {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(
+                    purged_vm_days = n,
+                    activity_retention_days = self.retention.activity_days,
+                    "old activity history purged"
+                ),
+                Err(e) => tracing::error!(error = %e, "activity purge failed; retrying in an hour"),
+            }
         }
     }
 
@@ -409,7 +420,7 @@ impl Tally {
                 Effect::UpsertNode(n) => (&mut self.node_rows, &n.node_id),
                 Effect::UpsertVm(vm) => (&mut self.vm_rows, &vm.node_id),
                 Effect::RemoveVm { node_id, .. } => (&mut self.vm_rows, node_id),
-                Effect::Journal(_) => continue,
+                Effect::Journal(_) | Effect::Activity { .. } => continue,
             };
             if !set.contains(node_id) {
                 set.insert(node_id.clone());

@@ -43,7 +43,7 @@ impl Copies {
             match e {
                 Effect::UpsertVm(vm) => self.touch(&vm.node_id, &vm.uuid),
                 Effect::RemoveVm { node_id, uuid } => self.touch(node_id, uuid),
-                Effect::UpsertNode(_) | Effect::Journal(_) => {}
+                Effect::UpsertNode(_) | Effect::Journal(_) | Effect::Activity { .. } => {}
             }
         }
     }

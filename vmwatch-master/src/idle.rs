@@ -21,6 +21,18 @@ pub struct Sample {
     pub rx_pkts: u64,
     pub rd_reqs: u64,
     pub cpu_time_ns: u64,
+    /// Byte counters (for the activity history); `None` in a sample stored before they were
+    /// kept.
+    pub bytes: Option<ByteCounters>,
+}
+
+/// A sample's cumulative byte counters: transmitted, received, disk read, disk written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteCounters {
+    pub tx: u64,
+    pub rx: u64,
+    pub rd: u64,
+    pub wr: u64,
 }
 
 /// The idle state of one resource of one VM.
@@ -218,6 +230,7 @@ mod tests {
             rx_pkts: 0,
             rd_reqs: 0,
             cpu_time_ns: 0,
+            bytes: None,
         }
     }
 

@@ -1,5 +1,14 @@
 //! Journal retention (pure): which entries are old enough to purge.
 
+/// How long the journal and the activity history are kept, in days (0: forever).
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    /// `event_retention_days`.
+    pub journal_days: u64,
+    /// `activity_retention_days`.
+    pub activity_days: u64,
+}
+
 /// How often the purge runs.
 pub const PURGE_EVERY_MS: u64 = 3_600_000;
 

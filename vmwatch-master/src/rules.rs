@@ -142,8 +142,17 @@ pub struct Entry {
 pub enum Effect {
     UpsertNode(Node),
     UpsertVm(Vm),
-    RemoveVm { node_id: String, uuid: String },
+    RemoveVm {
+        node_id: String,
+        uuid: String,
+    },
     Journal(Entry),
+    /// One stats window of a VM, for its activity history.
+    Activity {
+        node_id: String,
+        uuid: String,
+        point: crate::activity::Point,
+    },
 }
 
 /// The inventory the rules decide over (a cache of the database).
@@ -238,7 +247,7 @@ pub fn vm_changes(effects: &[Effect]) -> Vec<VmChange> {
                 uuid: uuid.clone(),
                 state: None,
             }),
-            Effect::UpsertNode(_) | Effect::Journal(_) => None,
+            Effect::UpsertNode(_) | Effect::Journal(_) | Effect::Activity { .. } => None,
         })
         .collect()
 }
@@ -639,6 +648,12 @@ fn apply_stats(
             rx_pkts: d.rx_pkts,
             rd_reqs: d.rd_reqs,
             cpu_time_ns: d.cpu_time_ns,
+            bytes: Some(idle::ByteCounters {
+                tx: d.tx_bytes,
+                rx: d.rx_bytes,
+                rd: d.rd_bytes,
+                wr: d.wr_bytes,
+            }),
         };
         // Judged only when both the row (events) and the sample say running.
         let running = vm.state == "running" && d.state == "running";
@@ -654,8 +669,18 @@ fn apply_stats(
             tx_packets_max: rules.idle_tx_packets_max,
             wr_reqs_max: rules.idle_wr_reqs_max,
         };
+        let prev = vm.usage.sample;
         let changes = idle::observe(&mut vm.usage, observation, cfg, now);
         vm.updated_at = now;
+        if let Some(point) = prev.and_then(|p| {
+            crate::activity::point(&p, &sample, vm.usage.net.idle, vm.usage.disk.idle)
+        }) {
+            out.effects.push(Effect::Activity {
+                node_id: node_id.to_owned(),
+                uuid: vm.uuid.clone(),
+                point,
+            });
+        }
         for c in changes {
             let kind = if c.idle {
                 EntryType::Idle
@@ -712,7 +737,7 @@ pub fn coalesce(mut effects: Vec<Effect>) -> Vec<Effect> {
             Effect::UpsertNode(n) => seen_nodes.insert(&n.node_id),
             Effect::UpsertVm(vm) => seen_vms.insert((&vm.node_id, &vm.uuid)),
             Effect::RemoveVm { node_id, uuid } => seen_vms.insert((node_id, uuid)),
-            Effect::Journal(_) => true,
+            Effect::Journal(_) | Effect::Activity { .. } => true,
         };
     }
     // In place: only the kept effects move, once each.

@@ -126,7 +126,10 @@ fn start(config: Arc<MasterConfig>, ctx: &Context) -> Result<Running, MasterErro
         store,
         inventory,
         rules_of(&config),
-        config.event_retention_days,
+        crate::retention::Retention {
+            journal_days: config.event_retention_days,
+            activity_days: config.activity_retention_days,
+        },
         metrics.clone(),
         reject_log.clone(),
         shared.clone(),
@@ -180,6 +183,11 @@ fn start(config: Arc<MasterConfig>, ctx: &Context) -> Result<Running, MasterErro
             .as_ref()
             .map(|t| Arc::new(String::from_utf8_lossy(t.expose()).into_owned())),
         bus: config.bus.is_some(),
+        idle: api::IdleSettings {
+            tx_packets_max: config.idle_tx_packets_max,
+            wr_reqs_max: config.idle_wr_reqs_max,
+            windows: config.idle_windows,
+        },
     };
     let server = runtime.spawn(serve::serve(
         listener,

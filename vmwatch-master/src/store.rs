@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::rules::{Effect, Entry, Inventory, Node, Vm};
 
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 5;
 
 /// From schema 1 (v0.1) to 2: unknown rows and superseded boots.
 const MIGRATE_TO_2: &str = "
@@ -36,6 +36,24 @@ CREATE TABLE IF NOT EXISTS bus_cursor (
     journal_id INTEGER NOT NULL
 );
 ";
+
+/// From schema 4 to 5: the activity history, one row per VM, node and UTC day holding the
+/// day's points packed one after another (`activity::encode`).
+const MIGRATE_TO_5: &str = "
+CREATE TABLE IF NOT EXISTS activity (
+    uuid TEXT NOT NULL,
+    node_id TEXT NOT NULL,
+    day INTEGER NOT NULL,
+    points BLOB NOT NULL,
+    PRIMARY KEY (uuid, node_id, day)
+) WITHOUT ROWID;
+";
+
+/// Appends a point to its day's row (`activity::encode`).
+pub const ACTIVITY_APPEND: &str = "\
+     INSERT INTO activity (uuid, node_id, day, points) VALUES (?1, ?2, ?3, ?4) \
+     ON CONFLICT (uuid, node_id, day) DO UPDATE SET \
+     points = CAST(points || excluded.points AS BLOB)";
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS nodes (
@@ -190,6 +208,10 @@ impl Store {
             tx.execute_batch(MIGRATE_TO_4)
                 .map_err(ctx("upgrade the schema to version 4"))?;
         }
+        if version < 5 {
+            tx.execute_batch(MIGRATE_TO_5)
+                .map_err(ctx("upgrade the schema to version 5"))?;
+        }
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)
             .map_err(ctx("set schema version"))?;
         tx.commit().map_err(ctx("commit schema upgrade"))?;
@@ -273,6 +295,16 @@ impl Store {
             .map_err(ctx("purge journal"))
     }
 
+    /// Deletes activity rows of days before `cutoff_day`; returns how many went.
+    pub fn purge_activity(&mut self, cutoff_day: u64) -> Result<usize, StoreError> {
+        self.conn
+            .execute(
+                "DELETE FROM activity WHERE day < ?1",
+                params![cutoff_day as i64],
+            )
+            .map_err(ctx("purge activity"))
+    }
+
     /// Loads the inventory the rules decide over.
     pub fn load_inventory(&self) -> Result<Inventory, StoreError> {
         let mut inv = Inventory::default();
@@ -342,6 +374,22 @@ fn apply(tx: &Transaction<'_>, effects: &[Effect]) -> Result<Vec<i64>, StoreErro
             Effect::UpsertVm(vm) => write_vm(tx, vm)?,
             Effect::RemoveVm { node_id, uuid } => remove_vm(tx, node_id, uuid)?,
             Effect::Journal(e) => ids.push(write_journal(tx, e)?),
+            Effect::Activity {
+                node_id,
+                uuid,
+                point,
+            } => tx
+                .prepare_cached(ACTIVITY_APPEND)
+                .and_then(|mut s| {
+                    s.execute(params![
+                        uuid,
+                        node_id,
+                        crate::activity::day_of(point.ts) as i64,
+                        crate::activity::encode(point)
+                    ])
+                })
+                .map(|_| ())
+                .map_err(ctx("write activity"))?,
         }
     }
     Ok(ids)
@@ -754,6 +802,37 @@ impl Reader {
     }
 
     /// Every row of one uuid (one per node).
+    /// The activity of `uuid` (on `node`, or every node) from `from_day` to `to_day`
+    /// inclusive: each row's node and points, in day order.
+    pub fn activity(
+        &self,
+        uuid: &str,
+        node: Option<&str>,
+        from_day: u64,
+        to_day: u64,
+    ) -> Result<Vec<(String, Vec<crate::activity::Point>)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT node_id, day, points FROM activity WHERE uuid = ?1 \
+                 AND (?2 IS NULL OR node_id = ?2) AND day BETWEEN ?3 AND ?4 ORDER BY day, node_id",
+            )
+            .map_err(ctx("read activity"))?;
+        let rows = stmt
+            .query_map(params![uuid, node, from_day as i64, to_day as i64], |r| {
+                let day: i64 = r.get(1)?;
+                // `||` makes text of blobs; the bytes are the same either way.
+                let blob = r.get_ref(2)?.as_bytes()?;
+                Ok((
+                    r.get::<_, String>(0)?,
+                    crate::activity::decode(blob, day.max(0) as u64),
+                ))
+            })
+            .map_err(ctx("read activity"))?;
+        rows.collect::<Result<Vec<_>, _>>()
+            .map_err(ctx("read activity"))
+    }
+
     pub fn vm(&self, uuid: &str) -> Result<Vec<Vm>, StoreError> {
         let mut stmt = self
             .conn
@@ -826,7 +905,7 @@ impl Reader {
 mod usage_column {
     use serde::{Deserialize, Serialize};
 
-    use crate::idle::{Resource, Sample, Usage};
+    use crate::idle::{ByteCounters, Resource, Sample, Usage};
 
     #[derive(Serialize, Deserialize)]
     #[serde(remote = "Usage")]
@@ -851,6 +930,41 @@ mod usage_column {
         rx_pkts: u64,
         rd_reqs: u64,
         cpu_time_ns: u64,
+        /// Absent in columns written before the activity history.
+        #[serde(
+            default,
+            with = "optional_bytes",
+            skip_serializing_if = "Option::is_none"
+        )]
+        bytes: Option<ByteCounters>,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(remote = "ByteCounters")]
+    struct BytesColumn {
+        tx: u64,
+        rx: u64,
+        rd: u64,
+        wr: u64,
+    }
+
+    mod optional_bytes {
+        use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+        use super::{ByteCounters, BytesColumn};
+
+        #[derive(Serialize, Deserialize)]
+        struct Column(#[serde(with = "BytesColumn")] ByteCounters);
+
+        pub fn serialize<S: Serializer>(v: &Option<ByteCounters>, s: S) -> Result<S::Ok, S::Error> {
+            v.map(Column).serialize(s)
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(
+            d: D,
+        ) -> Result<Option<ByteCounters>, D::Error> {
+            Ok(Option::<Column>::deserialize(d)?.map(|Column(b)| b))
+        }
     }
 
     #[derive(Serialize, Deserialize)]
@@ -1027,6 +1141,60 @@ mod tests {
         );
     }
 
+    /// Points are appended to their VM's, node's and day's row, read back in order across
+    /// days and nodes, and whole days go at retention.
+    #[test]
+    fn activity_is_appended_per_day_and_purged_by_day() {
+        use crate::activity::{Point, DAY_MS};
+        let path = temp_db("activity");
+        let mut store = Store::open(&path).unwrap();
+        let at = |ts: u64, tx: u64| Point {
+            ts,
+            window_ms: 600_000,
+            deltas: [
+                Some(tx),
+                Some(1),
+                None,
+                Some(3),
+                Some(4),
+                Some(5),
+                Some(6),
+                Some(7),
+                Some(8),
+            ],
+            idle_net: tx == 0,
+            idle_disk: false,
+        };
+        let point = |node: &str, p: Point| Effect::Activity {
+            node_id: node.into(),
+            uuid: "u1".into(),
+            point: p,
+        };
+        let day = 20_000 * DAY_MS;
+        store
+            .commit(&[
+                point("hv1", at(day - 600_000, 9)),
+                point("hv1", at(day + 600_000, 0)),
+                point("hv1", at(day + 1_200_000, 2)),
+                point("hv2", at(day + 600_000, 1)),
+            ])
+            .unwrap();
+        let reader = Reader::open(&path).unwrap();
+        let all = reader.activity("u1", None, 19_999, 20_000).unwrap();
+        let shape: Vec<(String, usize)> = all.iter().map(|(n, p)| (n.clone(), p.len())).collect();
+        assert_eq!(
+            shape,
+            [("hv1".into(), 1), ("hv1".into(), 2), ("hv2".into(), 1)]
+        );
+        assert_eq!(all[1].1, [at(day + 600_000, 0), at(day + 1_200_000, 2)]);
+        assert_eq!(
+            reader.activity("u1", Some("hv2"), 0, 30_000).unwrap().len(),
+            1
+        );
+        assert_eq!(store.purge_activity(20_000).unwrap(), 1, "the day before");
+        assert_eq!(reader.activity("u1", None, 0, 30_000).unwrap().len(), 2);
+    }
+
     /// With the bus on, an old entry the broker has not confirmed stays; once the cursor passes
     /// it, it goes. The cursor starts at the journal's end and never moves back.
     #[test]
@@ -1135,6 +1303,12 @@ mod tests {
                 rx_pkts: 4,
                 rd_reqs: 5,
                 cpu_time_ns: 6,
+                bytes: Some(crate::idle::ByteCounters {
+                    tx: 9,
+                    rx: 10,
+                    rd: 11,
+                    wr: 12,
+                }),
             }),
             nics: 1,
             disks: 2,
@@ -1157,5 +1331,9 @@ mod tests {
         let stored = r#"{"sample":null,"nics":0,"disks":0,"net":{"idle":false,"since":null,"quiet_windows":0,"last_delta":null,"no_device":false},"disk":{"idle":false,"since":null,"quiet_windows":0,"last_delta":null,"no_device":false},"last_window_ms":null}"#;
         assert_eq!(usage_column::encode(&Usage::default()), stored);
         assert_eq!(usage_column::decode(stored), Usage::default());
+        // A sample stored before byte counters were kept reads with none.
+        let old = r#"{"sample":{"ts":1,"tx_pkts":2,"wr_reqs":3,"rx_pkts":4,"rd_reqs":5,"cpu_time_ns":6},"nics":1,"disks":1,"net":{"idle":false,"since":null,"quiet_windows":0,"last_delta":null,"no_device":false},"disk":{"idle":false,"since":null,"quiet_windows":0,"last_delta":null,"no_device":false},"last_window_ms":null}"#;
+        let read = usage_column::decode(old);
+        assert_eq!(read.sample.map(|s| (s.tx_pkts, s.bytes)), Some((2, None)));
     }
 }

@@ -53,6 +53,52 @@ pub struct Nodes {
     pub nodes: Vec<Node>,
 }
 
+/// `GET /api/v1/vms/{uuid}/activity`.
+#[derive(serde::Serialize)]
+pub struct ActivityPage {
+    pub uuid: String,
+    pub from: u64,
+    pub to: u64,
+    /// The thresholds per window the idle rule uses now.
+    pub thresholds: Thresholds,
+    pub idle_windows: u32,
+    /// Windows merged into each point (1: every window as it was).
+    pub windows_per_point: u32,
+    #[serde(serialize_with = "all")]
+    pub points: Vec<NodeBucket>,
+}
+
+#[derive(serde::Serialize)]
+pub struct Thresholds {
+    pub tx_pkts: u64,
+    pub wr_reqs: u64,
+}
+
+/// A point of the activity history and the node it was measured on.
+pub struct NodeBucket {
+    pub node_id: String,
+    pub bucket: crate::activity::Bucket,
+}
+
+/// One point: its time, node, windows, every counter's delta under its name (`null` when
+/// unknown) and the idle flags.
+impl Serialize for View<'_, NodeBucket> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let (node_id, b) = (&self.0.node_id, &self.0.bucket);
+        let mut m = s.serialize_struct("Point", 15)?;
+        m.serialize_field("ts", &b.ts)?;
+        m.serialize_field("node_id", node_id)?;
+        m.serialize_field("windows", &b.windows)?;
+        m.serialize_field("window_s", &(b.window_ms / 1000))?;
+        for (name, d) in crate::activity::COUNTERS.iter().zip(b.deltas) {
+            m.serialize_field(name, &d)?;
+        }
+        m.serialize_field("idle_net", &b.idle_net)?;
+        m.serialize_field("idle_disk", &b.idle_disk)?;
+        m.end()
+    }
+}
+
 /// One node (`GET /api/v1/nodes`). `superseded` stays inside.
 impl Serialize for View<'_, Node> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
@@ -164,6 +210,7 @@ mod tests {
                     rx_pkts: 6,
                     rd_reqs: 7,
                     cpu_time_ns: 8,
+                    bytes: None,
                 }),
                 nics: 1,
                 disks: 1,
