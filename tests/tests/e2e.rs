@@ -626,6 +626,130 @@ fn background_writes_under_the_threshold_are_idle_and_over_it_are_not() {
         .all(|(e, _)| e != "disk"));
 }
 
+/// The activity history of a real guest holds exactly the deltas of libvirt's counters: between
+/// two samples the API showed, the points add up to the difference of every counter, and once
+/// the guest is paused its disk counter in the last sample is libvirt's own.
+#[test]
+fn the_activity_history_holds_the_deltas_of_libvirts_counters() {
+    if !require_root_env("the_activity_history_holds_the_deltas_of_libvirts_counters") {
+        return;
+    }
+    let lv = PrivateLibvirtd::start("activity").expect("libvirtd");
+    let uuid = lv
+        .start_guest("e2e-activity", GuestKind::DiskWriter)
+        .expect("writer guest");
+    let dir = temp_dir("activity");
+    let master = Master::start(&dir, &[]).expect("master");
+    let _node = Node::start(
+        &dir,
+        "act",
+        &master.endpoint(),
+        &lv.uri(),
+        &[("stats_interval", "2")],
+    )
+    .expect("node");
+    let sample = || -> Option<serde_json::Value> {
+        let row = master.vm_row(&uuid, "act")?;
+        (!row["usage"]["sample"].is_null()).then(|| row["usage"]["sample"].clone())
+    };
+    let activity = |query: &str| {
+        master
+            .get(&format!("/api/v1/vms/{uuid}/activity?{query}"))
+            .expect("activity")
+    };
+    wait_for(Duration::from_secs(30), "a first point", || {
+        let page = master.get(&format!("/api/v1/vms/{uuid}/activity")).ok()?;
+        (!page["points"].as_array()?.is_empty()).then_some(())
+    });
+    let first = sample().expect("a sample");
+    let t1 = first["ts"].as_u64().expect("ts");
+    wait_for(Duration::from_secs(30), "three more windows", || {
+        (sample()?["ts"].as_u64()? >= t1 + 6_000).then_some(())
+    });
+    lv.virsh(&["suspend", &uuid]).expect("suspend");
+    // Two samples after the pause: the last one reads the frozen counters.
+    let paused_at = vmwatch_common::time::now_ms();
+    let last = wait_for(
+        Duration::from_secs(30),
+        "two samples after the pause",
+        || {
+            let s = sample()?;
+            (s["ts"].as_u64()? >= paused_at + 4_000).then_some(s)
+        },
+    );
+    let t2 = last["ts"].as_u64().expect("ts");
+    let stats = lv.domstats(&uuid, &["--block"]).expect("domstats");
+    assert_eq!(
+        Some(last["wr_reqs"].as_u64().expect("wr_reqs").to_string()),
+        stats.get("block.0.wr.reqs").cloned(),
+        "the last sample is libvirt's counter"
+    );
+
+    let page = activity(&format!("from={t1}&to={t2}"));
+    assert_eq!(page["windows_per_point"], 1, "{page}");
+    assert_eq!(
+        page["thresholds"],
+        serde_json::json!({"tx_pkts": 0, "wr_reqs": 0})
+    );
+    let points = page["points"].as_array().expect("points").clone();
+    assert!(points.len() >= 4, "{page}");
+    let sum = |name: &str| {
+        points
+            .iter()
+            .map(|p| p[name].as_u64().expect(name))
+            .sum::<u64>()
+    };
+    let diff = |name: &str| last[name].as_u64().expect(name) - first[name].as_u64().expect(name);
+    for name in ["wr_reqs", "rd_reqs", "tx_pkts", "rx_pkts"] {
+        assert_eq!(
+            sum(name),
+            diff(name),
+            "{name}: the points add up to the counters' change"
+        );
+    }
+    let cpu_ms = (last["cpu_time_ns"].as_u64().unwrap() - first["cpu_time_ns"].as_u64().unwrap())
+        / 1_000_000;
+    let cpu_sum = sum("cpu_ms");
+    assert!(
+        cpu_sum <= cpu_ms && cpu_sum + points.len() as u64 >= cpu_ms,
+        "cpu {cpu_sum} vs {cpu_ms} ms"
+    );
+    assert!(sum("wr_reqs") > 0, "the guest writes");
+    assert!(points
+        .iter()
+        .all(|p| p["node_id"] == "act" && p["windows"] == 1));
+    assert!(points
+        .iter()
+        .all(|p| (1..=4).contains(&p["window_s"].as_u64().unwrap_or(0))));
+    assert_eq!(
+        points.last().map(|p| &p["wr_reqs"]),
+        Some(&serde_json::json!(0)),
+        "paused: no writes"
+    );
+    assert!(
+        points.iter().all(|p| !p["wr_bytes"].is_null()),
+        "byte counters too"
+    );
+
+    // A long range is merged: at most max_points points, the sums kept.
+    let merged = activity(&format!("from={t1}&to={t2}&max_points=2"));
+    let merged_points = merged["points"].as_array().expect("points");
+    assert!(merged_points.len() <= 2, "{merged}");
+    let merged_sum: u64 = merged_points
+        .iter()
+        .map(|p| p["wr_reqs"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(merged_sum, sum("wr_reqs"));
+    let (status, body) = master
+        .get_raw(&format!("/api/v1/vms/{uuid}/activity?from=5&to=1"))
+        .expect("bad range");
+    assert_eq!(status, 400, "{body}");
+    let (status, _) = master
+        .get_raw("/api/v1/vms/00000000-0000-4000-8000-000000000000/activity")
+        .expect("unknown");
+    assert_eq!(status, 404);
+}
+
 #[test]
 fn restart_and_suspend_never_look_idle() {
     if !require_root_env("restart_and_suspend_never_look_idle") {
