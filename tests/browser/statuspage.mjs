@@ -24,6 +24,10 @@
 //   {"cmd":"tolerate","pattern":RE}
 //       console errors matching RE no longer fail the run (a test that stops the master on
 //       purpose); they are counted as "tolerated" → {"event":"tolerating"}
+//   {"cmd":"detail","uuid":U,"points":N,"idle":true,"timeout_ms":N}
+//       clicks the VM's name (again every 2 s) until its detail view shows both plots with at
+//       least N points, the two threshold lines, the state band, a sparkline in the table and
+//       (with "idle") a shaded idle period → {"event":"detail","info":{...}}|{"event":"timeout"}
 //   {"cmd":"screenshot"}  → full-page PNG at <screenshot.png> → {"event":"screenshot","path"}
 //   {"cmd":"finish"}      → {"event":"result","ok":...} and exit 0 if ok, 1 otherwise: ok
 //       needs no console error or warning, no uncaught page error, no request leaving the
@@ -277,6 +281,42 @@ async function scenario(opts) {
         for (;;) {
           info = await pageInfo(page);
           if (info.statusState === cmd.state) { emit({ event: "matched", info, elapsed_ms: Date.now() - t0 }); break; }
+          if (Date.now() >= deadline) { emit({ event: "timeout", info, elapsed_ms: Date.now() - t0 }); break; }
+          await sleep(50);
+        }
+      } else if (cmd.cmd === "detail") {
+        // Opens a VM's detail view like a user (its name link) and waits until its plots show
+        // at least `points` points and, with "idle":true, a shaded idle period.
+        const t0 = Date.now();
+        const deadline = t0 + (cmd.timeout_ms ?? 20000);
+        let info = null;
+        for (let attempt = 0; ; attempt++) {
+          if (attempt % 40 === 0) await page.click(`a[data-detail="${cmd.uuid}"]`);
+          info = await page.evaluate(() => {
+            const d = document.getElementById("detail");
+            const count = (sel) => d.querySelectorAll(sel).length;
+            return {
+              shown: !d.hidden,
+              points: Number(d.dataset.points || 0),
+              render_ms: Number(d.dataset.renderMs || 0),
+              net_path: count('svg[data-plot="net"] path.plot-line'),
+              disk_path: count('svg[data-plot="disk"] path.plot-line'),
+              thresholds: count("line[data-threshold]"),
+              idle_net: count('svg[data-plot="net"] rect[data-idle]'),
+              idle_disk: count('svg[data-plot="disk"] rect[data-idle]'),
+              states: count('svg[data-plot="states"] rect'),
+              // In the VM table, outside the detail view.
+              sparklines: document.querySelectorAll("svg[data-spark] path").length,
+              summary: document.getElementById("d-summary").textContent,
+            };
+          });
+          info.activity_requests = w.apiRequests.filter((r) => r.url.includes("/activity")).length;
+          const idle = info.idle_net + info.idle_disk > 0;
+          if (info.shown && info.points >= (cmd.points ?? 1) && info.thresholds === 2 && info.net_path && info.disk_path
+              && info.states > 0 && (!cmd.idle || idle) && info.sparklines > 0) {
+            emit({ event: "detail", info, elapsed_ms: Date.now() - t0 });
+            break;
+          }
           if (Date.now() >= deadline) { emit({ event: "timeout", info, elapsed_ms: Date.now() - t0 }); break; }
           await sleep(50);
         }

@@ -423,3 +423,118 @@ fn status_page_asks_for_the_api_token() {
         "the page did meet the 401 first: {result}"
     );
 }
+
+/// The VM detail view in Chromium: a real guest writing to its disk under the background-noise
+/// threshold is plotted with the threshold line and its idle periods shaded, a sparkline is in
+/// the table; then 14 days of 10-minute windows (2016 points) are read and drawn. Screenshots:
+/// `target/statuspage-detail.png` (14 days). No console error.
+#[test]
+fn the_detail_view_plots_activity_with_the_threshold_and_idle_periods() {
+    let test = "the_detail_view_plots_activity_with_the_threshold_and_idle_periods";
+    if !require_root_env(test) || !require_browser_env(test) {
+        return;
+    }
+    let lv = PrivateLibvirtd::start("detail").expect("private libvirtd");
+    let uuid = lv
+        .start_guest("detail-writer", GuestKind::DiskWriter)
+        .expect("writer guest");
+    let dir = temp_dir("detail");
+    let master =
+        Master::start(&dir, &[("idle_windows", "2"), ("idle_wr_reqs_max", "5")]).expect("master");
+    let _node = Node::start(
+        &dir,
+        "detail",
+        &master.endpoint(),
+        &lv.uri(),
+        &[("stats_interval", "2")],
+    )
+    .expect("node");
+    let screenshot = target_file("statuspage-detail.png");
+    let _ = std::fs::remove_file(&screenshot);
+    let mut driver = Driver::start(
+        &master.url("/"),
+        &screenshot,
+        &[&uuid],
+        None,
+        &dir.join("driver.stderr"),
+    )
+    .expect("browser driver");
+    let ready = driver
+        .next_event(Duration::from_secs(90))
+        .expect("page ready");
+    expect_event(&ready, "ready", "the guest's row on the page");
+    // The writer's ≈ 2 writes a window are under 5: idle on the disk after 2 windows.
+    wait_for(Duration::from_secs(30), "idle.disk in the API", || {
+        let row = master.vm_row(&uuid, "detail")?;
+        (row["usage"]["disk"]["idle"] == true).then_some(())
+    });
+    let detail = driver
+        .command(
+            &json!({"cmd": "detail", "uuid": uuid, "points": 3, "idle": true, "timeout_ms": 30_000}),
+            Duration::from_secs(45),
+        )
+        .expect("detail command");
+    expect_event(&detail, "detail", "the detail view of the real guest");
+    eprintln!("detail of the real guest: {}", detail["info"]);
+    assert!(detail["info"]["idle_disk"].as_u64() >= Some(1), "{detail}");
+
+    // 14 days of 10-minute windows of this VM, written as the master writes them: a quiet
+    // guest (a few packets, no writes) with a busy afternoon a day.
+    let day = 86_400_000u64;
+    let end = now_ms() - 3_600_000;
+    let mut store = vmwatch_master::store::Store::open(&dir.join("master.db")).expect("db");
+    let history: Vec<vmwatch_master::rules::Effect> = (0..2016u64)
+        .map(|i| {
+            let ts = end - 14 * day + (i + 1) * 600_000;
+            let busy = i % 144 >= 84 && i % 144 < 96;
+            let n = |quiet: u64, loud: u64| Some(if busy { loud } else { quiet });
+            vmwatch_master::rules::Effect::Activity {
+                node_id: "detail".into(),
+                uuid: uuid.clone(),
+                point: vmwatch_master::activity::Point {
+                    ts,
+                    window_ms: 600_000,
+                    deltas: [
+                        n(3, 900),
+                        n(4, 1200),
+                        n(180, 90_000),
+                        n(240, 400_000),
+                        n(0, 30),
+                        n(0, 400),
+                        n(0, 120_000),
+                        n(0, 1_600_000),
+                        n(5, 9000),
+                    ],
+                    idle_net: !busy,
+                    idle_disk: !busy,
+                },
+            }
+        })
+        .collect();
+    store.commit(&history).expect("history");
+    drop(store);
+    let detail = driver
+        .command(
+            &json!({"cmd": "detail", "uuid": uuid, "points": 1000, "idle": true, "timeout_ms": 30_000}),
+            Duration::from_secs(45),
+        )
+        .expect("detail command");
+    expect_event(&detail, "detail", "the detail view of 14 days");
+    let info = &detail["info"];
+    eprintln!(
+        "detail view of 14 days of 10-minute windows: {} points drawn in {} ms (3 API reads and the SVG); {}",
+        info["points"], info["render_ms"], info["summary"]
+    );
+    assert!(
+        info["idle_net"].as_u64() >= Some(14),
+        "a quiet stretch a day: {info}"
+    );
+    let shot = driver
+        .command(&json!({"cmd": "screenshot"}), Duration::from_secs(30))
+        .expect("screenshot");
+    expect_event(&shot, "screenshot", "the screenshot");
+    assert!(std::fs::metadata(&screenshot).is_ok_and(|m| m.len() > 10_000));
+    eprintln!("screenshot: {}", screenshot.display());
+    let (result, status) = driver.finish(Duration::from_secs(30)).expect("finish");
+    assert!(status.success(), "the page had problems: {result}");
+}

@@ -6,7 +6,11 @@
 //! UTC day, whose blob is the day's points appended one after another. A point is a run of
 //! LEB128 varints: the sample's second of the day, the window in seconds, a mask of the
 //! counters that are unknown, each known delta (cpu in ms), then the idle flags. A window in
-//! which nothing moved takes 16 bytes; one row per point took about 5 times as much.
+//! which nothing moved takes 16 bytes. Measured (500,000 VMs, half of them busy): 36 bytes a
+//! point on disk at the end of a day (the B-tree pages of rows that grow are not full), a third
+//! of one row per point (111 bytes); appending at the end of a day runs 4.4 times faster than
+//! inserting rows, and reading a VM's day costs 0.024 ms. Rows of 4-hour blocks (kept under
+//! SQLite's overflow threshold) took 39 bytes a point.
 
 use crate::idle::Sample;
 

@@ -6,7 +6,7 @@
 //! shells around them, and [`run`] wires them together.
 #![forbid(unsafe_code)]
 
-mod activity;
+pub mod activity;
 mod api;
 mod blocking;
 mod bus;
