@@ -36,11 +36,13 @@ check "node .deb file list" contains_all "$tmp/node.deb.list" /usr/sbin/vmwatch-
   /lib/systemd/system/vmwatch-node.service /etc/logrotate.d/vmwatch-node
 check "master .deb file list" contains_all "$tmp/master.deb.list" /usr/sbin/vmwatch-master /etc/vmwatch/vmwatch-master.conf \
   /lib/systemd/system/vmwatch-master.service /usr/lib/sysusers.d/vmwatch-master.conf \
-  /usr/lib/tmpfiles.d/vmwatch-master.conf /etc/logrotate.d/vmwatch-master
+  /usr/lib/tmpfiles.d/vmwatch-master.conf /etc/logrotate.d/vmwatch-master \
+  /usr/share/vmwatch/vmwatch.rules.yml /usr/share/vmwatch/vmwatch-dashboard.json
 check "node .rpm file list" contains_all "$tmp/node.rpm.list" /usr/sbin/vmwatch-node /etc/vmwatch/vmwatch-node.conf \
   /usr/lib/systemd/system/vmwatch-node.service /etc/logrotate.d/vmwatch-node
 check "master .rpm file list" contains_all "$tmp/master.rpm.list" /usr/sbin/vmwatch-master /etc/vmwatch/vmwatch-master.conf \
-  /usr/lib/systemd/system/vmwatch-master.service /usr/lib/sysusers.d/vmwatch-master.conf
+  /usr/lib/systemd/system/vmwatch-master.service /usr/lib/sysusers.d/vmwatch-master.conf \
+  /usr/share/vmwatch/vmwatch.rules.yml /usr/share/vmwatch/vmwatch-dashboard.json
 check "rpm configs are noreplace" sh -c "rpm -qp --configfiles $pkgs/vmwatch-node-0.1.0-1.x86_64.rpm 2>/dev/null | grep -qx /etc/vmwatch/vmwatch-node.conf"
 check "deb conffiles" sh -c "dpkg-deb -I $master_deb conffiles | grep -qx /etc/vmwatch/vmwatch-master.conf"
 check "config mode 0640 in the package" sh -c "dpkg -c $node_deb | grep '^-rw-r----- .*etc/vmwatch/vmwatch-node.conf' >/dev/null"

@@ -22,6 +22,8 @@ pub mod guests;
 pub mod libvirtd;
 /// The real vmwatch binaries as processes (maintained with the end-to-end tests).
 pub mod product;
+/// A private Prometheus server (the alert rules and dashboard tests).
+pub mod prometheus;
 pub mod receiver;
 pub mod reference;
 pub mod sim;

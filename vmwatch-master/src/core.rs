@@ -233,6 +233,7 @@ impl Core {
             Ok(ids) => ids,
             Err(e) => {
                 self.metrics.db_errors.inc();
+                self.metrics.db_ok.set(0);
                 if self.shared.db_ok.swap(false, Ordering::Relaxed) {
                     tracing::error!(error = %e, "database write failed; holding the batch and retrying every 0.5 s (ingest pushes back meanwhile)");
                 }
@@ -240,6 +241,7 @@ impl Core {
             }
         };
         self.shared.db_ok.store(true, Ordering::Relaxed);
+        self.metrics.db_ok.set(1);
         self.metrics
             .commit_seconds
             .observe(started.elapsed().as_secs_f64());

@@ -67,6 +67,7 @@ pub struct Metrics {
     pub http_connections: Gauge,
     pub http_connections_refused: Counter,
     pub dead_letters: Gauge,
+    pub db_ok: Gauge,
     pub bus_published: Counter,
     pub bus_confirm: Histogram,
     pub bus_lag: Gauge,
@@ -166,6 +167,11 @@ impl Metrics {
                 "From journal entry to the panel's 2xx",
                 Histogram::new(exponential_buckets(0.001, 2.0, 20)),
             ),
+            db_ok: {
+                let g = reg(&mut r, "db_ok", "1 while database commits succeed, 0 while they fail (the batch is held and retried)", Gauge::default());
+                g.set(1);
+                g
+            },
             bus_published: reg(
                 &mut r,
                 "bus_published",
