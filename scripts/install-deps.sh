@@ -49,6 +49,15 @@ if ! dpkg -s rabbitmq-server python3-pika openssl prometheus >/dev/null 2>&1; th
   fi
 fi
 
+# The OpenAPI test validates the document and the live responses with openapi-spec-validator
+# and jsonschema (PyPI) in a venv of their own.
+venv=/opt/vmwatch-test-venv
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import openapi_spec_validator, jsonschema" 2>/dev/null; then
+  apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
+  /usr/bin/python3 -m venv "$venv"
+  "$venv/bin/pip" install -q "openapi-spec-validator==0.7.1" "jsonschema>=4.18"
+fi
+
 # libvirtd looks up this user before it reads qemu.conf and dies without it.
 getent group libvirt-qemu >/dev/null || groupadd --system libvirt-qemu
 getent passwd libvirt-qemu >/dev/null || useradd --system -g libvirt-qemu --no-create-home libvirt-qemu

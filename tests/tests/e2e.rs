@@ -1306,3 +1306,225 @@ fn metrics_parse_with_a_real_parser_and_count_a_known_sequence() {
         "commit-time histogram"
     );
 }
+
+const VENV_PYTHON: &str = "/opt/vmwatch-test-venv/bin/python";
+
+/// Every endpoint of a real master (with a real node, guest, panel and api_token) answers as
+/// `GET /api/v1/openapi.json` says: the document is valid OpenAPI 3.1 (openapi-spec-validator)
+/// and every response below, errors included, validates against its documented schema
+/// (jsonschema; the hand-written shapes have `additionalProperties: false`).
+#[test]
+fn every_endpoint_answers_as_its_openapi_document_says() {
+    let test = "every_endpoint_answers_as_its_openapi_document_says";
+    if !require_root_env(test) {
+        return;
+    }
+    let missing: Vec<String> = (!std::path::Path::new(VENV_PYTHON).exists())
+        .then(|| format!("{VENV_PYTHON} with openapi-spec-validator and jsonschema"))
+        .into_iter()
+        .collect();
+    if !vmwatch_tests::ready_or_skip(test, &missing, "run scripts/install-deps.sh as root") {
+        return;
+    }
+    let lv = PrivateLibvirtd::start("openapi").expect("libvirtd");
+    let uuid = lv
+        .start_guest("openapi-vm", GuestKind::Idle)
+        .expect("guest");
+    let dir = temp_dir("openapi");
+    let token = "openapi-test-token-0123456789";
+    let panel = PanelReceiver::start(0, b"panel-key-openapi-0123456789").expect("panel");
+    let url = panel.url();
+    let master = Master::start(
+        &dir,
+        &[
+            ("api_token", token),
+            ("panel_url", &url),
+            ("panel_secret", "panel-key-openapi-0123456789"),
+        ],
+    )
+    .expect("master");
+    let _node = Node::start(
+        &dir,
+        "oa",
+        &master.endpoint(),
+        &lv.uri(),
+        &[("stats_interval", "2")],
+    )
+    .expect("node");
+    let agent = ureq::AgentBuilder::new().build();
+    let call =
+        |method: &str, path_and_query: &str, auth: bool| -> (u16, String, serde_json::Value) {
+            let mut req = agent.request(method, &master.url(path_and_query));
+            if auth {
+                req = req.set("Authorization", &format!("Bearer {token}"));
+            }
+            let resp = match req.call() {
+                Ok(r) => r,
+                Err(ureq::Error::Status(_, r)) => r,
+                Err(e) => panic!("{method} {path_and_query}: {e}"),
+            };
+            let status = resp.status();
+            let content_type = resp.content_type().to_owned();
+            let text = resp.into_string().expect("body");
+            let body = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+            (status, content_type, body)
+        };
+    wait_for(Duration::from_secs(30), "an activity point", || {
+        let (s, _, b) = call("GET", &format!("/api/v1/vms/{uuid}/activity"), true);
+        (s == 200 && !b["points"].as_array()?.is_empty()).then_some(())
+    });
+    let (status, _, doc) = call("GET", "/api/v1/openapi.json", true);
+    assert_eq!(status, 200);
+    let unknown = "00000000-0000-4000-8000-000000000000";
+    let requests: Vec<(&str, String, &str, bool)> = vec![
+        ("get", "/api/v1/vms".into(), "/api/v1/vms", true),
+        (
+            "get",
+            "/api/v1/vms?state=running&limit=5".into(),
+            "/api/v1/vms",
+            true,
+        ),
+        ("get", "/api/v1/vms?limit=0".into(), "/api/v1/vms", true),
+        ("get", "/api/v1/vms".into(), "/api/v1/vms", false),
+        (
+            "get",
+            format!("/api/v1/vms/{uuid}"),
+            "/api/v1/vms/{uuid}",
+            true,
+        ),
+        (
+            "get",
+            format!("/api/v1/vms/{unknown}"),
+            "/api/v1/vms/{uuid}",
+            true,
+        ),
+        (
+            "get",
+            format!("/api/v1/vms/{uuid}/wait?state=running&timeout=1"),
+            "/api/v1/vms/{uuid}/wait",
+            true,
+        ),
+        (
+            "get",
+            format!("/api/v1/vms/{uuid}/wait?state=shutoff&timeout=1"),
+            "/api/v1/vms/{uuid}/wait",
+            true,
+        ),
+        (
+            "get",
+            format!("/api/v1/vms/{uuid}/wait?timeout=1"),
+            "/api/v1/vms/{uuid}/wait",
+            true,
+        ),
+        (
+            "get",
+            format!("/api/v1/vms/{uuid}/activity"),
+            "/api/v1/vms/{uuid}/activity",
+            true,
+        ),
+        (
+            "get",
+            format!("/api/v1/vms/{uuid}/activity?from=9&to=1"),
+            "/api/v1/vms/{uuid}/activity",
+            true,
+        ),
+        (
+            "get",
+            format!("/api/v1/vms/{unknown}/activity"),
+            "/api/v1/vms/{uuid}/activity",
+            true,
+        ),
+        ("get", "/api/v1/nodes".into(), "/api/v1/nodes", true),
+        (
+            "get",
+            "/api/v1/events?limit=3".into(),
+            "/api/v1/events",
+            true,
+        ),
+        (
+            "get",
+            "/api/v1/events?type=nonsense".into(),
+            "/api/v1/events",
+            true,
+        ),
+        (
+            "get",
+            "/api/v1/dead-letters".into(),
+            "/api/v1/dead-letters",
+            true,
+        ),
+        (
+            "post",
+            "/api/v1/dead-letters/999999/retry".into(),
+            "/api/v1/dead-letters/{id}/retry",
+            true,
+        ),
+        (
+            "post",
+            "/api/v1/dead-letters/x/retry".into(),
+            "/api/v1/dead-letters/{id}/retry",
+            true,
+        ),
+        (
+            "get",
+            "/api/v1/openapi.json".into(),
+            "/api/v1/openapi.json",
+            true,
+        ),
+        ("get", "/healthz".into(), "/healthz", false),
+        ("get", "/metrics".into(), "/metrics", true),
+        ("get", "/".into(), "/", false),
+    ];
+    let mut responses = Vec::new();
+    let mut statuses = std::collections::BTreeSet::new();
+    for (method, path_and_query, path, auth) in &requests {
+        let (status, content_type, body) = call(&method.to_uppercase(), path_and_query, *auth);
+        statuses.insert(status);
+        let media = content_type
+            .split(';')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_owned();
+        let media = if path == &"/metrics" {
+            "application/openmetrics-text; version=1.0.0; charset=utf-8".to_owned()
+        } else {
+            media
+        };
+        responses.push(serde_json::json!({
+            "method": method, "path": path, "status": status, "body": body, "content_type": media,
+        }));
+    }
+    assert!(
+        [200, 400, 401, 404, 408]
+            .iter()
+            .all(|s| statuses.contains(s)),
+        "every documented status was exercised: {statuses:?}"
+    );
+    let input = serde_json::json!({"document": doc, "responses": responses});
+    let mut child = Command::new(VENV_PYTHON)
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi/validate.py"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("validator");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.to_string().as_bytes())
+        .expect("write");
+    let out = child.wait_with_output().expect("validator output");
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{report}");
+    assert!(
+        out.status.success(),
+        "the responses or the document do not validate:\n{report}"
+    );
+}

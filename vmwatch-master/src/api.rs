@@ -15,6 +15,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+pub mod openapi;
 pub mod view;
 
 use crate::core::Shared;
@@ -120,6 +121,7 @@ pub fn router(state: AppState) -> Router {
             axum::routing::post(retry_dead_letter),
         )
         .route("/metrics", get(metrics))
+        .route("/api/v1/openapi.json", get(openapi::document))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/", get(status_page))
@@ -156,7 +158,8 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct VmsQuery {
     node: Option<String>,
@@ -177,6 +180,10 @@ fn page(limit: Option<u32>) -> Result<u32, ApiError> {
     }
 }
 
+#[utoipa::path(get, path = "/api/v1/vms", tag = "vms", params(VmsQuery),
+    responses((status = 200, description = "ok", body = view::VmsPage), (status = 400, description = "bad request (the message names what was wrong)", body = openapi::Error),
+        (status = 401, description = "missing or wrong bearer token", body = openapi::Error), (status = 503, description = "database unavailable", body = openapi::Error)),
+    security((), ("bearer" = [])))]
 async fn list_vms(
     State(state): State<AppState>,
     q: Result<Query<VmsQuery>, axum::extract::rejection::QueryRejection>,
@@ -202,6 +209,10 @@ async fn list_vms(
     }))
 }
 
+#[utoipa::path(get, path = "/api/v1/vms/{uuid}", tag = "vms", params(("uuid" = String, Path)),
+    responses((status = 200, description = "ok", body = view::VmRows), (status = 404, description = "not found", body = openapi::Error),
+        (status = 401, description = "missing or wrong bearer token", body = openapi::Error), (status = 503, description = "database unavailable", body = openapi::Error)),
+    security((), ("bearer" = [])))]
 async fn get_vm(
     State(state): State<AppState>,
     Path(uuid): Path<String>,
@@ -221,7 +232,8 @@ async fn get_vm(
     }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct ActivityQuery {
     from: Option<u64>,
@@ -238,6 +250,12 @@ const MAX_ACTIVITY_POINTS: u32 = 10_000;
 
 /// A VM's activity history from `from` to `to` (unix ms; default the last 24 h), each node's
 /// windows merged into at most `max_points` points when the range holds more.
+#[utoipa::path(get, path = "/api/v1/vms/{uuid}/activity", tag = "vms",
+    params(("uuid" = String, Path), ActivityQuery),
+    responses((status = 200, description = "ok", body = view::ActivityPage), (status = 400, description = "bad request (the message names what was wrong)", body = openapi::Error),
+        (status = 404, description = "not found", body = openapi::Error), (status = 401, description = "missing or wrong bearer token", body = openapi::Error),
+        (status = 503, description = "database unavailable", body = openapi::Error)),
+    security((), ("bearer" = [])))]
 async fn vm_activity(
     State(state): State<AppState>,
     Path(uuid): Path<String>,
@@ -311,6 +329,10 @@ async fn vm_activity(
     }))
 }
 
+#[utoipa::path(get, path = "/api/v1/nodes", tag = "nodes",
+    responses((status = 200, description = "ok", body = view::Nodes), (status = 401, description = "missing or wrong bearer token", body = openapi::Error),
+        (status = 503, description = "database unavailable", body = openapi::Error)),
+    security((), ("bearer" = [])))]
 async fn list_nodes(State(state): State<AppState>) -> Result<Json<view::Nodes>, ApiError> {
     let nodes = read(&state, |r| r.nodes()).await?;
     Ok(Json(view::Nodes { nodes }))
@@ -319,7 +341,8 @@ async fn list_nodes(State(state): State<AppState>) -> Result<Json<view::Nodes>, 
 /// Longest a `/wait` may hold a request.
 pub const MAX_WAIT_S: u64 = 3600;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct WaitQuery {
     state: String,
@@ -329,6 +352,13 @@ struct WaitQuery {
 /// Long poll: answers as soon as any row of the VM is in `state` (200), or after `timeout`
 /// seconds with 408 and the current rows. Waiters are async tasks woken by the core's change
 /// broadcast: no thread and no polling per waiter.
+#[utoipa::path(get, path = "/api/v1/vms/{uuid}/wait", tag = "vms",
+    params(("uuid" = String, Path), WaitQuery),
+    responses((status = 200, description = "a row reached the state", body = view::VmRows),
+        (status = 408, description = "timeout: the rows as they are", body = view::VmRows),
+        (status = 400, description = "bad request (the message names what was wrong)", body = openapi::Error), (status = 404, description = "not found", body = openapi::Error),
+        (status = 401, description = "missing or wrong bearer token", body = openapi::Error), (status = 503, description = "database unavailable", body = openapi::Error)),
+    security((), ("bearer" = [])))]
 async fn wait_vm(
     State(state): State<AppState>,
     Path(uuid): Path<String>,
@@ -408,7 +438,8 @@ async fn wait_vm(
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct EventsQuery {
     after: Option<i64>,
@@ -419,6 +450,10 @@ struct EventsQuery {
     limit: Option<u32>,
 }
 
+#[utoipa::path(get, path = "/api/v1/events", tag = "journal", params(EventsQuery),
+    responses((status = 200, description = "ok", body = EventsPage), (status = 400, description = "bad request (the message names what was wrong)", body = openapi::Error),
+        (status = 401, description = "missing or wrong bearer token", body = openapi::Error), (status = 503, description = "database unavailable", body = openapi::Error)),
+    security((), ("bearer" = [])))]
 async fn list_events(
     State(state): State<AppState>,
     q: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
@@ -443,24 +478,34 @@ async fn list_events(
 }
 
 /// `GET /api/v1/events`, serialized once from the rows.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct EventsPage {
     events: Vec<JournalRow>,
     last_id: i64,
 }
 
 /// `GET /api/v1/dead-letters`.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct DeadLetters {
     dead_letters: Vec<DeadLetter>,
 }
 
+#[utoipa::path(get, path = "/api/v1/dead-letters", tag = "journal",
+    responses((status = 200, description = "ok", body = DeadLetters), (status = 401, description = "missing or wrong bearer token", body = openapi::Error),
+        (status = 503, description = "database unavailable", body = openapi::Error)),
+    security((), ("bearer" = [])))]
 async fn list_dead_letters(State(state): State<AppState>) -> Result<Json<DeadLetters>, ApiError> {
     let dead_letters = read(&state, |r| r.dead_letters(MAX_PAGE)).await?;
     Ok(Json(DeadLetters { dead_letters }))
 }
 
 /// Puts a dead letter back into the outbox; the webhook delivers it in journal order.
+#[utoipa::path(post, path = "/api/v1/dead-letters/{id}/retry", tag = "journal",
+    params(("id" = i64, Path, description = "journal id")),
+    responses((status = 200, description = "ok", body = openapi::Retried), (status = 400, description = "bad request (the message names what was wrong)", body = openapi::Error),
+        (status = 404, description = "not found", body = openapi::Error), (status = 401, description = "missing or wrong bearer token", body = openapi::Error),
+        (status = 503, description = "database unavailable", body = openapi::Error)),
+    security((), ("bearer" = [])))]
 async fn retry_dead_letter(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -492,6 +537,8 @@ async fn retry_dead_letter(
     Ok(Json(json!({ "retried": id })))
 }
 
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "ok", body = openapi::Health), (status = 503, description = "database unavailable", body = openapi::Health)))]
 async fn healthz(State(state): State<AppState>) -> Response {
     let db_ok = state.shared.db_ok.load(Ordering::Relaxed);
     let core_age_ms = state.shared.pulse.age_ms(vmwatch_common::time::now_ms());
@@ -512,6 +559,11 @@ async fn healthz(State(state): State<AppState>) -> Response {
     (status, Json(body)).into_response()
 }
 
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "OpenMetrics text (docs/API.md)",
+        content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8", body = String),
+        (status = 401, description = "missing or wrong bearer token", body = openapi::Error)),
+    security((), ("bearer" = [])))]
 async fn metrics(State(state): State<AppState>) -> Response {
     (
         [(
@@ -523,6 +575,8 @@ async fn metrics(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
+#[utoipa::path(get, path = "/", tag = "operations",
+    responses((status = 200, description = "the status page", content_type = "text/html", body = String)))]
 async fn status_page() -> Html<&'static str> {
     Html(include_str!("status.html"))
 }

@@ -519,7 +519,7 @@ fn vm_from_row(row: &Row<'_>) -> rusqlite::Result<Vm> {
 }
 
 /// A journal entry the panel refused for good (`GET /api/v1/dead-letters`).
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct DeadLetter {
     /// The panel's last HTTP status for it.
     pub status: u16,
@@ -528,8 +528,9 @@ pub struct DeadLetter {
     pub entry: JournalRow,
 }
 
-/// A journal entry as the API shows it.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+/// A journal entry as the API shows it: also the body of the panel webhook and of the event
+/// bus messages.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct JournalRow {
     pub id: i64,
     pub received_at: u64,

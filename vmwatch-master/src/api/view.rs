@@ -26,9 +26,10 @@ where
 
 /// `GET /api/v1/vms`: one page of rows. The bodies are serialized once, straight from the
 /// rows (building a `serde_json::Value` first copied every row into a tree).
-#[derive(serde::Serialize)]
+#[derive(serde::Serialize, utoipa::ToSchema)]
 pub struct VmsPage {
     #[serde(serialize_with = "all")]
+    #[schema(value_type = Vec<super::openapi::Vm>)]
     pub vms: Vec<Vm>,
     pub total: u64,
     pub limit: u32,
@@ -37,24 +38,27 @@ pub struct VmsPage {
 }
 
 /// `GET /api/v1/vms/{uuid}` and `/wait`: every row of one uuid (`reached` only from `/wait`).
-#[derive(serde::Serialize)]
+#[derive(serde::Serialize, utoipa::ToSchema)]
 pub struct VmRows {
     pub uuid: String,
+    /// Only from `/wait`: whether a row reached the state.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reached: Option<bool>,
     #[serde(serialize_with = "all")]
+    #[schema(value_type = Vec<super::openapi::Vm>)]
     pub rows: Vec<Vm>,
 }
 
 /// `GET /api/v1/nodes`.
-#[derive(serde::Serialize)]
+#[derive(serde::Serialize, utoipa::ToSchema)]
 pub struct Nodes {
     #[serde(serialize_with = "all")]
+    #[schema(value_type = Vec<super::openapi::Node>)]
     pub nodes: Vec<Node>,
 }
 
 /// `GET /api/v1/vms/{uuid}/activity`.
-#[derive(serde::Serialize)]
+#[derive(serde::Serialize, utoipa::ToSchema)]
 pub struct ActivityPage {
     pub uuid: String,
     pub from: u64,
@@ -65,10 +69,11 @@ pub struct ActivityPage {
     /// Windows merged into each point (1: every window as it was).
     pub windows_per_point: u32,
     #[serde(serialize_with = "all")]
+    #[schema(value_type = Vec<super::openapi::ActivityPoint>)]
     pub points: Vec<NodeBucket>,
 }
 
-#[derive(serde::Serialize)]
+#[derive(serde::Serialize, utoipa::ToSchema)]
 pub struct Thresholds {
     pub tx_pkts: u64,
     pub wr_reqs: u64,
@@ -183,6 +188,46 @@ impl Serialize for View<'_, Resource> {
         m.serialize_field("last_delta", &r.last_delta)?;
         m.serialize_field("no_device", &r.no_device)?;
         m.end()
+    }
+}
+
+/// Fixtures for the tests of the views and their schemas.
+#[cfg(test)]
+pub mod tests_support {
+    use super::*;
+
+    pub fn vm() -> Vm {
+        Vm {
+            node_id: "hv-01".into(),
+            uuid: "u".into(),
+            name: "n".into(),
+            state: "running".into(),
+            reason: "booted".into(),
+            state_since: 1,
+            updated_at: 2,
+            usage: Usage {
+                sample: Some(Sample {
+                    ts: 3,
+                    tx_pkts: 4,
+                    wr_reqs: 5,
+                    rx_pkts: 6,
+                    rd_reqs: 7,
+                    cpu_time_ns: 8,
+                    bytes: None,
+                }),
+                nics: 1,
+                disks: 1,
+                ..Usage::default()
+            },
+            duplicate: false,
+            last_state: None,
+            unknown_since: None,
+            unknown_reason: None,
+        }
+    }
+
+    pub fn node() -> Node {
+        Node::for_test("hv-01")
     }
 }
 
