@@ -239,33 +239,7 @@ mod tests {
     /// must not rename it here.
     #[test]
     fn a_vm_row_has_the_documented_keys() {
-        let vm = Vm {
-            node_id: "hv-01".into(),
-            uuid: "u".into(),
-            name: "n".into(),
-            state: "running".into(),
-            reason: "booted".into(),
-            state_since: 1,
-            updated_at: 2,
-            usage: Usage {
-                sample: Some(Sample {
-                    ts: 3,
-                    tx_pkts: 4,
-                    wr_reqs: 5,
-                    rx_pkts: 6,
-                    rd_reqs: 7,
-                    cpu_time_ns: 8,
-                    bytes: None,
-                }),
-                nics: 1,
-                disks: 1,
-                ..Usage::default()
-            },
-            duplicate: false,
-            last_state: None,
-            unknown_since: None,
-            unknown_reason: None,
-        };
+        let vm = tests_support::vm();
         let got = serde_json::to_value(View(&vm)).expect("serializes");
         let want = serde_json::json!({
             "node_id": "hv-01", "uuid": "u", "name": "n", "state": "running",
