@@ -314,29 +314,48 @@ impl Shell {
     /// acks. `Ok(false)` when the broker refused one (nack).
     async fn window(&mut self, channel: &Channel, rows: &[JournalRow]) -> Result<bool, Stopped> {
         let started = Instant::now();
-        let mut confirms = Vec::with_capacity(rows.len());
-        for row in rows {
-            let body = serde_json::to_vec(row)
-                .map_err(|e| Stopped::Lost(format!("cannot encode entry {}: {e}", row.id)))?;
-            let properties = BasicProperties::default()
-                .with_delivery_mode(2)
-                .with_content_type("application/json".into())
-                .with_message_id(row.id.to_string().into())
-                .with_timestamp(row.received_at / 1000)
-                .with_app_id("vmwatch-master".into());
-            let key = routing_key(&row.kind, &row.event, &row.node_id);
-            let confirm = channel
-                .basic_publish(
-                    self.exchange.clone(),
-                    key.into(),
-                    BasicPublishOptions::default(),
-                    &body,
-                    properties,
-                )
-                .await
-                .map_err(|e| Stopped::Lost(format!("cannot publish: {e}")))?;
-            confirms.push(confirm);
-        }
+        // A broker that stops reading (frozen, its buffers full) must not hold the task
+        // forever: publishing a window gets the confirm timeout too, and yields to shutdown.
+        let exchange = self.exchange.clone();
+        let publishing = async {
+            let mut confirms = Vec::with_capacity(rows.len());
+            for row in rows {
+                let body = serde_json::to_vec(row)
+                    .map_err(|e| format!("cannot encode entry {}: {e}", row.id))?;
+                let properties = BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_content_type("application/json".into())
+                    .with_message_id(row.id.to_string().into())
+                    .with_timestamp(row.received_at / 1000)
+                    .with_app_id("vmwatch-master".into());
+                let key = routing_key(&row.kind, &row.event, &row.node_id);
+                let confirm = channel
+                    .basic_publish(
+                        exchange.clone(),
+                        key.into(),
+                        BasicPublishOptions::default(),
+                        &body,
+                        properties,
+                    )
+                    .await
+                    .map_err(|e| format!("cannot publish: {e}"))?;
+                confirms.push(confirm);
+            }
+            Ok::<_, String>(confirms)
+        };
+        let confirms = tokio::select! {
+            published = tokio::time::timeout(CONFIRM_TIMEOUT, publishing) => match published {
+                Ok(Ok(confirms)) => confirms,
+                Ok(Err(why)) => return Err(Stopped::Lost(why)),
+                Err(_) => {
+                    return Err(Stopped::Lost(format!(
+                        "the broker took no publish within {} s",
+                        CONFIRM_TIMEOUT.as_secs()
+                    )))
+                }
+            },
+            _ = self.shutdown.changed() => return Err(Stopped::Shutdown),
+        };
         self.metrics.bus_in_flight.set(confirms.len() as i64);
         let mut acked = Vec::with_capacity(confirms.len());
         let mut lost = None;
