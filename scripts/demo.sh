@@ -37,6 +37,8 @@ uri=$(sed -n 's/^LIBVIRT_URI=//p' "$demo/testbed.out")
 secret=$(head -c 24 /dev/urandom | base64 | tr -d '/+=')
 node_id=$(hostname -s | tr -c 'A-Za-z0-9._\n-' '-' | cut -c1-64)
 [ -n "$node_id" ] || node_id=demo-node
+# The configs hold secrets: the daemons refuse files other users can read.
+umask 077
 cat >"$demo/master.conf" <<CONF
 listen=tcp://127.0.0.1:1515
 secret=$secret
@@ -44,10 +46,10 @@ db_path=$demo/master.db
 http_listen=127.0.0.1:1516
 log_file=$demo/vmwatch-master.log
 CONF
-# The node's key lines (node_id, its own secret, the master's CURVE keys) come from the master.
-"$root/target/release/vmwatch-master" --config "$demo/master.conf" --node-secret "$node_id" >"$demo/node.conf"
+# Enrolling the node gives its lines (connect, node_id, its own secret and CURVE key, the
+# master's key), as a panel gets them from POST /api/v1/nodes/{node_id}/enrollment.
+"$root/target/release/vmwatch-master" --config "$demo/master.conf" enroll "$node_id" >"$demo/node.conf"
 cat >>"$demo/node.conf" <<CONF
-connect=tcp://127.0.0.1:1515
 libvirt_uri=$uri
 stats_interval=10
 snapshot_interval=60

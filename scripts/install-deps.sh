@@ -25,7 +25,7 @@ fi
 # the machine.
 apt-get install -y -qq --no-install-recommends --allow-downgrades \
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 libvirt-dev \
-  pkg-config libzmq3-dev iproute2 procps curl python3 python3-zmq python3-prometheus-client cmake g++ make sqlite3 \
+  pkg-config libzmq3-dev iproute2 procps curl python3 python3-zmq python3-nacl python3-prometheus-client cmake g++ make sqlite3 \
   chromium fonts-dejavu-core "${pin[@]}" >/dev/null
 
 # The event bus tests (tests/tests/bus.rs) start private RabbitMQ brokers, and run the Python

@@ -411,6 +411,8 @@ pub struct Cli {
     pub help: bool,
     /// `--node-secret NODE_ID` (master only): print that node's key lines and exit.
     pub node_secret: Option<String>,
+    /// A subcommand and its arguments (master only: `enroll N`, `revoke N`).
+    pub command: Vec<String>,
 }
 
 impl Cli {
@@ -426,6 +428,7 @@ impl Cli {
             version: false,
             help: false,
             node_secret: None,
+            command: Vec::new(),
         };
         let mut args = args.into_iter();
         while let Some(arg) = args.next() {
@@ -444,6 +447,7 @@ impl Cli {
                 "--help" | "-h" => cli.help = true,
                 other => match other.strip_prefix("--config=") {
                     Some(path) => cli.config = PathBuf::from(path),
+                    None if !other.starts_with('-') => cli.command.push(other.to_owned()),
                     None => return Err(format!("unknown argument `{other}` (try --help)")),
                 },
             }
@@ -458,7 +462,9 @@ impl Cli {
              --config PATH    configuration file (default {default_config})\n  \
              --check-config   validate the configuration, print it with secrets masked, exit\n  \
              --version        print the version and exit\n  \
-             --node-secret N  (vmwatch-master) print node N's configuration key lines, exit\n"
+             --node-secret N  (vmwatch-master) print node N's configuration key lines, exit\n  \
+             enroll N         (vmwatch-master) enroll node N, print its configuration lines\n  \
+             revoke N         (vmwatch-master) revoke node N: its key is refused, its rows go\n"
         )
     }
 }

@@ -190,7 +190,7 @@ impl<C> Daemon<C> {
     /// CLI → configuration → log → signal and watchdog threads → `run` → exit status.
     pub fn main(self, run: impl FnOnce(C, Context) -> anyhow::Result<()>) -> ExitCode {
         let name = self.name;
-        let (cli, config) = match self.configure() {
+        let (_cli, config) = match self.configure() {
             Ok(c) => c,
             Err(code) => return code,
         };
@@ -198,9 +198,6 @@ impl<C> Daemon<C> {
             Ok(log) => log,
             Err(code) => return code,
         };
-        if is_world_readable(&cli.config) {
-            tracing::warn!(path = %cli.config.display(), "configuration file holding secrets is world-readable; chmod 0640 it");
-        }
         let shutdown = Shutdown::new();
         let pulse = Pulse::default();
         pulse.beat(now_ms());
@@ -269,6 +266,17 @@ impl<C> Daemon<C> {
                 return Err(ExitCode::from(EX_CONFIG as u8));
             }
         };
+        // As ssh refuses a private key others can read: the file holds the secrets every key
+        // derives from.
+        if is_world_readable(&cli.config) {
+            let path = cli.config.display();
+            let message = format!(
+                "bad configuration: {path} holds secrets and other users can read it; run: chmod o-rwx {path}"
+            );
+            eprintln!("{name}: {message}");
+            logging::append_line(Path::new(self.default_log), &format!("ERROR {message}"));
+            return Err(ExitCode::from(EX_CONFIG as u8));
+        }
         if cli.check_config {
             print!("{}", (self.describe)(&config));
             return Err(ExitCode::SUCCESS);

@@ -5,8 +5,10 @@
 //!   0x00 ‖ node_id))`, so no hypervisor can sign as another.
 //! - The master's CURVE keypair: secret key `HKDF-SHA256(ikm = secret, salt = "", info =
 //!   "vmwatch curve server v1", L = 32)`, public key its X25519 base-point multiple.
-//! - The fleet transport keypair (the CURVE client key every node presents): the same with
-//!   `info = "vmwatch curve transport v1"`.
+//! - Node N's CURVE keypair (the client key it presents, accepted only while N is enrolled):
+//!   the same with `info = "vmwatch curve node v1" ‖ 0x00 ‖ N`.
+//! - The fleet transport keypair (round 2's CURVE client key every node held, accepted only
+//!   with `allow_fleet_transport`): the same with `info = "vmwatch curve transport v1"`.
 //!
 //! CURVE keys are written as Z85 (40 characters for 32 bytes), as libzmq and pyzmq take them.
 
@@ -22,6 +24,9 @@ pub const NODE_KEY_LABEL: &[u8] = b"vmwatch node key v1";
 pub const SERVER_KEY_INFO: &[u8] = b"vmwatch curve server v1";
 /// The HKDF `info` of the fleet transport (CURVE client) secret key.
 pub const TRANSPORT_KEY_INFO: &[u8] = b"vmwatch curve transport v1";
+
+/// The HKDF `info` label of a node's CURVE secret key (followed by 0x00 and the node id).
+pub const NODE_CURVE_KEY_LABEL: &[u8] = b"vmwatch curve node v1";
 
 /// A CURVE keypair: 32-byte X25519 keys.
 #[derive(Clone, PartialEq, Eq)]
@@ -84,6 +89,16 @@ pub fn transport_keypair(master_secret: &[u8]) -> CurveKeyPair {
     CurveKeyPair::from_secret(hkdf32(master_secret, TRANSPORT_KEY_INFO))
 }
 
+/// Node N's CURVE keypair: `HKDF-SHA256(ikm = secret, salt = none, info = "vmwatch curve node
+/// v1" ‖ 0x00 ‖ N, L = 32)` and its X25519 public key.
+pub fn node_curve_keypair(master_secret: &[u8], node_id: &NodeId) -> CurveKeyPair {
+    let mut info = Vec::with_capacity(NODE_CURVE_KEY_LABEL.len() + 1 + node_id.as_str().len());
+    info.extend_from_slice(NODE_CURVE_KEY_LABEL);
+    info.push(0);
+    info.extend_from_slice(node_id.as_str().as_bytes());
+    CurveKeyPair::from_secret(hkdf32(master_secret, &info))
+}
+
 /// Z85 text of a 32-byte key (40 characters).
 pub fn z85_encode(key: &[u8; 32]) -> String {
     z85::encode(key)
@@ -101,14 +116,25 @@ pub fn z85_decode(text: &str) -> Result<[u8; 32], String> {
     bytes.try_into().map_err(|_| "not a 32-byte key".to_owned())
 }
 
-/// What `vmwatch-master --node-secret NODE_ID` prints: the lines of that node's configuration
-/// that carry key material, `node_secret` being the HMAC secret the master expects of it.
-pub fn node_config_lines(master_secret: &[u8], node_id: &NodeId, node_secret: &[u8]) -> String {
+/// The lines of node N's configuration that carry its identity and key material
+/// (`vmwatch-master enroll N`, the enrollment API's `config`): `node_secret` is the HMAC secret
+/// the master expects of it, `connect` the endpoints it should use (none: no `connect=` line).
+pub fn node_config_lines(
+    master_secret: &[u8],
+    node_id: &NodeId,
+    node_secret: &[u8],
+    connect: &[String],
+) -> String {
     let secret = String::from_utf8_lossy(node_secret);
+    let connect = if connect.is_empty() {
+        String::new()
+    } else {
+        format!("connect={}\n", connect.join(","))
+    };
     format!(
-        "node_id={node_id}\nsecret={secret}\nmaster_key={}\ntransport_key={}\n",
+        "{connect}node_id={node_id}\nsecret={secret}\nmaster_key={}\nnode_key={}\n",
         z85_encode(&server_keypair(master_secret).public),
-        z85_encode(&transport_keypair(master_secret).secret),
+        z85_encode(&node_curve_keypair(master_secret, node_id).secret),
     )
 }
 
@@ -143,6 +169,26 @@ mod tests {
         assert_eq!(
             z85_encode(&transport.public),
             "y4mG2m]HT8AcIRUOzRYJ@D}mIuh5Q^2>q/NEA?Kv"
+        );
+    }
+
+    /// Node keys: the test vectors of docs/PROTOCOL.md, "Node keys".
+    #[test]
+    fn node_curve_vectors() {
+        let hv01 = NodeId::parse("hv-01").unwrap();
+        let k = node_curve_keypair(SECRET, &hv01);
+        assert_eq!(
+            z85_encode(&k.secret),
+            "y+BN0pOKwLMSwF5Rz%u1s/5#nUX}d:4[ls)SsAYK"
+        );
+        assert_eq!(
+            z85_encode(&k.public),
+            "IA2j=[wm4tf642TI0rv<n)o#)OFugg6{enXnNyTV"
+        );
+        let hv02 = node_curve_keypair(SECRET, &NodeId::parse("hv-02").unwrap());
+        assert_eq!(
+            z85_encode(&hv02.public),
+            "jY?P-Pi+1Hrwk3iE-C{IlDSI[P9XzxuThzDd.2>g"
         );
     }
 

@@ -327,10 +327,18 @@ pub enum Reject {
     Replay,
     /// A new node id beyond `max_nodes`.
     TooManyNodes,
+    /// Frame 2 names another node than the CURVE key of the connection it came on.
+    IdentityMismatch,
+    /// The node was revoked.
+    Revoked,
+    /// Stats closer together than `min_stats_interval` or half the node's `interval_s`.
+    TooFrequent,
+    /// The message would give its node more than `max_vms_per_node` VM rows.
+    TooManyVms,
 }
 
 impl Reject {
-    pub const ALL: [Reject; 11] = [
+    pub const ALL: [Reject; 15] = [
         Reject::FrameCount,
         Reject::Tag,
         Reject::NodeId,
@@ -342,6 +350,10 @@ impl Reject {
         Reject::StaleBoot,
         Reject::Replay,
         Reject::TooManyNodes,
+        Reject::IdentityMismatch,
+        Reject::Revoked,
+        Reject::TooFrequent,
+        Reject::TooManyVms,
     ];
 
     /// The label used in metrics and logs.
@@ -358,6 +370,10 @@ impl Reject {
             Reject::StaleBoot => "stale_boot",
             Reject::Replay => "replay",
             Reject::TooManyNodes => "too_many_nodes",
+            Reject::IdentityMismatch => "identity_mismatch",
+            Reject::Revoked => "revoked",
+            Reject::TooFrequent => "too_frequent",
+            Reject::TooManyVms => "too_many_vms",
         }
     }
 }
@@ -856,6 +872,12 @@ mod tests {
             payload.to_vec(),
             mac.to_vec(),
         ];
+        // The default mode: the HMAC key is hv-01's derived node secret.
+        let node_secret = crate::keys::node_secret(key, &NodeId::parse("hv-01").unwrap());
+        assert_eq!(
+            hex::encode(sign(node_secret.as_bytes(), b"hv-01", payload)),
+            "53dd7166e3a9477598c0af165fb7c6ef6a5f4e297180efdb6511cccdc7ff5e16"
+        );
         let m = authenticate(&frames, |_| Some(&key[..])).unwrap();
         assert_eq!(m.payload().seq, 7);
         // Our own encoder produces the same bytes for the same payload.

@@ -37,6 +37,25 @@ pub enum GuestKind {
     DiskWriter,
     /// Boots from the network first: iPXE sends DHCP requests.
     Pxe,
+    /// Powers itself off about 2 s after boot (ACPI S5), as an OS install does when done.
+    PowersOff,
+    /// Resets itself once about 2 s after boot, then stays up.
+    Reboots,
+    /// Reports a kernel panic on the pvpanic ISA port about 2 s after boot.
+    Panics,
+}
+
+/// The boot sectors of shared/libvirt-testing.md, "Guests that act by themselves".
+const POWERS_OFF_CODE: &str = "fa31c08ed88ed0bc007cfbb92400f4e2fdb80020ba0406efba04b0eff4ebfd";
+const REBOOTS_CODE: &str =
+    "fa31c08ed88ed0bc007cfbb034e670e4713c5a7412b034e670b05ae671b92400f4e2fdb0fee664f4ebfd";
+const PANICS_CODE: &str = "fa31c08ed88ed0bc007cfbb92400f4e2fdba0505b001eef4ebfd";
+
+fn hex_bytes(hex: &str) -> Vec<u8> {
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("the boot code is hex"))
+        .collect()
 }
 
 impl GuestKind {
@@ -47,11 +66,16 @@ impl GuestKind {
 /// The 1 MiB raw disk image of `kind`.
 pub fn disk_image(kind: GuestKind) -> Vec<u8> {
     let mut img = vec![0u8; DISK_SIZE];
-    if kind == GuestKind::DiskWriter {
-        img[..DISK_WRITER_BOOT_CODE.len()].copy_from_slice(&DISK_WRITER_BOOT_CODE);
-        img[510] = 0x55;
-        img[511] = 0xaa;
-    }
+    let code = match kind {
+        GuestKind::DiskWriter => DISK_WRITER_BOOT_CODE.to_vec(),
+        GuestKind::PowersOff => hex_bytes(POWERS_OFF_CODE),
+        GuestKind::Reboots => hex_bytes(REBOOTS_CODE),
+        GuestKind::Panics => hex_bytes(PANICS_CODE),
+        GuestKind::Idle | GuestKind::Pxe => return img,
+    };
+    img[..code.len()].copy_from_slice(&code);
+    img[510] = 0x55;
+    img[511] = 0xaa;
     img
 }
 
@@ -68,7 +92,22 @@ pub fn write_disk(path: &Path, kind: GuestKind) -> Result<()> {
 pub fn domain_xml(name: &str, uuid: &str, disk: &Path, kind: GuestKind) -> String {
     let boot = match kind {
         GuestKind::Pxe => "<boot dev='network'/>\n    <boot dev='hd'/>",
-        GuestKind::Idle | GuestKind::DiskWriter => "<boot dev='hd'/>",
+        _ => "<boot dev='hd'/>",
+    };
+    // What the self-acting guests need (shared/libvirt-testing.md): ACPI for the power-off, a
+    // pvpanic device and a preserved crash for the panic.
+    let features = if kind == GuestKind::PowersOff {
+        "\n  <features><acpi/></features>"
+    } else {
+        ""
+    };
+    let (on_crash, panic) = if kind == GuestKind::Panics {
+        (
+            "preserve",
+            "\n    <panic model='isa'><address type='isa' iobase='0x505'/></panic>",
+        )
+    } else {
+        ("destroy", "")
     };
     let name = xml_escape(name);
     let uuid = xml_escape(uuid);
@@ -82,10 +121,10 @@ pub fn domain_xml(name: &str, uuid: &str, disk: &Path, kind: GuestKind) -> Strin
   <os>
     <type arch='x86_64'>hvm</type>
     {boot}
-  </os>
+  </os>{features}
   <on_poweroff>destroy</on_poweroff>
   <on_reboot>restart</on_reboot>
-  <on_crash>destroy</on_crash>
+  <on_crash>{on_crash}</on_crash>
   <devices>
     <disk type='file' device='disk'>
       <driver name='qemu' type='raw'/>
@@ -96,7 +135,7 @@ pub fn domain_xml(name: &str, uuid: &str, disk: &Path, kind: GuestKind) -> Strin
       <model type='virtio'/>
     </interface>
     <serial type='pty'/>
-    <memballoon model='none'/>
+    <memballoon model='none'/>{panic}
   </devices>
 </domain>
 "

@@ -131,6 +131,15 @@ fn terminate(child: &mut Child, timeout: Duration) -> Result<std::process::ExitS
     }
 }
 
+/// Writes a config file as the daemons require it: readable by its owner only (they refuse a
+/// file holding secrets that other users can read).
+pub fn write_private(path: &Path, text: &str) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(())
+}
+
 /// Extra `KEY=VALUE` lines for a config; a key given here replaces the default.
 pub type Extra<'a> = &'a [(&'a str, &'a str)];
 
@@ -142,8 +151,11 @@ fn config_text(defaults: &[(&str, String)], extra: Extra<'_>) -> String {
             text.push_str(&format!("{k}={v}\n"));
         }
     }
-    for (k, v) in extra {
-        text.push_str(&format!("{k}={v}\n"));
+    // A key given twice in `extra`: the last one wins.
+    for (i, (k, v)) in extra.iter().enumerate() {
+        if !extra[i + 1..].iter().any(|(e, _)| e == k) {
+            text.push_str(&format!("{k}={v}\n"));
+        }
     }
     text
 }
@@ -157,6 +169,8 @@ pub struct Master {
     pub log: PathBuf,
     /// Extra environment of the master process (kept across restarts).
     pub env: Vec<(String, String)>,
+    /// The `api_token` of its configuration, sent with every request when set.
+    pub token: Option<String>,
     child: Option<Child>,
 }
 
@@ -179,9 +193,14 @@ impl Master {
             ("http_listen", format!("127.0.0.1:{http_port}")),
             ("log_file", log.display().to_string()),
             ("log_level", "debug".to_owned()),
+            // The suites written before per-node keys run their nodes on the fleet key, and
+            // their stats windows of a second or two are each a point; the identity suite
+            // sets both to what a new install has.
+            ("allow_fleet_transport", "yes".to_owned()),
+            ("activity_min_window", "0".to_owned()),
         ];
         let text = config_text(&defaults, extra);
-        std::fs::write(&config, text)?;
+        write_private(&config, &text)?;
         let mut m = Master {
             dir: dir.to_owned(),
             zmq_port,
@@ -192,6 +211,11 @@ impl Master {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            token: extra
+                .iter()
+                .rev()
+                .find(|(k, _)| *k == "api_token")
+                .map(|(_, v)| v.to_string()),
             child: None,
         };
         m.spawn()?;
@@ -246,7 +270,11 @@ impl Master {
         let agent = ureq::AgentBuilder::new()
             .timeout(Duration::from_secs(5))
             .build();
-        match agent.get(&self.url(path)).call() {
+        let mut req = agent.get(&self.url(path));
+        if let Some(t) = &self.token {
+            req = req.set("Authorization", &format!("Bearer {t}"));
+        }
+        match req.call() {
             Ok(r) => Ok((r.status(), r.into_string()?)),
             Err(ureq::Error::Status(code, r)) => Ok((code, r.into_string().unwrap_or_default())),
             Err(e) => Err(anyhow!("GET {path}: {e}")),
@@ -405,6 +433,31 @@ impl Master {
         read_lossy(&self.log)
     }
 
+    /// Runs `vmwatch-master --config <this master's config> ARGS…` (a one-shot command such as
+    /// `enroll N`) and returns (exit code, stdout, stderr).
+    pub fn command(&self, args: &[&str]) -> Result<(i32, String, String)> {
+        let out = Command::new(bin("vmwatch-master"))
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .context("run vmwatch-master")?;
+        Ok((
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    }
+
+    /// Enrolls `node` with the CLI; panics if it fails.
+    pub fn enroll(&self, node: &str) -> String {
+        match self.command(&["enroll", node]) {
+            Ok((0, out, _)) => out,
+            other => panic!("vmwatch-master enroll {node}: {other:?}"),
+        }
+    }
+
     /// The process id while running.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
@@ -437,18 +490,47 @@ impl Node {
     ) -> Result<Node> {
         let config = dir.join(format!("node-{node_id}.conf"));
         let log = dir.join(format!("node-{node_id}.log"));
-        let defaults = [
+        let mut defaults = vec![
             ("connect", connect.to_owned()),
             ("node_id", node_id.to_owned()),
             ("libvirt_uri", libvirt_uri.to_owned()),
             ("secret", crate::sim::node_key(node_id)),
             ("master_key", crate::sim::master_key()),
-            ("transport_key", crate::sim::transport_key()),
             ("log_file", log.display().to_string()),
             ("log_level", "debug".to_owned()),
         ];
+        // Its own key when the test gives one (an enrolled node), else the fleet key.
+        if !extra.iter().any(|(k, _)| *k == "node_key") {
+            defaults.push(("transport_key", crate::sim::transport_key()));
+        }
         let text = config_text(&defaults, extra);
-        std::fs::write(&config, text)?;
+        write_private(&config, &text)?;
+        let mut n = Node {
+            dir: dir.to_owned(),
+            node_id: node_id.to_owned(),
+            config,
+            log,
+            child: None,
+        };
+        n.spawn()?;
+        Ok(n)
+    }
+
+    /// Starts an agent whose identity and key lines are `lines` exactly as the master's
+    /// enrollment printed them, plus the libvirt URI and a log in `dir`.
+    pub fn start_enrolled(
+        dir: &Path,
+        node_id: &str,
+        lines: &str,
+        libvirt_uri: &str,
+    ) -> Result<Node> {
+        let config = dir.join(format!("node-{node_id}.conf"));
+        let log = dir.join(format!("node-{node_id}.log"));
+        let text = format!(
+            "{lines}libvirt_uri={libvirt_uri}\nlog_file={}\nlog_level=debug\n",
+            log.display()
+        );
+        write_private(&config, &text)?;
         let mut n = Node {
             dir: dir.to_owned(),
             node_id: node_id.to_owned(),

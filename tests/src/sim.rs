@@ -89,3 +89,23 @@ pub fn curve_push(ctx: &zmq::Context) -> Result<zmq::Socket> {
     s.set_curve_secretkey(&transport.secret)?;
     Ok(s)
 }
+
+/// A PUSH socket presenting node `id`'s own CURVE key (SPEC §10), for a master keyed by the
+/// tests' secret; the master accepts it only while `id` is enrolled.
+pub fn node_curve_push(ctx: &zmq::Context, id: &str) -> Result<zmq::Socket> {
+    let node = NodeId::parse(id).map_err(|e| anyhow!("node id {id}: {e}"))?;
+    let s = ctx.socket(zmq::PUSH)?;
+    let pair = keys::node_curve_keypair(SECRET.as_bytes(), &node);
+    s.set_curve_serverkey(&keys::server_keypair(SECRET.as_bytes()).public)?;
+    s.set_curve_publickey(&pair.public)?;
+    s.set_curve_secretkey(&pair.secret)?;
+    Ok(s)
+}
+
+/// Node `id`'s CURVE secret key under the tests' secret, as Z85 (`node_key=`).
+pub fn node_curve_key(id: &str) -> String {
+    match NodeId::parse(id) {
+        Ok(n) => keys::z85_encode(&keys::node_curve_keypair(SECRET.as_bytes(), &n).secret),
+        Err(e) => panic!("node id {id}: {e}"),
+    }
+}

@@ -17,11 +17,11 @@ disabled=no
 listen=tcp://127.0.0.1:1515
 secret=$secret
 CONF
-# node_keys=derived: the node's key lines come from the master, as a panel would write them.
+# The node is enrolled and its lines (connect, identity, keys) come from the master, as a
+# panel gets them from the enrollment API.
 {
-  echo "connect=tcp://127.0.0.1:1515"
   echo "heartbeat_interval=1"
-  vmwatch-master --config /etc/vmwatch/vmwatch-master.conf --node-secret systest
+  vmwatch-master --config /etc/vmwatch/vmwatch-master.conf enroll systest
 } >/etc/vmwatch/vmwatch-node.conf
 # Shorter watchdog than the shipped 30 s so the SIGSTOP test is quick.
 mkdir -p /etc/systemd/system/vmwatch-node.service.d

@@ -287,6 +287,7 @@ fn status_page_asks_for_the_api_token() {
         )
         .expect("send");
     // Without the token the API refuses (the page's first requests will be 401s).
+    master.token = None;
     assert_eq!(
         master.get_raw("/api/v1/nodes").expect("GET").0,
         401,

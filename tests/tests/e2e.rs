@@ -360,7 +360,8 @@ fn key_derivation_from_protocol_doc_matches_the_vectors() {
         String::from_utf8_lossy(&out.stdout).trim(),
         "fdc29d0c39405e1c4ef61c97fdf392ab7760f720250ae3188e642c01f76c0a85 \
          }:#qp.zgNNZ(Lqo*bBkQCxlyE3ELw>38Bqsz#XG0 {Tn<<U/}BumA4m}M}m]^=m){)p>.YPNC}7xbQW+6 \
-         y4mG2m]HT8AcIRUOzRYJ@D}mIuh5Q^2>q/NEA?Kv"
+         y4mG2m]HT8AcIRUOzRYJ@D}mIuh5Q^2>q/NEA?Kv \
+         y+BN0pOKwLMSwF5Rz%u1s/5#nUX}d:4[ls)SsAYK IA2j=[wm4tf642TI0rv<n)o#)OFugg6{enXnNyTV"
     );
 }
 
@@ -375,20 +376,20 @@ fn python_client_from_protocol_doc_is_accepted() {
         return;
     }
     let dir = temp_dir("python");
-    let master =
-        Master::start(&dir, &[("secret", "correct horse battery staple")]).expect("master");
-    let printed = std::process::Command::new(vmwatch_tests::product::bin("vmwatch-master"))
-        .arg("--config")
-        .arg(&master.config)
-        .args(["--node-secret", "hv-01"])
-        .output()
-        .expect("--node-secret");
-    assert!(printed.status.success(), "--node-secret: {printed:?}");
-    let printed = String::from_utf8_lossy(&printed.stdout).into_owned();
+    // Per-node keys only: the fleet key is refused, so the client must use its enrolled key.
+    let master = Master::start(
+        &dir,
+        &[
+            ("secret", "correct horse battery staple"),
+            ("allow_fleet_transport", "no"),
+        ],
+    )
+    .expect("master");
+    let printed = master.enroll("hv-01");
     let code = doc_python_block("push.connect");
-    // node_id, then the three keys the doc's client must carry.
-    assert_eq!(printed.lines().count(), 4, "{printed}");
-    for line in printed.lines().skip(1) {
+    // connect and node_id, then the three keys the doc's client must carry.
+    assert_eq!(printed.lines().count(), 5, "{printed}");
+    for line in printed.lines().skip(2) {
         let (key, value) = line.split_once('=').expect("KEY=VALUE");
         assert!(
             code.contains(value),
@@ -1466,6 +1467,36 @@ fn every_endpoint_answers_as_its_openapi_document_says() {
             true,
         ),
         (
+            "post",
+            "/api/v1/nodes/hv-openapi/enrollment".into(),
+            "/api/v1/nodes/{node_id}/enrollment",
+            true,
+        ),
+        (
+            "post",
+            "/api/v1/nodes/bad%20id/enrollment".into(),
+            "/api/v1/nodes/{node_id}/enrollment",
+            true,
+        ),
+        (
+            "delete",
+            "/api/v1/nodes/hv-openapi".into(),
+            "/api/v1/nodes/{node_id}",
+            true,
+        ),
+        (
+            "delete",
+            "/api/v1/nodes/never-enrolled".into(),
+            "/api/v1/nodes/{node_id}",
+            true,
+        ),
+        (
+            "post",
+            "/api/v1/nodes/hv-openapi/enrollment".into(),
+            "/api/v1/nodes/{node_id}/enrollment",
+            true,
+        ),
+        (
             "get",
             "/api/v1/openapi.json".into(),
             "/api/v1/openapi.json",
@@ -1475,6 +1506,28 @@ fn every_endpoint_answers_as_its_openapi_document_says() {
         ("get", "/metrics".into(), "/metrics", true),
         ("get", "/".into(), "/", false),
     ];
+    // Bad parameters on every endpoint that takes a query (or none), and unknown routes.
+    let mut requests = requests;
+    for (path_and_query, path) in [
+        ("/api/v1/vms?bogus=1".to_owned(), "/api/v1/vms"),
+        (format!("/api/v1/vms/{uuid}?bogus=1"), "/api/v1/vms/{uuid}"),
+        (
+            format!("/api/v1/vms/{uuid}/wait?bogus=1"),
+            "/api/v1/vms/{uuid}/wait",
+        ),
+        (
+            format!("/api/v1/vms/{uuid}/activity?bogus=1"),
+            "/api/v1/vms/{uuid}/activity",
+        ),
+        ("/api/v1/nodes?bogus=1".to_owned(), "/api/v1/nodes"),
+        ("/api/v1/events?bogus=1".to_owned(), "/api/v1/events"),
+        (
+            "/api/v1/dead-letters?bogus=1".to_owned(),
+            "/api/v1/dead-letters",
+        ),
+    ] {
+        requests.push(("get", path_and_query, path, true));
+    }
     let mut responses = Vec::new();
     let mut statuses = std::collections::BTreeSet::new();
     for (method, path_and_query, path, auth) in &requests {
@@ -1495,6 +1548,39 @@ fn every_endpoint_answers_as_its_openapi_document_says() {
             "method": method, "path": path, "status": status, "body": body, "content_type": media,
         }));
     }
+    // Every bad-parameter request above is a 400 whose message names the parameter.
+    for (path_and_query, _) in requests
+        .iter()
+        .filter(|r| r.1.ends_with("bogus=1"))
+        .map(|r| (&r.1, r.2))
+    {
+        let (status, _, body) = call("GET", path_and_query, true);
+        assert_eq!(status, 400, "{path_and_query}: {body}");
+        let msg = body["error"].as_str().unwrap_or_default();
+        assert!(
+            msg.contains("bogus") && msg.chars().next().is_some_and(|c| !c.is_uppercase()),
+            "{path_and_query}: {body}"
+        );
+    }
+    for (method, route) in [
+        ("GET", "/api/v1/nope"),
+        ("GET", "/nope"),
+        ("DELETE", "/api/v1/vms"),
+    ] {
+        let (status, content_type, body) = call(method, route, true);
+        assert!(status == 404 || status == 405, "{method} {route}: {status}");
+        responses.push(serde_json::json!({
+            "method": method.to_lowercase(), "path": null, "status": status, "body": body,
+            "content_type": content_type.split(';').next().unwrap_or_default().trim(),
+        }));
+    }
+    // The webhook bodies the panel received, one by one and as a batch (panel_batch_max > 1).
+    let bodies: Vec<serde_json::Value> = panel.received().iter().map(|d| d.body.clone()).collect();
+    assert!(bodies.len() >= 2, "the panel received entries");
+    for b in bodies.iter().take(3) {
+        responses.push(serde_json::json!({"webhook": true, "body": b}));
+    }
+    responses.push(serde_json::json!({"webhook": true, "body": bodies[..2].to_vec()}));
     assert!(
         [200, 400, 401, 404, 408]
             .iter()

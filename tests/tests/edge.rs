@@ -141,6 +141,38 @@ fn soft_nofile(pid: u32) -> Option<u64> {
 /// `n` TCP connections to `port` on 127.0.0.1 that send nothing, opened from 8 threads: a
 /// connect whose SYN met a full accept queue waits a second for its retransmission, and in
 /// parallel those seconds overlap.
+/// A GET from another loopback source address (the client socket bound to `source` first).
+fn get_from(source: &str, port: u16, path: &str) -> (u16, String) {
+    use nix::sys::socket::{bind, connect, socket, AddressFamily, SockFlag, SockType, SockaddrIn};
+    use std::io::Read;
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::empty(),
+        None,
+    )
+    .expect("socket");
+    let src: std::net::SocketAddrV4 = format!("{source}:0").parse().expect("source address");
+    bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(src)).expect("bind the source");
+    let dst: std::net::SocketAddrV4 = format!("127.0.0.1:{port}").parse().expect("address");
+    connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(dst)).expect("connect");
+    let mut s = TcpStream::from(fd);
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .expect("write");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, out)
+}
+
 fn open_connections(port: u16, n: usize) -> Vec<TcpStream> {
     const THREADS: usize = 8;
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
@@ -349,7 +381,9 @@ fn connection_flood_at_a_low_descriptor_limit() {
     const FLOOD: usize = 1200;
     raise_own_nofile(4096);
     let dir = temp_dir("edge-flood");
-    let master = Master::start_with_nofile(&dir, &[], 1024).expect("master");
+    // 1,200 connections from one address: above the per-address cap's default (256).
+    let master = Master::start_with_nofile(&dir, &[("max_connections_per_address", "10000")], 1024)
+        .expect("master");
     let pid = master.pid().expect("pid");
     let limit = soft_nofile(pid);
     // Opened in batches the master has accepted before the next: libzmq's listen backlog is
@@ -459,13 +493,30 @@ fn half_sent_http_requests_are_closed() {
         s.set_nonblocking(true).expect("non-blocking");
     }
     let t0 = Instant::now();
+    // One address holds at most half the 512 slots (issue 24, item 4): the rest are closed at
+    // once and counted.
+    const PER_ADDRESS: usize = 256;
+    // 127.0.0.1 holds its 256: the checks come from another address.
+    let metric_from_2 = |series: &str| -> f64 {
+        let (_, text) = get_from("127.0.0.2", master.http_port, "/metrics");
+        text.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|r| r.strip_prefix(' ')))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
     wait_for(
         Duration::from_secs(5),
-        "the half-sent requests held by the master",
-        || (metric(&master, "vmwatch_http_connections") >= N as f64).then_some(()),
+        "the half-sent requests held by the master, up to the per-address cap",
+        || {
+            (metric_from_2("vmwatch_http_connections") >= PER_ADDRESS as f64
+                && metric_from_2("vmwatch_http_connections_refused_per_address_total")
+                    >= (N - PER_ADDRESS) as f64)
+                .then_some(())
+        },
     );
+    // Another address is still served at once.
     let t = Instant::now();
-    let (status, body) = master.get_raw("/healthz").expect("healthz");
+    let (status, body) = get_from("127.0.0.2", master.http_port, "/healthz");
     assert_eq!(status, 200, "{body}");
     eprintln!(
         "/healthz answered in {:?} beside {N} half-sent requests",
@@ -692,14 +743,15 @@ fn vm_names_cannot_inject_log_lines() {
         (master.vm_state(VM_EVIL, "namer").is_some() && master.vm_state(VM_LONG, "namer").is_some())
             .then_some(())
     });
-    // The journal lines are logged (escaped) after the commit.
+    // The journal lines are logged after the commit, node-supplied strings quoted and escaped
+    // (`name="evil\nWARN …"`), so a name can neither start a line nor add a field.
     wait_for(
         Duration::from_secs(10),
-        "the evil name's journal line, escaped",
+        "the evil name's journal line, quoted and escaped",
         || {
             master
                 .log_text()
-                .contains("evil\\x0aWARN forged line \\x1b[31m")
+                .contains(r#"name="evil\nWARN forged line \u{1b}[31m"#)
                 .then_some(())
         },
     );

@@ -433,6 +433,8 @@ fn disk_full_episode(
             ("db_path", &db),
             ("max_message_age", max_message_age),
             ("node_timeout", node_timeout),
+            // Up to 30,000 events of distinct VMs from one node.
+            ("max_vms_per_node", "100000"),
         ],
     )
     .expect("master");
@@ -577,6 +579,8 @@ fn an_entry_the_panel_refuses_is_dead_lettered_and_the_rest_arrive() {
         &[
             ("panel_url", &url),
             ("panel_secret", "panel-key-for-dead-letters-0"),
+            // Retrying changes state: it needs api_token even on loopback.
+            ("api_token", "dead-letter-token-0123"),
         ],
     )
     .expect("master");
@@ -615,6 +619,7 @@ fn an_entry_the_panel_refuses_is_dead_lettered_and_the_rest_arrive() {
 
     panel.refuse_names.lock().expect("lock").clear();
     let r = ureq::post(&master.url(&format!("/api/v1/dead-letters/{id}/retry")))
+        .set("Authorization", "Bearer dead-letter-token-0123")
         .call()
         .expect("retry");
     assert_eq!(r.status(), 200);
@@ -627,7 +632,9 @@ fn an_entry_the_panel_refuses_is_dead_lettered_and_the_rest_arrive() {
                 .then_some(())
         },
     );
-    let missing = ureq::post(&master.url("/api/v1/dead-letters/999999/retry")).call();
+    let missing = ureq::post(&master.url("/api/v1/dead-letters/999999/retry"))
+        .set("Authorization", "Bearer dead-letter-token-0123")
+        .call();
     assert!(matches!(missing, Err(ureq::Error::Status(404, _))));
     assert_eq!(
         master.get("/api/v1/dead-letters").expect("dead letters")["dead_letters"],

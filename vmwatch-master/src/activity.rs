@@ -71,6 +71,25 @@ pub fn point(prev: &Sample, now: &Sample, idle_net: bool, idle_disk: bool) -> Op
     })
 }
 
+/// `next` merged into `acc`, the window before it: one point over both windows, each delta the
+/// sum (unknown when either is), the idle flags and end of `next`.
+pub fn merge(acc: &Point, next: &Point) -> Point {
+    let mut deltas = [None; 9];
+    for (i, d) in deltas.iter_mut().enumerate() {
+        *d = match (acc.deltas[i], next.deltas[i]) {
+            (Some(a), Some(b)) => Some(a.saturating_add(b)),
+            _ => None,
+        };
+    }
+    Point {
+        ts: next.ts,
+        window_ms: acc.window_ms.saturating_add(next.window_ms),
+        deltas,
+        idle_net: next.idle_net,
+        idle_disk: next.idle_disk,
+    }
+}
+
 fn put(out: &mut Vec<u8>, mut v: u64) {
     loop {
         let byte = (v & 0x7f) as u8;

@@ -61,6 +61,10 @@ pub struct AppState {
     pub bus: bool,
     /// The idle rule's settings, shown with the activity history.
     pub idle: IdleSettings,
+    /// The enrolled nodes (enrollment installs the new registry at once).
+    pub registry: Arc<crate::registry::Shared>,
+    /// For enrollment: the secret the node keys derive from, `node_connect`.
+    pub config: Arc<crate::config::MasterConfig>,
 }
 
 /// The idle rule's settings (`idle_tx_packets_max`, `idle_wr_reqs_max`, `idle_windows`).
@@ -85,6 +89,58 @@ impl From<StoreError> for ApiError {
         tracing::error!(error = %e, "API read failed");
         ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("database: {e}"))
     }
+}
+
+/// A query string as the handler's struct; a bad one is a 400 in the documented JSON shape,
+/// its message in lower case (axum's own rejection is text/plain).
+pub struct ApiQuery<T>(pub T);
+
+impl<T, S> axum::extract::FromRequestParts<S> for ApiQuery<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(q)) => Ok(ApiQuery(q)),
+            Err(e) => Err(bad_request(lower_first(&e.body_text()))),
+        }
+    }
+}
+
+/// `Failed to …` → `failed to …` (API.md: messages in lower case).
+fn lower_first(text: &str) -> String {
+    let mut chars = text.chars();
+    match chars.next() {
+        Some(c) => c.to_lowercase().chain(chars).collect(),
+        None => String::new(),
+    }
+}
+
+/// For the endpoints that take no query parameter: any is a 400.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoParams {}
+
+/// An unknown route: 404 in the documented JSON shape.
+async fn no_route(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError(
+        StatusCode::NOT_FOUND,
+        format!("no such endpoint: {method} {}", uri.path()),
+    )
+}
+
+/// A known route with another method: 405 in the documented JSON shape.
+async fn wrong_method(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{} does not take {method}", uri.path()),
+    )
 }
 
 fn bad_request(msg: impl Into<String>) -> ApiError {
@@ -120,6 +176,14 @@ pub fn router(state: AppState) -> Router {
             "/api/v1/dead-letters/{id}/retry",
             axum::routing::post(retry_dead_letter),
         )
+        .route(
+            "/api/v1/nodes/{node_id}/enrollment",
+            axum::routing::post(enroll_node),
+        )
+        .route(
+            "/api/v1/nodes/{node_id}",
+            axum::routing::delete(revoke_node),
+        )
         .route("/metrics", get(metrics))
         .route("/api/v1/openapi.json", get(openapi::document))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
@@ -127,7 +191,53 @@ pub fn router(state: AppState) -> Router {
         .route("/", get(status_page))
         .route("/healthz", get(healthz))
         .merge(protected)
+        .fallback(no_route)
+        .method_not_allowed_fallback(wrong_method)
+        .layer(middleware::from_fn_with_state(state.clone(), check_host))
         .with_state(state)
+}
+
+/// Refuses a request whose `Host` is a name this API does not answer to: a web page the
+/// operator visits cannot read the loopback API by pointing its own name at 127.0.0.1 (DNS
+/// rebinding). An IP address, `localhost` and the names in `http_hosts` are answered.
+async fn check_host(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    req: Request,
+    next: Next,
+) -> Response {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    if !host.is_empty() && !host_allowed(host, &state.config.http_hosts) {
+        return ApiError(
+            StatusCode::FORBIDDEN,
+            "host header names a host this api does not answer to (dns rebinding guard): list it in http_hosts".into(),
+        )
+        .into_response();
+    }
+    next.run(req).await
+}
+
+/// Whether `host` (a Host header: `name[:port]`, `[v6][:port]`) is an IP address, `localhost`,
+/// or one of `names`.
+fn host_allowed(host: &str, names: &[String]) -> bool {
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        rest.split(']').next().unwrap_or_default()
+    } else {
+        host.rsplit_once(':').map_or(host, |(n, port)| {
+            if port.chars().all(|c| c.is_ascii_digit()) {
+                n
+            } else {
+                host
+            }
+        })
+    };
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    name.parse::<std::net::IpAddr>().is_ok()
+        || name == "localhost"
+        || names.iter().any(|n| n.eq_ignore_ascii_case(&name))
 }
 
 async fn require_token(
@@ -186,9 +296,8 @@ fn page(limit: Option<u32>) -> Result<u32, ApiError> {
     security((), ("bearer" = [])))]
 async fn list_vms(
     State(state): State<AppState>,
-    q: Result<Query<VmsQuery>, axum::extract::rejection::QueryRejection>,
+    ApiQuery(q): ApiQuery<VmsQuery>,
 ) -> Result<Json<view::VmsPage>, ApiError> {
-    let Query(q) = q.map_err(|e| bad_request(e.body_text()))?;
     let filter = VmFilter {
         node: q.node,
         state: q.state,
@@ -211,11 +320,13 @@ async fn list_vms(
 
 #[utoipa::path(get, path = "/api/v1/vms/{uuid}", tag = "vms", params(("uuid" = String, Path)),
     responses((status = 200, description = "ok", body = view::VmRows), (status = 404, description = "not found", body = openapi::Error),
+        (status = 400, description = "a query parameter (this endpoint takes none)", body = openapi::Error),
         (status = 401, description = "missing or wrong bearer token", body = openapi::Error), (status = 503, description = "database unavailable", body = openapi::Error)),
     security((), ("bearer" = [])))]
 async fn get_vm(
     State(state): State<AppState>,
     Path(uuid): Path<String>,
+    ApiQuery(NoParams {}): ApiQuery<NoParams>,
 ) -> Result<Json<view::VmRows>, ApiError> {
     let key = uuid.clone();
     let rows = read(&state, move |r| r.vm(&key)).await?;
@@ -259,7 +370,7 @@ const MAX_ACTIVITY_POINTS: u32 = 10_000;
 async fn vm_activity(
     State(state): State<AppState>,
     Path(uuid): Path<String>,
-    Query(q): Query<ActivityQuery>,
+    ApiQuery(q): ApiQuery<ActivityQuery>,
 ) -> Result<Json<view::ActivityPage>, ApiError> {
     use crate::activity::{day_of, downsample, DAY_MS};
     let bad = |m: String| ApiError(StatusCode::BAD_REQUEST, m);
@@ -330,10 +441,13 @@ async fn vm_activity(
 }
 
 #[utoipa::path(get, path = "/api/v1/nodes", tag = "nodes",
-    responses((status = 200, description = "ok", body = view::Nodes), (status = 401, description = "missing or wrong bearer token", body = openapi::Error),
+    responses((status = 200, description = "ok", body = view::Nodes), (status = 400, description = "a query parameter (this endpoint takes none)", body = openapi::Error), (status = 401, description = "missing or wrong bearer token", body = openapi::Error),
         (status = 503, description = "database unavailable", body = openapi::Error)),
     security((), ("bearer" = [])))]
-async fn list_nodes(State(state): State<AppState>) -> Result<Json<view::Nodes>, ApiError> {
+async fn list_nodes(
+    State(state): State<AppState>,
+    ApiQuery(NoParams {}): ApiQuery<NoParams>,
+) -> Result<Json<view::Nodes>, ApiError> {
     let nodes = read(&state, |r| r.nodes()).await?;
     Ok(Json(view::Nodes { nodes }))
 }
@@ -355,16 +469,15 @@ struct WaitQuery {
 #[utoipa::path(get, path = "/api/v1/vms/{uuid}/wait", tag = "vms",
     params(("uuid" = String, Path), WaitQuery),
     responses((status = 200, description = "a row reached the state", body = view::VmRows),
-        (status = 408, description = "timeout: the rows as they are", body = view::VmRows),
-        (status = 400, description = "bad request (the message names what was wrong)", body = openapi::Error), (status = 404, description = "not found", body = openapi::Error),
+        (status = 408, description = "timeout: the rows as they are (none for an unknown uuid)", body = view::VmRows),
+        (status = 400, description = "bad request (the message names what was wrong)", body = openapi::Error),
         (status = 401, description = "missing or wrong bearer token", body = openapi::Error), (status = 503, description = "database unavailable", body = openapi::Error)),
     security((), ("bearer" = [])))]
 async fn wait_vm(
     State(state): State<AppState>,
     Path(uuid): Path<String>,
-    q: Result<Query<WaitQuery>, axum::extract::rejection::QueryRejection>,
+    ApiQuery(q): ApiQuery<WaitQuery>,
 ) -> Result<Response, ApiError> {
-    let Query(q) = q.map_err(|e| bad_request(e.body_text()))?;
     let timeout_s = q.timeout.unwrap_or(600);
     if timeout_s > MAX_WAIT_S {
         return Err(bad_request(format!(
@@ -456,9 +569,8 @@ struct EventsQuery {
     security((), ("bearer" = [])))]
 async fn list_events(
     State(state): State<AppState>,
-    q: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
+    ApiQuery(q): ApiQuery<EventsQuery>,
 ) -> Result<Json<EventsPage>, ApiError> {
-    let Query(q) = q.map_err(|e| bad_request(e.body_text()))?;
     if let Some(k) = &q.kind {
         if crate::rules::EntryType::parse(k).is_none() {
             return Err(bad_request(format!("unknown type `{k}`")));
@@ -491,10 +603,13 @@ struct DeadLetters {
 }
 
 #[utoipa::path(get, path = "/api/v1/dead-letters", tag = "journal",
-    responses((status = 200, description = "ok", body = DeadLetters), (status = 401, description = "missing or wrong bearer token", body = openapi::Error),
+    responses((status = 200, description = "ok", body = DeadLetters), (status = 400, description = "a query parameter (this endpoint takes none)", body = openapi::Error), (status = 401, description = "missing or wrong bearer token", body = openapi::Error),
         (status = 503, description = "database unavailable", body = openapi::Error)),
     security((), ("bearer" = [])))]
-async fn list_dead_letters(State(state): State<AppState>) -> Result<Json<DeadLetters>, ApiError> {
+async fn list_dead_letters(
+    State(state): State<AppState>,
+    ApiQuery(NoParams {}): ApiQuery<NoParams>,
+) -> Result<Json<DeadLetters>, ApiError> {
     let dead_letters = read(&state, |r| r.dead_letters(MAX_PAGE)).await?;
     Ok(Json(DeadLetters { dead_letters }))
 }
@@ -510,6 +625,7 @@ async fn retry_dead_letter(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    require_configured_token(&state, "retrying a dead letter")?;
     let id: i64 = id
         .parse()
         .map_err(|_| bad_request(format!("`{id}` is not a journal id")))?;
@@ -535,6 +651,126 @@ async fn retry_dead_letter(
     // Wake the webhook deliverer.
     state.shared.committed.send_modify(|n| *n += 1);
     Ok(Json(json!({ "retried": id })))
+}
+
+/// Enrollment and revocation change who may send: they need `api_token` even on loopback.
+fn require_configured_token(state: &AppState, what: &str) -> Result<(), ApiError> {
+    if state.api_token.is_none() {
+        return Err(ApiError(
+            StatusCode::FORBIDDEN,
+            format!("{what} needs api_token: set api_token in the master's configuration and send it as a bearer token"),
+        ));
+    }
+    Ok(())
+}
+
+fn node_id_of(text: &str) -> Result<vmwatch_common::protocol::NodeId, ApiError> {
+    vmwatch_common::protocol::NodeId::parse(text)
+        .map_err(|e| bad_request(format!("node id: {}", e.to_lowercase())))
+}
+
+/// Writes to the registry on a connection of its own, then installs the registry it left so
+/// the node port follows at once.
+async fn with_registry<T: Send + 'static>(
+    state: &AppState,
+    f: impl FnOnce(&mut crate::store::Registry) -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let (path, config, shared) = (
+        state.db_path.clone(),
+        state.config.clone(),
+        state.registry.clone(),
+    );
+    tokio::task::spawn_blocking(move || {
+        let mut db = crate::store::Registry::open(&path)?;
+        let out = f(&mut db)?;
+        let snapshot = crate::registry::load(&db, |n| {
+            vmwatch_common::protocol::NodeId::parse(n)
+                .ok()
+                .and_then(|id| config.node_curve_keypair(&id))
+                .map(|k| k.public)
+        })?;
+        shared.set(snapshot);
+        Ok(out)
+    })
+    .await
+    .map_err(|e| {
+        ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("registry task failed: {e}"),
+        )
+    })?
+}
+
+#[utoipa::path(post, path = "/api/v1/nodes/{node_id}/enrollment", tag = "nodes",
+    params(("node_id" = String, Path, description = "the hypervisor's node id (1-64 of A-Za-z0-9._-)")),
+    responses((status = 200, description = "enrolled (or already enrolled): the node's configuration", body = crate::enroll::Enrollment),
+        (status = 400, description = "bad node id", body = openapi::Error),
+        (status = 401, description = "missing or wrong bearer token", body = openapi::Error),
+        (status = 403, description = "the master has no api_token", body = openapi::Error),
+        (status = 409, description = "the node id was revoked", body = openapi::Error),
+        (status = 503, description = "database unavailable", body = openapi::Error)),
+    security(("bearer" = [])))]
+async fn enroll_node(
+    State(state): State<AppState>,
+    Path(node_id): Path<String>,
+) -> Result<Json<crate::enroll::Enrollment>, ApiError> {
+    require_configured_token(&state, "enrollment")?;
+    let node = node_id_of(&node_id)?;
+    let config = state.config.clone();
+    let enrolled = with_registry(&state, move |db| {
+        crate::enroll::enroll(&config, db, &node, vmwatch_common::time::now_ms()).map_err(|e| {
+            match e {
+                crate::enroll::EnrollError::WasRevoked(_) => {
+                    ApiError(StatusCode::CONFLICT, e.to_string())
+                }
+                crate::enroll::EnrollError::NoSecret => {
+                    ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+                }
+                crate::enroll::EnrollError::Store(e) => ApiError::from(e),
+            }
+        })
+    })
+    .await?;
+    if enrolled.new {
+        tracing::info!(node_id = %enrolled.node_id, "node enrolled through the API");
+    }
+    Ok(Json(enrolled))
+}
+
+#[utoipa::path(delete, path = "/api/v1/nodes/{node_id}", tag = "nodes",
+    params(("node_id" = String, Path, description = "the node id to revoke")),
+    responses((status = 200, description = "revoked (or already revoked): its key is refused, its rows leave the inventory", body = openapi::RevokedNode),
+        (status = 400, description = "bad node id", body = openapi::Error),
+        (status = 401, description = "missing or wrong bearer token", body = openapi::Error),
+        (status = 403, description = "the master has no api_token", body = openapi::Error),
+        (status = 404, description = "not enrolled", body = openapi::Error),
+        (status = 503, description = "database unavailable", body = openapi::Error)),
+    security(("bearer" = [])))]
+async fn revoke_node(
+    State(state): State<AppState>,
+    Path(node_id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    require_configured_token(&state, "revocation")?;
+    let node = node_id_of(&node_id)?;
+    let name = node.as_str().to_owned();
+    let outcome = with_registry(&state, move |db| {
+        crate::enroll::revoke(db, &node, vmwatch_common::time::now_ms()).map_err(ApiError::from)
+    })
+    .await?;
+    let result = match outcome {
+        crate::store::Revoked::Now => {
+            tracing::warn!(node_id = %name, "node revoked through the API");
+            "revoked"
+        }
+        crate::store::Revoked::Already => "already_revoked",
+        crate::store::Revoked::NotEnrolled => {
+            return Err(ApiError(
+                StatusCode::NOT_FOUND,
+                format!("node `{name}` is not enrolled"),
+            ))
+        }
+    };
+    Ok(Json(json!({ "node_id": name, "result": result })))
 }
 
 #[utoipa::path(get, path = "/healthz", tag = "operations",
@@ -579,4 +815,33 @@ async fn metrics(State(state): State<AppState>) -> Response {
     responses((status = 200, description = "the status page", content_type = "text/html", body = String)))]
 async fn status_page() -> Html<&'static str> {
     Html(include_str!("status.html"))
+}
+
+#[cfg(test)]
+mod host_tests {
+    use super::host_allowed;
+
+    #[test]
+    fn hosts_answered() {
+        let names = vec!["panel.example.net".to_owned()];
+        for ok in [
+            "127.0.0.1:1516",
+            "127.0.0.1",
+            "[::1]:1516",
+            "localhost:1516",
+            "LOCALHOST",
+            "panel.example.net:1516",
+            "10.1.2.3",
+        ] {
+            assert!(host_allowed(ok, &names), "{ok}");
+        }
+        for bad in [
+            "attacker.example:1516",
+            "127.0.0.1.attacker.example",
+            "localhost.evil",
+            "panel.example.net.evil:1",
+        ] {
+            assert!(!host_allowed(bad, &names), "{bad}");
+        }
+    }
 }

@@ -47,6 +47,40 @@ pub struct MasterConfig {
     pub max_connections: usize,
     pub log_file: PathBuf,
     pub log_level: String,
+    /// Whether round 2's fleet transport key is still accepted (`allow_fleet_transport`);
+    /// unset: yes for a database from before per-node keys, no for a new one.
+    pub allow_fleet_transport: Option<bool>,
+    /// Node-port connections one peer address may hold (`max_connections_per_address`).
+    pub max_connections_per_address: usize,
+    /// Host names the HTTP API answers to besides IP addresses and `localhost` (`http_hosts`).
+    pub http_hosts: Vec<String>,
+    /// The endpoints an enrolled node is told to connect to (`node_connect`).
+    pub node_connect: Vec<String>,
+    /// Seconds: at most one activity point per VM per this window (`activity_min_window`).
+    pub activity_min_window: u64,
+    /// Seconds: stats windows of a node closer together are refused (`min_stats_interval`).
+    pub min_stats_interval: u64,
+    /// VM rows one node may hold (`max_vms_per_node`).
+    pub max_vms_per_node: usize,
+}
+
+/// A URL as logs and `--check-config` show it: user info and query replaced by `********`, and
+/// nothing of a text that does not parse.
+pub fn masked_url(text: &str) -> String {
+    match url::Url::parse(text) {
+        Ok(mut u) => {
+            if !u.username().is_empty() || u.password().is_some() {
+                let _ = u.set_username("********");
+                let _ = u.set_password(None);
+            }
+            if u.query().is_some() {
+                u.set_query(Some("********"));
+            }
+            u.set_fragment(None);
+            u.to_string()
+        }
+        Err(_) => "(not a URL; not shown)".to_owned(),
+    }
 }
 
 /// The panel's webhook: its URL and the key that signs every notification (never a node key).
@@ -78,16 +112,30 @@ impl BusUrl {
     /// Parses `amqp[s]://[user[:password]@]host[:port][/vhost][?heartbeat=…]`. The error never
     /// repeats the URL (it may hold a password).
     pub fn parse(text: &str) -> Result<BusUrl, String> {
-        let mut url = url::Url::parse(text).map_err(|e| format!("is not a URL ({e})"))?;
+        const FORM: &str = "amqp[s]://user:password@host:port/vhost";
+        let mut url =
+            url::Url::parse(text).map_err(|e| format!("is not a URL ({e}); expected {FORM}"))?;
         if !matches!(url.scheme(), "amqp" | "amqps") {
             return Err(format!(
                 "has the scheme `{}`; expected amqp:// or amqps://",
                 url.scheme()
             ));
         }
+        if url.cannot_be_a_base() {
+            return Err(format!(
+                "has no `//` after `{}:`; expected {FORM}",
+                url.scheme()
+            ));
+        }
+        // The parser's own message may quote the URL, password included: never repeat it.
         let mut uri: lapin::uri::AMQPUri = text
             .parse()
-            .map_err(|e| format!("is not an AMQP URL ({e})"))?;
+            .map_err(|_| format!("is not an AMQP URL; expected {FORM}"))?;
+        // `amqp://host/` is the empty vhost by the AMQP URI spec, which no broker has: it is
+        // what pika and Celery users write for the default vhost `/`, so it means that here.
+        if url.path() == "/" || url.path().is_empty() {
+            uri.vhost = "/".into();
+        }
         // amq-protocol-uri takes the host from `Url::domain`, which is empty for an IP
         // address (it would connect to `localhost` instead): take the host as written.
         match url.host_str() {
@@ -158,10 +206,12 @@ impl PanelKeys {
     fn take(raw: &mut RawConfig) -> Result<PanelKeys, ConfigError> {
         Ok(PanelKeys {
             url: raw.take_with("panel_url", |v| {
-                if v.starts_with("http://") || v.starts_with("https://") {
-                    Ok(v.to_owned())
-                } else {
-                    Err(format!("`{v}` is not an http:// or https:// URL"))
+                // The value may carry credentials: the error never repeats it.
+                match url::Url::parse(v) {
+                    Ok(u) if matches!(u.scheme(), "http" | "https") && u.has_host() => {
+                        Ok(v.to_owned())
+                    }
+                    _ => Err("is not an http:// or https:// URL with a host".to_owned()),
                 }
             })?,
             secret: raw.take_with("panel_secret", |v| Secret::new(v.to_owned()))?,
@@ -205,6 +255,39 @@ impl MasterConfig {
         let max_nodes = raw
             .take_range("max_nodes", "a number of nodes", 1, 1_000_000)?
             .unwrap_or(10_000) as usize;
+        let allow_fleet_transport = raw.take_bool("allow_fleet_transport")?;
+        let max_connections_per_address = raw
+            .take_range(
+                "max_connections_per_address",
+                "a number of connections",
+                1,
+                1_000_000,
+            )?
+            .unwrap_or(256) as usize;
+        let http_hosts = raw
+            .take_with("http_hosts", |v| {
+                Ok::<_, String>(
+                    v.split(',')
+                        .map(|h| h.trim().to_owned())
+                        .filter(|h| !h.is_empty())
+                        .collect::<Vec<_>>(),
+                )
+            })?
+            .unwrap_or_default();
+        let node_connect = raw.take_with("node_connect", |v| {
+            v.split(',')
+                .map(|e| parse_tcp_endpoint(e.trim(), Some(1515)))
+                .collect::<Result<Vec<_>, _>>()
+        })?;
+        let activity_min_window = raw
+            .take_seconds("activity_min_window", 0, 86_400)?
+            .unwrap_or(60);
+        let min_stats_interval = raw
+            .take_seconds("min_stats_interval", 0, 86_400)?
+            .unwrap_or(1);
+        let max_vms_per_node = raw
+            .take_range("max_vms_per_node", "a number of VMs", 1, 1_000_000)?
+            .unwrap_or(4096) as usize;
         let config = MasterConfig {
             disabled,
             listen,
@@ -276,6 +359,13 @@ impl MasterConfig {
                     logging::check_level(v).map(|_| v.to_owned())
                 })?
                 .unwrap_or_else(|| "info".into()),
+            allow_fleet_transport,
+            max_connections_per_address,
+            http_hosts,
+            node_connect: node_connect.unwrap_or_default(),
+            activity_min_window,
+            min_stats_interval,
+            max_vms_per_node,
         };
         let path = raw.path().to_owned();
         raw.finish()?;
@@ -343,13 +433,41 @@ impl MasterConfig {
         })
     }
 
-    /// What `--node-secret NODE_ID` prints: the key lines of that node's configuration.
+    /// The endpoints enrolled nodes are told to use: `node_connect`, else `listen` with a
+    /// wildcard address replaced by this host's name.
+    pub fn connect_endpoints(&self) -> Vec<String> {
+        if !self.node_connect.is_empty() {
+            return self.node_connect.clone();
+        }
+        let rest = self.listen.trim_start_matches("tcp://");
+        let (host, port) = rest.rsplit_once(':').unwrap_or((rest, "1515"));
+        let host = match host {
+            "0.0.0.0" | "*" | "[::]" | "::" => nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_else(|| "localhost".into()),
+            h => h.to_owned(),
+        };
+        vec![format!("tcp://{host}:{port}")]
+    }
+
+    /// What `--node-secret NODE_ID` prints: the lines of that node's configuration that carry
+    /// its identity and keys (not its endpoints; it does not enroll the node).
     pub fn node_config_lines(&self, node_id: &NodeId) -> Option<String> {
         let secret = self.secret.as_ref()?.expose();
         Some(keys::node_config_lines(
             secret,
             node_id,
             &self.key_for(node_id)?,
+            &[],
+        ))
+    }
+
+    /// Node N's CURVE keypair (`None` without `secret`).
+    pub fn node_curve_keypair(&self, node_id: &NodeId) -> Option<keys::CurveKeyPair> {
+        Some(keys::node_curve_keypair(
+            self.secret.as_ref()?.expose(),
+            node_id,
         ))
     }
 
@@ -360,7 +478,7 @@ impl MasterConfig {
             "disabled={}\nlisten={}\nsecret={}\nnode_secrets_file={} ({} nodes)\ndb_path={}\nhttp_listen={}\napi_token={}\n\
              panel_url={}\npanel_secret={}\npanel_batch_max={}\nbus_url={}\nbus_exchange={}\nnode_timeout={}\nmax_clock_skew={}\nmax_message_age={}\nidle_windows={}\nidle_tx_packets_max={}\nidle_wr_reqs_max={}\nduplicate_grace={}\n\
              event_retention_days={}\nactivity_retention_days={}\nmax_message_bytes={}\nnode_keys={}\nmax_nodes={}\nmax_connections={}\n\
-             log_file={}\nlog_level={}\n",
+             log_file={}\nlog_level={}\nallow_fleet_transport={}\nmax_connections_per_address={}\nhttp_hosts={}\nnode_connect={}\nactivity_min_window={}\nmin_stats_interval={}\nmax_vms_per_node={}\n",
             if self.disabled { "yes" } else { "no" },
             self.listen,
             opt(&self.secret),
@@ -369,7 +487,7 @@ impl MasterConfig {
             self.db_path.display(),
             self.http_listen,
             opt(&self.api_token),
-            self.panel.as_ref().map(|p| p.url.clone()).unwrap_or_default(),
+            self.panel.as_ref().map(|p| masked_url(&p.url)).unwrap_or_default(),
             self.panel
                 .as_ref()
                 .map(|p| p.secret.to_string())
@@ -391,7 +509,18 @@ impl MasterConfig {
             self.max_nodes,
             self.max_connections,
             self.log_file.display(),
-            self.log_level
+            self.log_level,
+            match self.allow_fleet_transport {
+                Some(true) => "yes",
+                Some(false) => "no",
+                None => "(unset: yes only for a database from before per-node keys)",
+            },
+            self.max_connections_per_address,
+            self.http_hosts.join(","),
+            self.connect_endpoints().join(","),
+            self.activity_min_window,
+            self.min_stats_interval,
+            self.max_vms_per_node,
         )
     }
 }
@@ -414,8 +543,23 @@ impl NodeKeys {
     }
 }
 
-/// `node_id=secret` lines, same syntax rules as the main file.
+/// `node_id=secret` lines, same syntax rules as the main file. Refused when other users can
+/// read it.
 fn load_node_secrets(path: &Path) -> Result<HashMap<String, Secret>, ConfigError> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path) {
+        if meta.permissions().mode() & 0o007 != 0 {
+            return Err(ConfigError {
+                path: path.to_owned(),
+                line: None,
+                key: None,
+                message: format!(
+                    "holds node secrets and other users can read it; run: chmod o-rwx {}",
+                    path.display()
+                ),
+            });
+        }
+    }
     let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
         path: path.to_owned(),
         line: None,
@@ -496,6 +640,42 @@ mod tests {
             load("secret=0123456789abcdef\nidle_windows=0\n").unwrap_err(),
             "master.conf: key `idle_windows`: must be at least 1"
         );
+    }
+
+    /// No secret of a URL shows in `--check-config` or an error (issue 24, item 3); the AMQP
+    /// trailing slash means the default vhost.
+    #[test]
+    fn urls_are_masked_everywhere() {
+        let c = load(
+            "secret=0123456789abcdef\npanel_secret=0123456789abcdef\n\
+             panel_url=https://hook:pw-in-url@panel.example/hook?token=tok-in-query\n",
+        )
+        .unwrap();
+        let shown = c.describe();
+        assert!(
+            !shown.contains("pw-in-url") && !shown.contains("tok-in-query"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("panel_url=https://********@panel.example/hook?********\n"),
+            "{shown}"
+        );
+        for bad in [
+            "panel_url=ftp://u:pw-in-url@h/",
+            "panel_url=http:pw-in-url@h",
+            "bus_url=amqp:guest:pw-in-url@127.0.0.1:5672/",
+            "bus_url=amqp://guest:pw-in-url@127.0.0.1:notaport/",
+        ] {
+            let e = load(&format!(
+                "secret=0123456789abcdef\npanel_secret=0123456789abcdef\n{bad}\n"
+            ))
+            .unwrap_err();
+            assert!(!e.contains("pw-in-url"), "{bad}: {e}");
+        }
+        let c =
+            load("secret=0123456789abcdef\nbus_url=amqp://guest:guest@127.0.0.1:5672/\n").unwrap();
+        assert_eq!(c.bus.as_ref().unwrap().url.uri().vhost, "/");
+        assert_eq!(masked_url("not a url pw"), "(not a URL; not shown)");
     }
 
     /// The broker's password never shows, not even in an error; an IP host is kept as written.

@@ -33,6 +33,8 @@ pub struct Shared {
     pub db_ok: AtomicBool,
     /// The daemon's one shutdown token: long-polls answer, servers drain, ingest stops.
     pub shutdown: Shutdown,
+    /// The enrolled nodes (ingest, the core and the API follow the same registry).
+    pub registry: Arc<crate::registry::Shared>,
 }
 
 /// A decided batch: its effects and what to count once it is committed.
@@ -60,6 +62,8 @@ pub struct Core {
     /// The agent counters of the heartbeats since the gauges were last updated (a gauge per
     /// node and counter: set once a second, not once a heartbeat).
     agents: HashMap<String, AgentCounters>,
+    /// The registry version whose enrollments and revocations are journaled.
+    registry_seen: i64,
 }
 
 impl Core {
@@ -84,6 +88,7 @@ impl Core {
             retention,
             agents: HashMap::new(),
             tally: Tally::default(),
+            registry_seen: i64::MIN,
         }
     }
 
@@ -139,6 +144,9 @@ impl Core {
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => closed = true,
             }
+            if self.pending.is_none() {
+                self.follow_registry();
+            }
             let liveness_due = Instant::now() >= next_liveness;
             if !batch.is_empty() || liveness_due {
                 self.process(batch, liveness_due);
@@ -163,12 +171,61 @@ impl Core {
         }
     }
 
+    /// Journals every enrollment and revocation not yet journaled, and removes revoked nodes
+    /// from the inventory (SPEC §10), when the registry changed.
+    fn follow_registry(&mut self) {
+        let snapshot = self.shared.registry.get();
+        if snapshot.version == self.registry_seen {
+            return;
+        }
+        let now = now_ms();
+        let mut effects = Vec::new();
+        for row in &snapshot.rows {
+            let state = row.state();
+            if row.journaled == state {
+                continue;
+            }
+            if state == "revoked" {
+                let removed = rules::revoke_node(&mut self.inventory, &row.node_id, now);
+                tracing::warn!(node_id = %row.node_id, vms = removed.len() / 2, "node revoked: its rows leave the inventory");
+                effects.extend(removed);
+            }
+            effects.extend(rules::enrollment_entry(&row.node_id, state, now));
+        }
+        self.registry_seen = snapshot.version;
+        if effects.is_empty() {
+            return;
+        }
+        self.inventory.copies.note(&effects);
+        self.tally.note(&effects);
+        let decided = Decided {
+            effects,
+            accepted: Vec::new(),
+            gaps: Vec::new(),
+        };
+        if let Err(decided) = self.commit(decided) {
+            self.pending = Some(decided);
+        }
+    }
+
     fn process(&mut self, batch: Vec<Received>, liveness: bool) {
         let now = now_ms();
         let mut effects: Vec<Effect> = Vec::new();
         let mut accepted: Vec<(&'static str, u64)> = Vec::with_capacity(batch.len());
         let mut gaps = Vec::new();
+        let registry = self.shared.registry.get();
         for received in batch {
+            // Revoked while the message waited: it changes nothing (SPEC §10).
+            if registry.is_revoked(received.message.node_id().as_str()) {
+                self.metrics
+                    .count_reject(vmwatch_common::protocol::Reject::Revoked);
+                self.reject_log.log(&Rejected {
+                    reason: vmwatch_common::protocol::Reject::Revoked,
+                    node_id: Some(received.message.node_id().as_str().to_owned()),
+                    detail: "node revoked while its message waited for the core".into(),
+                });
+                continue;
+            }
             // Judged as of its arrival: time the master held it (a full disk) never ages it.
             let at = received.arrived.min(now);
             match rules::handle(&mut self.inventory, &self.rules, at, received.message) {
@@ -267,7 +324,8 @@ impl Core {
         }
         for e in effects {
             if let Effect::Journal(j) = e {
-                tracing::info!(node_id = %j.node_id, uuid = %j.uuid, name = %j.name, r#type = j.kind.as_str(), event = %j.event, detail = %j.detail, state = %j.state, "journal");
+                // Node-supplied strings quoted (`name="…"`): a VM name cannot add fields.
+                tracing::info!(node_id = %j.node_id, uuid = ?j.uuid, name = ?j.name, r#type = j.kind.as_str(), event = ?j.event, detail = ?j.detail, state = ?j.state, "journal");
             }
         }
         self.shared.committed.send_modify(|n| *n += 1);
@@ -319,10 +377,12 @@ impl Core {
             .set(self.inventory.nodes.len() as i64 - up);
         let Updated { node_rows, totals } = self.tally.update(&self.inventory);
         for node_id in node_rows {
-            let Some(n) = self.inventory.nodes.get(&node_id) else {
+            let label = NodeLabel { node: node_id };
+            let Some(n) = self.inventory.nodes.get(&label.node) else {
+                // Revoked: its series go with it.
+                self.metrics.forget_node(&label);
                 continue;
             };
-            let label = NodeLabel { node: node_id };
             self.metrics.node_up.get_or_create(&label).set(n.up as i64);
             self.metrics
                 .node_libvirt_up
@@ -336,11 +396,9 @@ impl Core {
                 .get_or_create(&ResourceLabel { resource })
                 .set(n);
         }
-        self.metrics.vms.clear();
+        // Every label, zeros too: an alert on `vmwatch_vms{state="unknown"}` has a series.
         for (state, n) in STATE_LABELS.iter().zip(totals.by_state) {
-            if n > 0 {
-                self.metrics.vms.get_or_create(&StateLabel { state }).set(n);
-            }
+            self.metrics.vms.get_or_create(&StateLabel { state }).set(n);
         }
     }
 }
@@ -422,7 +480,10 @@ impl Tally {
                 Effect::UpsertNode(n) => (&mut self.node_rows, &n.node_id),
                 Effect::UpsertVm(vm) => (&mut self.vm_rows, &vm.node_id),
                 Effect::RemoveVm { node_id, .. } => (&mut self.vm_rows, node_id),
-                Effect::Journal(_) | Effect::Activity { .. } => continue,
+                Effect::RemoveNode { node_id } => (&mut self.node_rows, node_id),
+                Effect::Journal(_)
+                | Effect::Activity { .. }
+                | Effect::EnrollmentJournaled { .. } => continue,
             };
             if !set.contains(node_id) {
                 set.insert(node_id.clone());

@@ -43,7 +43,11 @@ impl Copies {
             match e {
                 Effect::UpsertVm(vm) => self.touch(&vm.node_id, &vm.uuid),
                 Effect::RemoveVm { node_id, uuid } => self.touch(node_id, uuid),
-                Effect::UpsertNode(_) | Effect::Journal(_) | Effect::Activity { .. } => {}
+                Effect::UpsertNode(_)
+                | Effect::RemoveNode { .. }
+                | Effect::EnrollmentJournaled { .. }
+                | Effect::Journal(_)
+                | Effect::Activity { .. } => {}
             }
         }
     }
@@ -119,12 +123,14 @@ pub fn check(inv: &mut Inventory, now: u64, grace_ms: u64) -> Vec<Effect> {
             inv.dup_since.remove(&uuid);
         }
         // Written only when a flag changes (most checks change none).
+        // The nodes it is active on now, as API.md says: `active on hv1, hv2`, `active on hv1`,
+        // or `active on no node`.
         let detail = || match active.as_slice() {
-            [_, _, ..] => {
+            [] => "active on no node".to_owned(),
+            _ => {
                 let names: Vec<&str> = active.iter().map(|n| n.as_str()).collect();
                 format!("active on {}", names.join(", "))
             }
-            _ => "active on one node at most".to_owned(),
         };
         let over_grace = inv
             .dup_since

@@ -26,6 +26,9 @@ fn rules() -> Rules {
         idle_tx_packets_max: 0,
         idle_wr_reqs_max: 0,
         duplicate_grace_ms: 1_000,
+        max_vms_per_node: 64,
+        min_stats_interval_ms: 1_000,
+        activity_min_window_ms: 60_000,
     }
 }
 

@@ -18,19 +18,22 @@
 //! back to the nodes) but keeps answering ZAP and the monitor.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
 use std::os::fd::RawFd;
 use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vmwatch_common::daemon::Shutdown;
 use vmwatch_common::keys;
-use vmwatch_common::protocol::{authenticate, Authenticated, NodeId, Rejected};
+use vmwatch_common::protocol::{authenticate, Authenticated, NodeId, Reject, Rejected};
 
 use crate::config::MasterConfig;
-use crate::metrics::{Metrics, RejectLog};
+use crate::containment::{self, Connections, Limits};
+use crate::metrics::{Metrics, ReasonLabel, RejectLog};
+use crate::registry;
 
 /// What the ingest thread hands to the core.
 pub struct Received {
@@ -47,19 +50,17 @@ const MONITOR_ENDPOINT: &str = "inproc://vmwatch-node-port-monitor";
 const HANDSHAKE_MS: i32 = 10_000;
 /// Descriptors kept beyond `max_connections` for the database, HTTP and the log.
 const FD_RESERVE: u64 = 1024;
-
-/// The bound node port and its helpers, all in one ZeroMQ context. Fields drop in order: the
-/// sockets before the context (whose drop waits for every socket to close).
-pub struct NodePort {
-    pull: zmq::Socket,
-    zap: zmq::Socket,
-    monitor: zmq::Socket,
-    // Held only to outlive the sockets.
-    _ctx: zmq::Context,
-    transport_public: [u8; 32],
-    listen_port: u16,
-    max_connections: usize,
-}
+/// The kernel's receive buffer per node connection (`ZMQ_RCVBUF`): small and fixed, so what a
+/// connection has received but libzmq not yet read stays small too (autotuning grows it to
+/// 6 MiB), and still a window of 512 KiB (the kernel doubles it).
+const RCVBUF: i32 = 256 * 1024;
+/// How often the registry's version is read (a CLI enrollment or revocation is seen within it).
+const REGISTRY_POLL: Duration = Duration::from_millis(200);
+/// The containment check runs at least this often, and at once when the process grew by
+/// [`GROWTH_TRIGGER`] since the last check.
+const CHECK_MIN: Duration = Duration::from_millis(20);
+const CHECK_MAX: Duration = Duration::from_secs(1);
+const GROWTH_TRIGGER: u64 = 4 * 1024 * 1024;
 
 /// Raises the soft descriptor limit so `max_connections` fit with [`FD_RESERVE`] to spare, and
 /// returns the connection cap that fits (lower than configured if the hard limit is too low).
@@ -113,14 +114,31 @@ fn zmq_err(step: &'static str) -> impl Fn(zmq::Error) -> BindError {
     move |source| BindError::Zmq { step, source }
 }
 
+/// The bound node port and its helpers, all in one ZeroMQ context. Fields drop in order: the
+/// sockets before the context (whose drop waits for every socket to close).
+pub struct NodePort {
+    pull: zmq::Socket,
+    zap: zmq::Socket,
+    monitor: zmq::Socket,
+    // Held only to outlive the sockets.
+    _ctx: zmq::Context,
+    /// The fleet transport key, while it is still accepted (`allow_fleet_transport`).
+    fleet_public: Option<[u8; 32]>,
+    listen_port: u16,
+    max_connections: usize,
+}
+
 /// Binds the ZAP handler, then the PULL socket (before anything else starts, so a busy port
-/// fails at once).
-pub fn bind(config: &MasterConfig, max_connections: usize) -> Result<NodePort, BindError> {
+/// fails at once). `fleet` says whether the fleet transport key is still accepted.
+pub fn bind(
+    config: &MasterConfig,
+    max_connections: usize,
+    fleet: bool,
+) -> Result<NodePort, BindError> {
     let Some(secret) = config.secret.as_ref() else {
         return Err(BindError::NoSecret);
     };
     let server = keys::server_keypair(secret.expose());
-    let transport = keys::transport_keypair(secret.expose());
     let ctx = zmq::Context::new();
     // The handler must be bound before any CURVE socket exists in this context.
     let zap = ctx.socket(zmq::REP).map_err(zmq_err("zap socket"))?;
@@ -136,6 +154,7 @@ pub fn bind(config: &MasterConfig, max_connections: usize) -> Result<NodePort, B
         pull.set_maxmsgsize(config.max_message_bytes)?;
         // Per connection: the nodes' own queues (`send_queue`) absorb a backlog, not our memory.
         pull.set_rcvhwm(1000)?;
+        pull.set_rcvbuf(RCVBUF)?;
         // Many nodes reconnect at once after a master restart: a deep accept queue keeps
         // them from waiting a retry interval each (libzmq's default is 100).
         pull.set_backlog(1024)?;
@@ -176,25 +195,31 @@ pub fn bind(config: &MasterConfig, max_connections: usize) -> Result<NodePort, B
         pull,
         zap,
         monitor,
-        transport_public: transport.public,
+        fleet_public: fleet.then(|| keys::transport_keypair(secret.expose()).public),
         listen_port,
         max_connections,
     })
 }
 
-pub fn spawn(
-    port: NodePort,
-    config: Arc<MasterConfig>,
-    to_core: SyncSender<Received>,
-    metrics: Arc<Metrics>,
-    reject_log: Arc<RejectLog>,
-    shutdown: Shutdown,
-) -> std::io::Result<JoinHandle<()>> {
+/// What the ingest thread works with besides the socket.
+pub struct Parts {
+    pub config: Arc<MasterConfig>,
+    pub to_core: SyncSender<Received>,
+    pub metrics: Arc<Metrics>,
+    pub reject_log: Arc<RejectLog>,
+    pub shutdown: Shutdown,
+    /// The enrolled nodes, shared with the core and the API.
+    pub registry: Arc<registry::Shared>,
+    /// The registry's table, polled for changes made by another process (the CLI).
+    pub registry_db: crate::store::Registry,
+}
+
+pub fn spawn(port: NodePort, parts: Parts) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name("zmq-pull".into())
         .spawn(move || {
-            let _guard = shutdown.guard("the ingest thread");
-            run(port, &config, to_core, &metrics, &reject_log, &shutdown)
+            let _guard = parts.shutdown.guard("the ingest thread");
+            run(port, parts)
         })
 }
 
@@ -232,54 +257,98 @@ impl Keyring {
 /// The core stopped taking messages: ingest ends.
 struct CoreGone;
 
-struct Ingest<'a> {
+struct Ingest {
     port: NodePort,
-    config: &'a MasterConfig,
-    to_core: SyncSender<Received>,
-    metrics: &'a Metrics,
-    reject_log: &'a RejectLog,
-    shutdown: &'a Shutdown,
-    connections: usize,
+    parts: Parts,
     keyring: Keyring,
     /// A message the core had no room for yet; while it waits, nothing more is read.
     pending: Option<Received>,
+    /// Every node-port connection, for the cap, containment and revocation.
+    conns: Connections,
+    limits: Limits,
+    next_check: Instant,
+    /// Resident memory at the last containment check, bytes.
+    rss_at_check: u64,
+    next_registry_poll: Instant,
+    /// The registry version whose revoked nodes' connections are closed.
+    registry_seen: i64,
+    /// Node ids seen on connections that presented the fleet key.
+    fleet_nodes: HashSet<String>,
+    /// The node id the ZAP handler last admitted from each peer address, for the log line of a
+    /// connection closed before any whole message named its node.
+    admitted_from: HashMap<String, String>,
+    zap_refusals: RateLimit,
 }
 
-fn run(
-    port: NodePort,
-    config: &MasterConfig,
-    to_core: SyncSender<Received>,
-    metrics: &Metrics,
-    reject_log: &RejectLog,
-    shutdown: &Shutdown,
-) {
+/// At most one log line per 10 s, with the count of those suppressed.
+struct RateLimit {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RateLimit {
+    fn allow(&mut self, now: Instant) -> Option<u64> {
+        match self.last {
+            Some(t) if now.duration_since(t) < Duration::from_secs(10) => {
+                self.suppressed += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.suppressed))
+            }
+        }
+    }
+}
+
+fn run(port: NodePort, parts: Parts) {
     let mut ingest = Ingest {
-        port,
-        config,
-        to_core,
-        metrics,
-        reject_log,
-        shutdown,
-        connections: 0,
         keyring: Keyring {
             keys: HashMap::new(),
-            max: config.max_nodes,
+            max: parts.config.max_nodes,
         },
+        limits: Limits::for_max_message(parts.config.max_message_bytes as u64),
+        port,
+        parts,
         pending: None,
+        conns: Connections::default(),
+        next_check: Instant::now(),
+        rss_at_check: rss_bytes(),
+        next_registry_poll: Instant::now(),
+        registry_seen: i64::MIN,
+        fleet_nodes: HashSet::new(),
+        admitted_from: HashMap::new(),
+        zap_refusals: RateLimit {
+            last: None,
+            suppressed: 0,
+        },
     };
-    while !shutdown.is_triggered() {
+    while !ingest.parts.shutdown.is_triggered() {
         if let Err(CoreGone) = ingest.turn() {
             return;
         }
     }
-    if let Some(r) = ingest.pending {
+    if let Some(r) = ingest.pending.take() {
         // Stopping: the core is still draining and takes this last one.
-        let _ = ingest.to_core.send(r);
+        let _ = ingest.parts.to_core.send(r);
     }
 }
 
-impl Ingest<'_> {
-    /// One poll: answers ZAP and the monitor, hands the held message on, then reads a burst.
+/// One whole message read off the node port, with where it came from.
+struct Incoming {
+    /// At most five frames (more is already a `frame_count` rejection).
+    frames: Vec<Vec<u8>>,
+    /// Wire bytes of all its frames.
+    wire: u64,
+    fd: Option<RawFd>,
+    /// The node id of the connection's CURVE key; `None` on a fleet-key connection.
+    user_id: Option<String>,
+    peer: Option<String>,
+}
+
+impl Ingest {
+    /// One poll: answers ZAP and the monitor, follows the registry, checks what connections
+    /// hold, hands the held message on, then reads a burst.
     fn turn(&mut self) -> Result<(), CoreGone> {
         let port = &self.port;
         let mut items = [
@@ -291,7 +360,9 @@ impl Ingest<'_> {
                 zmq::PollEvents::empty()
             }),
         ];
-        let timeout = if self.pending.is_some() { 20 } else { 200 };
+        // Short: the containment check runs between polls, and an attacker sending an
+        // unfinished message never makes the socket readable.
+        let timeout = 20;
         if let Err(e) = zmq::poll(&mut items, timeout) {
             tracing::error!(error = %e, "zmq poll failed");
             std::thread::sleep(Duration::from_millis(100));
@@ -299,15 +370,21 @@ impl Ingest<'_> {
         }
         let (zap_ready, monitor_ready) = (items[0].is_readable(), items[1].is_readable());
         if zap_ready {
-            while answer_zap(&port.zap, &port.transport_public) {}
+            self.answer_zap_all();
         }
         if monitor_ready {
-            while let Some(event) = monitor_event(&port.monitor) {
-                on_event(event, port, &mut self.connections, self.metrics);
+            while let Some(event) = monitor_event(&self.port.monitor) {
+                self.on_event(event);
             }
         }
+        let now = Instant::now();
+        if now >= self.next_registry_poll {
+            self.follow_registry();
+            self.next_registry_poll = now + REGISTRY_POLL;
+        }
+        self.contain(now);
         if let Some(r) = self.pending.take() {
-            match self.to_core.try_send(r) {
+            match self.parts.to_core.try_send(r) {
                 Ok(()) => {}
                 Err(TrySendError::Full(r)) => {
                     self.pending = Some(r);
@@ -319,70 +396,337 @@ impl Ingest<'_> {
         self.read_burst()
     }
 
+    fn answer_zap_all(&mut self) {
+        let registry = self.parts.registry.get();
+        while let Some(refused) = answer_zap(
+            &self.port.zap,
+            &registry,
+            self.port.fleet_public.as_ref(),
+            &mut self.admitted_from,
+        ) {
+            if let Some(refused) = refused {
+                self.refused_handshake(refused);
+            }
+        }
+    }
+
+    fn refused_handshake(&mut self, (address, key): (String, String)) {
+        if let Some(suppressed) = self.zap_refusals.allow(Instant::now()) {
+            tracing::warn!(
+                peer = %address,
+                client_key = %key,
+                suppressed_since_last = suppressed,
+                "CURVE handshake refused: the client key is not an enrolled node's (unknown, revoked, or the fleet key while allow_fleet_transport=no) (logged at most once per 10s)"
+            );
+        }
+    }
+
     /// Reads what is ready, one message at a time, up to a turn's worth (so ZAP and the
     /// monitor are answered between bursts), until the core has no room.
     fn read_burst(&mut self) -> Result<(), CoreGone> {
         for n in 0..1024 {
             if n % 64 == 63 {
                 // Handshakes are not kept waiting behind a burst of messages.
-                while answer_zap(&self.port.zap, &self.port.transport_public) {}
-                if self.shutdown.is_triggered() {
+                self.answer_zap_all();
+                if self.parts.shutdown.is_triggered() {
                     break;
                 }
             }
-            let frames = match receive(&self.port.pull) {
-                Ok(Some(f)) => f,
+            let incoming = match receive(&mut self.port.pull) {
+                Ok(Some(m)) => m,
                 Ok(None) => break,
                 Err(e) => {
                     tracing::warn!(error = %e, "zmq receive failed");
                     break;
                 }
             };
-            let config = self.config;
-            match self.keyring.authenticate(&frames, |n| config.key_for(n)) {
-                Ok(message) => match self.to_core.try_send(Received {
-                    message,
-                    arrived: vmwatch_common::time::now_ms(),
-                }) {
-                    Ok(()) => {}
-                    Err(TrySendError::Full(r)) => {
-                        self.pending = Some(r);
-                        break;
+            if let Some(fd) = incoming.fd {
+                self.conns
+                    .delivered(fd, incoming.wire, incoming.user_id.as_deref());
+            }
+            let verified = self.check_identity(&incoming).and_then(|()| {
+                let config = &self.parts.config;
+                self.keyring
+                    .authenticate(&incoming.frames, |n| config.key_for(n))
+            });
+            match verified {
+                Ok(message) => {
+                    if incoming.user_id.is_none() && self.port.fleet_public.is_some() {
+                        self.note_fleet_node(message.node_id().as_str());
                     }
-                    Err(TrySendError::Disconnected(_)) => return Err(CoreGone),
-                },
+                    match self.parts.to_core.try_send(Received {
+                        message,
+                        arrived: vmwatch_common::time::now_ms(),
+                    }) {
+                        Ok(()) => {}
+                        Err(TrySendError::Full(r)) => {
+                            self.pending = Some(r);
+                            break;
+                        }
+                        Err(TrySendError::Disconnected(_)) => return Err(CoreGone),
+                    }
+                }
                 Err(r) => {
-                    self.metrics.count_reject(r.reason);
-                    self.reject_log.log(&r);
+                    self.parts.metrics.count_reject(r.reason);
+                    self.parts.reject_log.log(&r);
                 }
             }
         }
         Ok(())
     }
+
+    /// SPEC §10: frame 2 must name the node whose CURVE key the connection presented, and that
+    /// node must still be enrolled. On a fleet-key connection (no `User-Id`) a revoked id is
+    /// refused; the HMAC still binds every other id.
+    fn check_identity(&mut self, m: &Incoming) -> Result<(), Rejected> {
+        let named = m
+            .frames
+            .get(1)
+            .map(|f| String::from_utf8_lossy(f).into_owned());
+        let registry = self.parts.registry.get();
+        let peer = m.peer.as_deref().unwrap_or("-");
+        match (&m.user_id, named) {
+            (Some(uid), Some(named)) if m.frames.len() == 4 && named != *uid => Err(Rejected {
+                reason: Reject::IdentityMismatch,
+                node_id: Some(uid.clone()),
+                detail: format!(
+                    "connection of node `{uid}` (User-Id) from {peer} sent a message naming {:?}",
+                    named.chars().take(64).collect::<String>()
+                ),
+            }),
+            (Some(uid), _) if !registry.is_enrolled(uid) => {
+                if let Some(fd) = m.fd {
+                    self.close(fd, "revoked");
+                }
+                Err(Rejected {
+                    reason: Reject::Revoked,
+                    node_id: Some(uid.clone()),
+                    detail: format!(
+                        "node `{uid}` was revoked; its connection from {peer} is closed"
+                    ),
+                })
+            }
+            (None, Some(named)) if registry.is_revoked(&named) => Err(Rejected {
+                reason: Reject::Revoked,
+                node_id: Some(named.clone()),
+                detail: format!("node `{named}` was revoked (fleet-key connection from {peer})"),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    fn note_fleet_node(&mut self, node: &str) {
+        if self.fleet_nodes.len() < self.parts.config.max_nodes && !self.fleet_nodes.contains(node)
+        {
+            self.fleet_nodes.insert(node.to_owned());
+            self.parts
+                .metrics
+                .fleet_transport_nodes
+                .set(self.fleet_nodes.len() as i64);
+            tracing::warn!(node_id = %node, nodes_on_fleet_key = self.fleet_nodes.len(), "node connected with the old fleet transport key; give it its own key (`vmwatch-master enroll NODE_ID`, node_key=) before setting allow_fleet_transport=no");
+        }
+    }
+
+    /// Reloads the registry when its version moved (an enrollment or revocation, here or by
+    /// the CLI) and closes the connections of nodes no longer enrolled.
+    fn follow_registry(&mut self) {
+        let current = self.parts.registry.get();
+        match self.parts.registry_db.version() {
+            Ok(v) if v == current.version => {}
+            Ok(_) => self.reload_registry(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the node registry's version; retrying");
+            }
+        }
+        // The API may have installed a new registry itself: its revocations close here too.
+        let current = self.parts.registry.get();
+        if current.version != self.registry_seen {
+            self.registry_seen = current.version;
+            self.close_revoked();
+        }
+    }
+
+    fn reload_registry(&mut self) {
+        let config = self.parts.config.clone();
+        match registry::load(&self.parts.registry_db, |n| {
+            NodeId::parse(n)
+                .ok()
+                .and_then(|id| config.node_curve_keypair(&id))
+                .map(|k| k.public)
+        }) {
+            Ok(snapshot) => {
+                self.parts
+                    .metrics
+                    .enrolled_nodes
+                    .set(snapshot.enrolled_count() as i64);
+                self.parts.registry.set(snapshot);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot load the node registry; retrying");
+            }
+        }
+    }
+
+    fn close_revoked(&mut self) {
+        let registry = self.parts.registry.get();
+        let revoked: Vec<RawFd> = registry
+            .rows
+            .iter()
+            .filter(|r| r.revoked_at.is_some())
+            .flat_map(|r| self.conns.of_node(&r.node_id))
+            .collect();
+        for fd in revoked {
+            self.close(fd, "revoked");
+        }
+    }
+
+    /// SPEC §11: closes the connections holding more than their bound, checked every
+    /// interval (longer with more connections: each costs a `TCP_INFO` call) and at once when
+    /// the process grew fast.
+    fn contain(&mut self, now: Instant) {
+        let rss = rss_bytes();
+        let grew = rss.saturating_sub(self.rss_at_check) > GROWTH_TRIGGER;
+        if now < self.next_check && !grew {
+            return;
+        }
+        let every =
+            (CHECK_MIN + Duration::from_micros(50) * self.conns.len() as u32).min(CHECK_MAX);
+        self.next_check = now + every;
+        self.rss_at_check = rss;
+        let (verdicts, total) = self
+            .conns
+            .check(crate::raw::tcp_bytes_received, self.limits);
+        self.parts.metrics.zmq_pending_bytes.set(total as i64);
+        for v in verdicts {
+            let (node, peer) = self.describe(v.fd);
+            tracing::warn!(
+                node_id = %node,
+                peer = %peer,
+                pending_bytes = v.pending,
+                bound = match v.why {
+                    containment::Why::Connection => self.limits.per_connection,
+                    containment::Why::Total => self.limits.total,
+                },
+                reason = v.why.label(),
+                "node connection closed: it sent more than the master holds for a connection before its messages are whole"
+            );
+            self.close(v.fd, v.why.label());
+        }
+    }
+
+    /// The node id (or the one last admitted from its address) and peer of a connection.
+    fn describe(&self, fd: RawFd) -> (String, String) {
+        let conn = self.conns.get(fd);
+        let peer = conn.and_then(|c| c.peer);
+        let node = conn
+            .and_then(|c| c.node.clone())
+            .or_else(|| {
+                peer.and_then(|p| self.admitted_from.get(&p.ip().to_string()))
+                    .map(|n| format!("{n} (by address)"))
+            })
+            .unwrap_or_else(|| "-".into());
+        (node, peer.map_or_else(|| "-".into(), |p| p.to_string()))
+    }
+
+    /// Shuts a node-port connection down (libzmq then sees it end and cleans up), counted by
+    /// `why`. Only if the descriptor is still the connection we know: a socket on the node port
+    /// whose peer is the address recorded when it was accepted, so a descriptor reused
+    /// meanwhile by anything else, another node's connection included, is never touched.
+    fn close(&mut self, fd: RawFd, why: &'static str) {
+        let expected = self.conns.get(fd).and_then(|c| c.peer);
+        if let Some(c) = self.conns.get_mut(fd) {
+            c.closing = true;
+        }
+        if shutdown_if(fd, self.port.listen_port, expected) {
+            self.parts
+                .metrics
+                .zmq_connections_closed
+                .get_or_create(&ReasonLabel { reason: why })
+                .inc();
+        }
+    }
+
+    fn on_event(&mut self, (event, value): (u16, u32)) {
+        let is = |e: zmq::SocketEvent| event == e as u16;
+        let fd = value as RawFd;
+        let metrics = &self.parts.metrics;
+        if is(zmq::SocketEvent::ACCEPTED) {
+            let from_address = self.conns.accepted(fd, peer_of(fd, self.port.listen_port));
+            if self.conns.len() > self.port.max_connections {
+                self.close(fd, "max_connections");
+                self.parts.metrics.zmq_connections_refused.inc();
+            } else if from_address > self.parts.config.max_connections_per_address {
+                // One address (one hypervisor, or one attacker) cannot take every slot.
+                self.close(fd, "per_address");
+                self.parts.metrics.zmq_connections_refused.inc();
+            }
+        } else if is(zmq::SocketEvent::DISCONNECTED) {
+            self.conns.gone(fd);
+        } else {
+            metrics.zmq_handshake_failures.inc();
+        }
+        self.parts
+            .metrics
+            .zmq_connections
+            .set(self.conns.len() as i64);
+    }
 }
 
-/// Answers one ZAP request (RFC 27): 200 for the fleet transport key, 400 for anything else.
-/// Returns whether there was one.
-fn answer_zap(zap: &zmq::Socket, transport_public: &[u8; 32]) -> bool {
-    let Ok(frames) = zap.recv_multipart(zmq::DONTWAIT) else {
-        return false;
-    };
+/// Answers one ZAP request (RFC 27): 200 with `User-Id` = the node id for an enrolled node's
+/// key, 200 without a `User-Id` for the fleet key while it is accepted, 400 for anything else.
+/// `None` when there was no request; `Some(Some((address, key)))` for a refusal.
+fn answer_zap(
+    zap: &zmq::Socket,
+    registry: &registry::Snapshot,
+    fleet_public: Option<&[u8; 32]>,
+    admitted_from: &mut HashMap<String, String>,
+) -> Option<Option<(String, String)>> {
+    let frames = zap.recv_multipart(zmq::DONTWAIT).ok()?;
     // version, request id, domain, address, routing id, mechanism, credentials…
     let request_id = frames.get(1).cloned().unwrap_or_default();
-    let ok = frames.len() == 7
-        && frames[0] == b"1.0"
-        && frames[5] == b"CURVE"
-        && frames[6].as_slice() == transport_public.as_slice();
-    let (code, text): (&[u8], &[u8]) = if ok {
-        (b"200", b"OK")
+    let well_formed = frames.len() == 7 && frames[0] == b"1.0" && frames[5] == b"CURVE";
+    let key = if well_formed {
+        frames[6].as_slice()
     } else {
-        (b"400", b"unknown client key")
+        &[]
     };
-    let reply: [&[u8]; 6] = [b"1.0", &request_id, code, text, b"", b""];
+    let address = frames
+        .get(3)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .unwrap_or_default();
+    let user: Option<&str> = if !well_formed {
+        None
+    } else if let Some(node) = registry.node_of_key(key) {
+        Some(node)
+    } else if fleet_public.is_some_and(|f| f.as_slice() == key) {
+        Some("")
+    } else {
+        None
+    };
+    let (code, text, user_id): (&[u8], &[u8], &[u8]) = match user {
+        Some(node) => (b"200", b"OK", node.as_bytes()),
+        None => (b"400", b"unknown client key", b""),
+    };
+    let reply: [&[u8]; 6] = [b"1.0", &request_id, code, text, user_id, b""];
     if let Err(e) = zap.send_multipart(reply, zmq::DONTWAIT) {
         tracing::warn!(error = %e, "cannot answer a ZAP request");
     }
-    true
+    Some(match user {
+        Some(node) => {
+            if admitted_from.len() >= 65_536 {
+                admitted_from.clear();
+            }
+            let label = if node.is_empty() { "fleet key" } else { node };
+            admitted_from.insert(address, label.to_owned());
+            None
+        }
+        None => {
+            let key = <&[u8; 32]>::try_from(key)
+                .map(keys::z85_encode)
+                .unwrap_or_else(|_| format!("({} bytes)", key.len()));
+            Some((address, key))
+        }
+    })
 }
 
 /// One socket-monitor event: (event, value). For ACCEPTED and DISCONNECTED the value is the
@@ -398,66 +742,73 @@ fn monitor_event(monitor: &zmq::Socket) -> Option<(u16, u32)> {
     Some((event, value))
 }
 
-fn on_event(
-    (event, value): (u16, u32),
-    port: &NodePort,
-    connections: &mut usize,
-    metrics: &Metrics,
-) {
-    let is = |e: zmq::SocketEvent| event == e as u16;
-    if is(zmq::SocketEvent::ACCEPTED) {
-        *connections += 1;
-        if *connections > port.max_connections {
-            refuse(value as RawFd, port.listen_port);
-            metrics.zmq_connections_refused.inc();
-        }
-    } else if is(zmq::SocketEvent::DISCONNECTED) {
-        *connections = connections.saturating_sub(1);
-    } else {
-        metrics.zmq_handshake_failures.inc();
+/// The peer of a connection on the node port; `None` if `fd` is not one (any more).
+fn peer_of(fd: RawFd, listen_port: u16) -> Option<SocketAddr> {
+    use nix::sys::socket::{getpeername, getsockname, SockaddrStorage};
+    let port_of = |a: SockaddrStorage| {
+        a.as_sockaddr_in()
+            .map(|v4| SocketAddr::from((v4.ip(), v4.port())))
+            .or_else(|| {
+                a.as_sockaddr_in6()
+                    .map(|v6| SocketAddr::from((v6.ip(), v6.port())))
+            })
+    };
+    let local = getsockname::<SockaddrStorage>(fd).ok().and_then(port_of)?;
+    if local.port() != listen_port {
+        return None;
     }
-    metrics.zmq_connections.set(*connections as i64);
+    getpeername::<SockaddrStorage>(fd).ok().and_then(port_of)
 }
 
-/// Shuts down an accepted connection beyond the cap; libzmq then sees it end and cleans up.
-/// The descriptor comes from the monitor event and is checked to still be a socket on the node
-/// port: a descriptor reused meanwhile by anything else is never touched. (One reused by
-/// another node-port connection would be shut down instead; that node reconnects.)
-fn refuse(fd: RawFd, listen_port: u16) {
-    use nix::sys::socket::{getsockname, shutdown, Shutdown, SockaddrStorage};
-    let on_node_port = getsockname::<SockaddrStorage>(fd).ok().and_then(|a| {
-        a.as_sockaddr_in()
-            .map(|v4| v4.port())
-            .or_else(|| a.as_sockaddr_in6().map(|v6| v6.port()))
-    }) == Some(listen_port);
-    if on_node_port {
-        let _ = shutdown(fd, Shutdown::Both);
+/// Shuts `fd` down if it is still a node-port connection to `expected` (when known; a
+/// connection whose peer was never read is checked by port only). Returns whether it did.
+fn shutdown_if(fd: RawFd, listen_port: u16, expected: Option<SocketAddr>) -> bool {
+    use nix::sys::socket::{shutdown, Shutdown};
+    let Some(peer) = peer_of(fd, listen_port) else {
+        return false;
+    };
+    if expected.is_some_and(|e| e != peer) {
+        return false;
     }
+    shutdown(fd, Shutdown::Both).is_ok()
+}
+
+/// Resident memory of this process, bytes (0 if /proc cannot say).
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| {
+            s.split_whitespace()
+                .nth(1)
+                .and_then(|p| p.parse::<u64>().ok())
+        })
+        .map_or(0, |pages| pages * 4096)
 }
 
 /// One whole multipart message, keeping at most five frames; `None` when nothing is ready.
-fn receive(socket: &zmq::Socket) -> Result<Option<Vec<Vec<u8>>>, zmq::Error> {
-    let mut frames = Vec::with_capacity(4);
-    let mut extra = 0usize;
-    loop {
-        let part = match socket.recv_bytes(if frames.is_empty() && extra == 0 {
-            zmq::DONTWAIT
-        } else {
-            0
-        }) {
-            Ok(p) => p,
-            Err(zmq::Error::EAGAIN) if frames.is_empty() && extra == 0 => return Ok(None),
-            Err(e) => return Err(e),
-        };
-        if frames.len() < 5 {
-            frames.push(part);
-        } else {
-            extra += 1;
+fn receive(socket: &mut zmq::Socket) -> Result<Option<Incoming>, zmq::Error> {
+    let first = match crate::raw::receive_frame(socket, zmq::DONTWAIT, true) {
+        Ok(f) => f,
+        Err(zmq::Error::EAGAIN) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut m = Incoming {
+        wire: containment::wire_bytes(first.data.len()),
+        fd: first.fd,
+        user_id: first.user_id,
+        peer: first.peer,
+        frames: vec![first.data],
+    };
+    let mut more = first.more;
+    while more {
+        let part = crate::raw::receive_frame(socket, 0, false)?;
+        m.wire += containment::wire_bytes(part.data.len());
+        if m.frames.len() < 5 {
+            m.frames.push(part.data);
         }
-        if !socket.get_rcvmore()? {
-            return Ok(Some(frames));
-        }
+        more = part.more;
     }
+    Ok(Some(m))
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ fn main() -> ExitCode {
         load: MasterConfig::load,
         describe: MasterConfig::describe,
         log: |c| (c.log_file.clone(), c.log_level.clone()),
-        command: node_secret,
+        command: |cli, config| node_secret(cli, config).or_else(|| registry_command(cli, config)),
     }
     .main(|config, ctx| {
         vmwatch_master::run::run(config, ctx).context("the master stopped on an error")
@@ -37,6 +37,7 @@ fn node_secret(cli: &Cli, config: &MasterConfig) -> Option<ExitCode> {
     Some(match config.node_config_lines(&node) {
         Some(lines) => {
             print!("{lines}");
+            eprintln!("vmwatch-master: note: this does not enroll {node}; its key is refused until `vmwatch-master enroll {node}` (or the enrollment API) enrolls it");
             ExitCode::SUCCESS
         }
         None => {
@@ -44,4 +45,103 @@ fn node_secret(cli: &Cli, config: &MasterConfig) -> Option<ExitCode> {
             ExitCode::from(EX_CONFIG as u8)
         }
     })
+}
+
+/// `enroll N` / `revoke N`: writes the registry of the configured database; a running master
+/// sees it within a second. Run as root, it first becomes the database's owner, so the files
+/// SQLite creates beside it (`-wal`, `-shm`) stay the master's.
+fn registry_command(cli: &Cli, config: &MasterConfig) -> Option<ExitCode> {
+    let (verb, node) = match cli.command.as_slice() {
+        [] => return None,
+        [verb, node] if verb == "enroll" || verb == "revoke" => (verb.as_str(), node),
+        _ => {
+            eprintln!(
+                "vmwatch-master: unknown command `{}` (try: enroll NODE_ID, revoke NODE_ID)",
+                cli.command.join(" ")
+            );
+            return Some(ExitCode::from(EX_USAGE));
+        }
+    };
+    let node = match vmwatch_common::protocol::NodeId::parse(node) {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("vmwatch-master: {verb}: {e}");
+            return Some(ExitCode::from(EX_USAGE));
+        }
+    };
+    if let Err(e) = become_owner_of(&config.db_path) {
+        eprintln!("vmwatch-master: {verb}: {e}");
+        return Some(ExitCode::FAILURE);
+    }
+    // The master creates and migrates the database; a first enrollment before it ever ran
+    // does the same.
+    if let Err(e) = vmwatch_master::store::Store::open(&config.db_path) {
+        eprintln!("vmwatch-master: {verb}: {e}");
+        return Some(ExitCode::FAILURE);
+    }
+    let mut db = match vmwatch_master::store::Registry::open(&config.db_path) {
+        Ok(db) => db,
+        Err(e) => {
+            eprintln!("vmwatch-master: {verb}: {e}");
+            return Some(ExitCode::FAILURE);
+        }
+    };
+    let now = vmwatch_common::time::now_ms();
+    Some(if verb == "enroll" {
+        match vmwatch_master::enroll::enroll(config, &mut db, &node, now) {
+            Ok(e) => {
+                print!("{}", e.config);
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("vmwatch-master: enroll: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    } else {
+        match vmwatch_master::enroll::revoke(&mut db, &node, now) {
+            Ok(vmwatch_master::store::Revoked::NotEnrolled) => {
+                eprintln!("vmwatch-master: revoke: node `{node}` is not enrolled");
+                ExitCode::FAILURE
+            }
+            Ok(r) => {
+                let what = if r == vmwatch_master::store::Revoked::Now {
+                    "revoked"
+                } else {
+                    "was already revoked"
+                };
+                println!("node {node} {what}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("vmwatch-master: revoke: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+/// As root, takes the uid and gid of the database's directory owner (the `vmwatch` user).
+fn become_owner_of(db: &std::path::Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(());
+    }
+    let dir = db
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let meta = std::fs::metadata(dir).map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
+    if meta.uid() == 0 {
+        return Ok(());
+    }
+    nix::unistd::setgid(nix::unistd::Gid::from_raw(meta.gid()))
+        .and_then(|()| nix::unistd::setuid(nix::unistd::Uid::from_raw(meta.uid())))
+        .map_err(|e| {
+            format!(
+                "cannot become the owner of {} (uid {}): {e}",
+                dir.display(),
+                meta.uid()
+            )
+        })
 }

@@ -64,8 +64,16 @@ pub struct Metrics {
     pub zmq_connections: Gauge,
     pub zmq_connections_refused: Counter,
     pub zmq_handshake_failures: Counter,
+    /// Node-port connections the master closed, by why (SPEC §11, §10).
+    pub zmq_connections_closed: Family<ReasonLabel, Counter>,
+    /// Bytes received on node-port connections that are not yet whole messages read by ingest.
+    pub zmq_pending_bytes: Gauge,
+    pub enrolled_nodes: Gauge,
+    /// Node ids that sent on a connection holding the fleet transport key since start.
+    pub fleet_transport_nodes: Gauge,
     pub http_connections: Gauge,
     pub http_connections_refused: Counter,
+    pub http_connections_refused_per_address: Counter,
     pub dead_letters: Gauge,
     pub db_ok: Gauge,
     pub bus_published: Counter,
@@ -197,6 +205,25 @@ impl Metrics {
                 "Connections on the node port closed at once because max_connections were held",
                 Counter::default(),
             ),
+            zmq_connections_closed: reg(
+                &mut r,
+                "zmq_connections_closed",
+                "Node-port connections the master closed: unfinished_message (one connection held more than its bound of bytes not yet whole messages), memory_total (all connections together did), revoked (its node was revoked)",
+                Family::default(),
+            ),
+            zmq_pending_bytes: reg(
+                &mut r,
+                "zmq_pending_bytes",
+                "Bytes received on node-port connections that ingest has not yet read as whole messages (what libzmq holds for them), at the last check",
+                Gauge::default(),
+            ),
+            enrolled_nodes: reg(&mut r, "enrolled_nodes", "Node ids enrolled and not revoked", Gauge::default()),
+            fleet_transport_nodes: reg(
+                &mut r,
+                "fleet_transport_nodes",
+                "Node ids that sent on a connection presenting the old fleet transport key since the master started (move them to their own node_key)",
+                Gauge::default(),
+            ),
             zmq_handshake_failures: reg(
                 &mut r,
                 "zmq_handshake_failures",
@@ -209,6 +236,12 @@ impl Metrics {
                 &mut r,
                 "http_connections_refused",
                 "HTTP connections closed at once because the connection cap was reached",
+                Counter::default(),
+            ),
+            http_connections_refused_per_address: reg(
+                &mut r,
+                "http_connections_refused_per_address",
+                "HTTP connections closed at once because their address held half the cap (256)",
                 Counter::default(),
             ),
             registry: r,
@@ -249,6 +282,21 @@ impl Metrics {
         self.agent_reconnects
             .get_or_create(&label)
             .set(as_i64(c.libvirt_reconnects));
+    }
+
+    /// Drops every per-node series of a node that left the inventory (revoked).
+    pub fn forget_node(&self, label: &NodeLabel) {
+        for family in [
+            &self.node_up,
+            &self.node_libvirt_up,
+            &self.agent_sent,
+            &self.agent_events,
+            &self.agent_dropped,
+            &self.agent_overflow,
+            &self.agent_reconnects,
+        ] {
+            family.remove(label);
+        }
     }
 
     pub fn count_reject(&self, reason: Reject) {

@@ -29,6 +29,24 @@ pub struct Rules {
     /// A stats window with at most this many disk write requests is quiet (`idle_wr_reqs_max`).
     pub idle_wr_reqs_max: u64,
     pub duplicate_grace_ms: u64,
+    /// VM rows one node may hold (`max_vms_per_node`); beyond it `too_many_vms`.
+    pub max_vms_per_node: usize,
+    /// Stats windows of a node closer together than this (or than half its `interval_s`) are
+    /// refused as `too_frequent` (`min_stats_interval`).
+    pub min_stats_interval_ms: u64,
+    /// The activity history keeps at most one point per VM per this window; finer windows
+    /// merge into it (`activity_min_window`, 0: every window is a point).
+    pub activity_min_window_ms: u64,
+}
+
+/// The current stats window of a node: when it began (node and master time) and the VMs its
+/// messages listed so far (one collection may be split over several messages).
+#[derive(Debug, Clone, Default)]
+pub struct StatsWindow {
+    boot: String,
+    ts: u64,
+    arrived: u64,
+    seen: std::collections::HashSet<String>,
 }
 
 /// What the master knows of one node.
@@ -146,6 +164,15 @@ pub enum Effect {
         node_id: String,
         uuid: String,
     },
+    /// A revoked node leaves the inventory (its VM rows go by `RemoveVm`).
+    RemoveNode {
+        node_id: String,
+    },
+    /// The core journaled this enrollment state (`enrolled`, `revoked`) of a node.
+    EnrollmentJournaled {
+        node_id: String,
+        state: &'static str,
+    },
     Journal(Entry),
     /// One stats window of a VM, for its activity history.
     Activity {
@@ -165,6 +192,11 @@ pub struct Inventory {
     pub dup_since: HashMap<String, u64>,
     /// The duplicate rule's index of which nodes hold each uuid (see `duplicate.rs`).
     pub copies: crate::duplicate::Copies,
+    /// Each node's current stats window (memory only: after a restart the first window is new).
+    pub stats_windows: HashMap<String, StatsWindow>,
+    /// Activity points shorter than `activity_min_window`, merging until they reach it, per
+    /// (node, uuid) (memory only: a restart loses at most one window's point).
+    pub activity_pending: HashMap<(String, String), crate::activity::Point>,
 }
 
 #[cfg(test)]
@@ -247,7 +279,11 @@ pub fn vm_changes(effects: &[Effect]) -> Vec<VmChange> {
                 uuid: uuid.clone(),
                 state: None,
             }),
-            Effect::UpsertNode(_) | Effect::Journal(_) | Effect::Activity { .. } => None,
+            Effect::UpsertNode(_)
+            | Effect::RemoveNode { .. }
+            | Effect::EnrollmentJournaled { .. }
+            | Effect::Journal(_)
+            | Effect::Activity { .. } => None,
         })
         .collect()
 }
@@ -345,6 +381,13 @@ pub fn handle(
             })
         }
     };
+    if let Err(reason) = check_bounds(inv, rules, &node_id, &payload, now) {
+        return Err(Refused {
+            reason,
+            node_id,
+            kind,
+        });
+    }
     let mut out = Outcome {
         node_id: node_id.clone(),
         kind,
@@ -365,11 +408,106 @@ pub fn handle(
     match payload.body {
         Body::Snapshot(s) => apply_snapshot(vms, &node_id, s, now, &mut out),
         Body::Event(e) => apply_event(vms, &node_id, e, now, &mut out),
-        Body::Stats(stats) => apply_stats(vms, &node_id, stats, payload.ts, now, rules, &mut out),
+        Body::Stats(stats) => apply_stats(
+            vms,
+            &mut inv.activity_pending,
+            &node_id,
+            stats,
+            payload.ts,
+            now,
+            rules,
+            &mut out,
+        ),
         Body::Bye(_) => mark_unknown(vms, &node_id, now, "node-down", &mut out.effects),
         Body::Heartbeat(_) => {}
     }
     Ok(out)
+}
+
+/// The bounds one node's messages may not push the master past (SPEC §11), checked after
+/// admission and before anything changes: its VM rows (`too_many_vms`) and its stats rate
+/// (`too_frequent`). A stats window that passes becomes the node's current one.
+fn check_bounds(
+    inv: &mut Inventory,
+    rules: &Rules,
+    node_id: &str,
+    payload: &Payload,
+    now: u64,
+) -> Result<(), Reject> {
+    let rows = inv.vms.get(node_id);
+    match &payload.body {
+        Body::Snapshot(s) if s.domains.len() > rules.max_vms_per_node => Err(Reject::TooManyVms),
+        Body::Event(e) => {
+            let known = rows.is_some_and(|v| v.contains_key(&e.uuid));
+            let full = rows.map_or(0, BTreeMap::len) >= rules.max_vms_per_node;
+            if !known && full && !(e.event == "undefined" && e.state == "shutoff") {
+                return Err(Reject::TooManyVms);
+            }
+            Ok(())
+        }
+        Body::Stats(st) => {
+            let gap = rules
+                .min_stats_interval_ms
+                .max(st.interval_s.saturating_mul(500));
+            let w = inv.stats_windows.entry(node_id.to_owned()).or_default();
+            // 10 % of the gap is timer jitter, not a second window.
+            let near = |elapsed: u64| elapsed.saturating_mul(10) < gap.saturating_mul(9);
+            let same_window = w.boot == payload.boot
+                && near(payload.ts.saturating_sub(w.ts))
+                && near(now.saturating_sub(w.arrived));
+            if !same_window {
+                w.boot.clone_from(&payload.boot);
+                w.ts = payload.ts;
+                w.arrived = now;
+                w.seen.clear();
+            } else if st.domains.iter().any(|d| w.seen.contains(&d.uuid)) {
+                // A part of a split collection lists other VMs; a second window lists the same.
+                return Err(Reject::TooFrequent);
+            }
+            w.seen.extend(st.domains.iter().map(|d| d.uuid.clone()));
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Removes a revoked node from the inventory: a `vanished` entry per VM, the node row, and a
+/// `node`/`revoked` entry (SPEC §10).
+pub fn revoke_node(inv: &mut Inventory, node_id: &str, now: u64) -> Vec<Effect> {
+    let mut effects = Vec::new();
+    for (uuid, vm) in inv.vms.remove(node_id).unwrap_or_default() {
+        inv.activity_pending
+            .remove(&(node_id.to_owned(), uuid.clone()));
+        effects.push(Effect::RemoveVm {
+            node_id: node_id.to_owned(),
+            uuid: uuid.clone(),
+        });
+        effects.push(Effect::Journal(Entry {
+            uuid,
+            name: vm.name,
+            state: vm.state,
+            detail: "node revoked".into(),
+            ..entry(now, node_id, EntryType::Vanished, "vanished")
+        }));
+    }
+    inv.stats_windows.remove(node_id);
+    if inv.nodes.remove(node_id).is_some() {
+        effects.push(Effect::RemoveNode {
+            node_id: node_id.to_owned(),
+        });
+    }
+    effects
+}
+
+/// The journal entry of an enrollment change (`node`/`enrolled` or `node`/`revoked`).
+pub fn enrollment_entry(node_id: &str, state: &'static str, now: u64) -> Vec<Effect> {
+    vec![
+        Effect::Journal(entry(now, node_id, EntryType::Node, state)),
+        Effect::EnrollmentJournaled {
+            node_id: node_id.to_owned(),
+            state,
+        },
+    ]
 }
 
 /// Records a message's arrival on its node row: a new boot, the sequence and any gap, and the
@@ -384,7 +522,7 @@ fn record_arrival(
 ) {
     if admission == Admission::NewBoot {
         let mut e = entry(now, &node.node_id, EntryType::Node, "restarted");
-        e.detail = format!("boot {}", payload.boot);
+        e.detail.clone_from(&payload.boot);
         out.effects.push(Effect::Journal(e));
         let old = std::mem::take(&mut node.boot);
         supersede(node, old, now, rules.max_message_age_ms);
@@ -402,7 +540,7 @@ fn record_arrival(
     node.last_seen = now;
     if lost > 0 {
         node.gaps += 1;
-        node.lost += lost;
+        node.lost = node.lost.saturating_add(lost);
         let mut e = entry(now, &node.node_id, EntryType::Gap, "gap");
         e.detail = lost.to_string();
         out.effects.push(Effect::Journal(e));
@@ -626,8 +764,10 @@ fn apply_event(
     vms.insert(e.uuid, vm);
 }
 
+#[allow(clippy::too_many_arguments)]
 fn apply_stats(
     vms: &mut BTreeMap<String, Vm>,
+    pending: &mut HashMap<(String, String), crate::activity::Point>,
     node_id: &str,
     stats: Stats,
     ts: u64,
@@ -675,11 +815,21 @@ fn apply_stats(
         if let Some(point) = prev.and_then(|p| {
             crate::activity::point(&p, &sample, vm.usage.net.idle, vm.usage.disk.idle)
         }) {
-            out.effects.push(Effect::Activity {
-                node_id: node_id.to_owned(),
-                uuid: vm.uuid.clone(),
-                point,
-            });
+            // One point per `activity_min_window`: finer windows merge first (sums kept).
+            let key = (node_id.to_owned(), vm.uuid.clone());
+            let merged = match pending.remove(&key) {
+                Some(acc) => crate::activity::merge(&acc, &point),
+                None => point,
+            };
+            if merged.window_ms >= rules.activity_min_window_ms {
+                out.effects.push(Effect::Activity {
+                    node_id: node_id.to_owned(),
+                    uuid: vm.uuid.clone(),
+                    point: merged,
+                });
+            } else {
+                pending.insert(key, merged);
+            }
         }
         for c in changes {
             let kind = if c.idle {
@@ -737,7 +887,10 @@ pub fn coalesce(mut effects: Vec<Effect>) -> Vec<Effect> {
             Effect::UpsertNode(n) => seen_nodes.insert(&n.node_id),
             Effect::UpsertVm(vm) => seen_vms.insert((&vm.node_id, &vm.uuid)),
             Effect::RemoveVm { node_id, uuid } => seen_vms.insert((node_id, uuid)),
-            Effect::Journal(_) | Effect::Activity { .. } => true,
+            Effect::RemoveNode { node_id } => seen_nodes.insert(node_id),
+            Effect::Journal(_) | Effect::Activity { .. } | Effect::EnrollmentJournaled { .. } => {
+                true
+            }
         };
     }
     // In place: only the kept effects move, once each.
@@ -824,6 +977,9 @@ mod tests {
         idle_tx_packets_max: 0,
         idle_wr_reqs_max: 0,
         duplicate_grace_ms: 60_000,
+        max_vms_per_node: 4096,
+        min_stats_interval_ms: 1_000,
+        activity_min_window_ms: 0,
     };
     const NOW: u64 = 1_800_000_000_000;
 

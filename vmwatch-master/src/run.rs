@@ -99,8 +99,9 @@ fn start(config: Arc<MasterConfig>, ctx: &Context) -> Result<Running, MasterErro
     let metrics = Arc::new(metrics::Metrics::new());
     let (store, inventory, outbox, bus_cursor) = open_database(&config, &metrics)?;
     let readers = Arc::new(api::ReaderPool::open(&config.db_path, 4)?);
+    let (registry, registry_db, fleet) = open_registry(&config, &metrics)?;
     let max_connections = ingest::raise_fd_limit(config.max_connections);
-    let node_port = ingest::bind(&config, max_connections)?;
+    let node_port = ingest::bind(&config, max_connections, fleet)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -120,6 +121,7 @@ fn start(config: Arc<MasterConfig>, ctx: &Context) -> Result<Running, MasterErro
         pulse: ctx.pulse.clone(),
         db_ok: AtomicBool::new(true),
         shutdown: ctx.shutdown.clone(),
+        registry: registry.clone(),
     });
     let (to_core, from_ingest) = std::sync::mpsc::sync_channel(16_384);
     let core = core::Core::new(
@@ -138,11 +140,15 @@ fn start(config: Arc<MasterConfig>, ctx: &Context) -> Result<Running, MasterErro
     let core_thread = core.spawn(from_ingest).map_err(spawn_error("core"))?;
     let ingest_thread = ingest::spawn(
         node_port,
-        config.clone(),
-        to_core,
-        metrics.clone(),
-        reject_log,
-        ctx.shutdown.clone(),
+        ingest::Parts {
+            config: config.clone(),
+            to_core,
+            metrics: metrics.clone(),
+            reject_log,
+            shutdown: ctx.shutdown.clone(),
+            registry: registry.clone(),
+            registry_db,
+        },
     )
     .map_err(spawn_error("zmq-pull"))?;
 
@@ -174,6 +180,8 @@ fn start(config: Arc<MasterConfig>, ctx: &Context) -> Result<Running, MasterErro
         )
     });
     let state = api::AppState {
+        registry,
+        config: config.clone(),
         db_path: config.db_path.clone(),
         readers,
         metrics: metrics.clone(),
@@ -205,6 +213,42 @@ fn start(config: Arc<MasterConfig>, ctx: &Context) -> Result<Running, MasterErro
         ingest_thread,
         core_thread,
     })
+}
+
+/// The registry of enrolled nodes: public keys a migration could not compute are filled in,
+/// and whether the fleet key is still accepted is decided (the setting, else the database's
+/// age). Returns the shared registry, its own connection for ingest, and that decision.
+fn open_registry(
+    config: &MasterConfig,
+    metrics: &metrics::Metrics,
+) -> Result<(Arc<crate::registry::Shared>, crate::store::Registry, bool), StoreError> {
+    let mut db = crate::store::Registry::open(&config.db_path)?;
+    let key_of = |n: &str| {
+        vmwatch_common::protocol::NodeId::parse(n)
+            .ok()
+            .and_then(|id| config.node_curve_keypair(&id))
+    };
+    let filled =
+        db.fill_public_keys(|n| key_of(n).map(|k| vmwatch_common::keys::z85_encode(&k.public)))?;
+    let snapshot = crate::registry::load(&db, |n| key_of(n).map(|k| k.public))?;
+    metrics.enrolled_nodes.set(snapshot.enrolled_count() as i64);
+    let legacy = db.fleet_transport()?;
+    let fleet = config.allow_fleet_transport.unwrap_or(legacy);
+    if fleet {
+        tracing::warn!(
+            enrolled = snapshot.enrolled_count(),
+            setting = ?config.allow_fleet_transport,
+            database_predates_node_keys = legacy,
+            "the old fleet transport key is still accepted: any hypervisor holding it can open a connection; move each node to its own node_key (README, \"Moving nodes to their own keys\"), then set allow_fleet_transport=no"
+        );
+    }
+    tracing::info!(
+        enrolled = snapshot.enrolled_count(),
+        keys_filled = filled,
+        fleet_key = fleet,
+        "node registry loaded"
+    );
+    Ok((Arc::new(crate::registry::Shared::new(snapshot)), db, fleet))
 }
 
 /// The database: the writer with the inventory it holds, the outbox when a panel is set and
@@ -255,6 +299,9 @@ fn rules_of(config: &MasterConfig) -> rules::Rules {
         idle_tx_packets_max: config.idle_tx_packets_max,
         idle_wr_reqs_max: config.idle_wr_reqs_max,
         duplicate_grace_ms: config.duplicate_grace * 1000,
+        max_vms_per_node: config.max_vms_per_node,
+        min_stats_interval_ms: config.min_stats_interval * 1000,
+        activity_min_window_ms: config.activity_min_window * 1000,
     }
 }
 

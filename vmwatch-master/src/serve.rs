@@ -18,6 +18,39 @@ use crate::metrics::Metrics;
 
 /// HTTP connections served at once; more are closed as they are accepted.
 const MAX_CONNECTIONS: usize = 512;
+/// HTTP connections one peer address may hold (so `/wait` long-polls too): half the cap, so one
+/// address cannot take every slot and the panel still has room for its long-polls.
+const MAX_PER_ADDRESS: usize = MAX_CONNECTIONS / 2;
+
+/// Connections held per peer address; a slot is released when its guard drops.
+#[derive(Default)]
+struct PerAddress(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+struct AddressSlot(Arc<PerAddress>, std::net::IpAddr);
+
+impl PerAddress {
+    fn take(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<AddressSlot> {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(ip).or_default();
+        if *n >= MAX_PER_ADDRESS {
+            return None;
+        }
+        *n += 1;
+        Some(AddressSlot(self.clone(), ip))
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut m = self.0 .0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.1);
+            }
+        }
+    }
+}
 /// A request's headers must arrive within this time; an idle keep-alive connection is closed
 /// after it too.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -31,6 +64,7 @@ pub async fn serve(
     grace: Duration,
 ) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let per_address = Arc::new(PerAddress::default());
     let graceful = GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
@@ -41,14 +75,19 @@ pub async fn serve(
             r = listener.accept() => r,
             _ = stop.wait_for(|s| *s) => break,
         };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
+        let (stream, peer) = match accepted {
+            Ok(s) => s,
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning on the ready listener.
                 tracing::warn!(error = %e, "HTTP accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
+        };
+        let Some(address_slot) = per_address.take(peer.ip()) else {
+            metrics.http_connections_refused_per_address.inc();
+            drop(stream);
+            continue;
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             metrics.http_connections_refused.inc();
@@ -64,6 +103,7 @@ pub async fn serve(
             let _ = conn.await;
             metrics.http_connections.dec();
             drop(slot);
+            drop(address_slot);
         });
     }
     drop(listener);

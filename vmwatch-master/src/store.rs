@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::rules::{Effect, Entry, Inventory, Node, Vm};
 
-const SCHEMA_VERSION: i64 = 5;
+const SCHEMA_VERSION: i64 = 6;
 
 /// From schema 1 (v0.1) to 2: unknown rows and superseded boots.
 const MIGRATE_TO_2: &str = "
@@ -47,6 +47,24 @@ CREATE TABLE IF NOT EXISTS activity (
     points BLOB NOT NULL,
     PRIMARY KEY (uuid, node_id, day)
 ) WITHOUT ROWID;
+";
+
+/// From schema 5 to 6: enrolled nodes (SPEC §10) and the registry's version, which every
+/// enrollment or revocation bumps so that a running master sees a CLI change. `journaled` is the
+/// last state (`enrolled`, `revoked`) the core wrote a journal entry for.
+const MIGRATE_TO_6: &str = "
+CREATE TABLE IF NOT EXISTS enrollment (
+    node_id TEXT PRIMARY KEY,
+    public_key TEXT NOT NULL DEFAULT '',
+    enrolled_at INTEGER NOT NULL,
+    revoked_at INTEGER,
+    journaled TEXT NOT NULL DEFAULT ''
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS settings (
+    key TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+) WITHOUT ROWID;
+INSERT OR IGNORE INTO settings (key, value) VALUES ('registry_version', 1);
 ";
 
 /// Appends a point to its day's row (`activity::encode`).
@@ -195,6 +213,15 @@ impl Store {
         }
         // Schema 1's tables, then each migration, in one transaction.
         let tx = conn.transaction().map_err(ctx("begin schema upgrade"))?;
+        let fresh = version == 0
+            && tx
+                .query_row(
+                    "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'nodes'",
+                    [],
+                    |r| r.get::<_, i64>(0),
+                )
+                .map_err(ctx("read schema"))?
+                == 0;
         tx.execute_batch(SCHEMA).map_err(ctx("create schema"))?;
         if version < 2 {
             tx.execute_batch(MIGRATE_TO_2)
@@ -211,6 +238,26 @@ impl Store {
         if version < 5 {
             tx.execute_batch(MIGRATE_TO_5)
                 .map_err(ctx("upgrade the schema to version 5"))?;
+        }
+        if version < 6 {
+            tx.execute_batch(MIGRATE_TO_6)
+                .map_err(ctx("upgrade the schema to version 6"))?;
+            // A database from before per-node keys: every node it knows is enrolled (no
+            // journal entry: they were there before), and the fleet key keeps working until
+            // the operator says `allow_fleet_transport=no` (SPEC §10, "Upgrade").
+            if !fresh {
+                tx.execute(
+                    "INSERT OR IGNORE INTO enrollment (node_id, enrolled_at, journaled) \
+                     SELECT node_id, ?1, 'enrolled' FROM nodes",
+                    params![vmwatch_common::time::now_ms() as i64],
+                )
+                .map_err(ctx("enroll the known nodes"))?;
+            }
+            tx.execute(
+                "INSERT OR REPLACE INTO settings (key, value) VALUES ('fleet_transport', ?1)",
+                params![!fresh],
+            )
+            .map_err(ctx("record the fleet key's standing"))?;
         }
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)
             .map_err(ctx("set schema version"))?;
@@ -373,6 +420,16 @@ fn apply(tx: &Transaction<'_>, effects: &[Effect]) -> Result<Vec<i64>, StoreErro
             Effect::UpsertNode(n) => write_node(tx, n)?,
             Effect::UpsertVm(vm) => write_vm(tx, vm)?,
             Effect::RemoveVm { node_id, uuid } => remove_vm(tx, node_id, uuid)?,
+            Effect::RemoveNode { node_id } => tx
+                .prepare_cached("DELETE FROM nodes WHERE node_id = ?1")
+                .and_then(|mut s| s.execute(params![node_id]))
+                .map(|_| ())
+                .map_err(ctx("remove node"))?,
+            Effect::EnrollmentJournaled { node_id, state } => tx
+                .prepare_cached("UPDATE enrollment SET journaled = ?2 WHERE node_id = ?1")
+                .and_then(|mut s| s.execute(params![node_id, state]))
+                .map(|_| ())
+                .map_err(ctx("mark enrollment journaled"))?,
             Effect::Journal(e) => ids.push(write_journal(tx, e)?),
             Effect::Activity {
                 node_id,
@@ -747,6 +804,225 @@ pub struct EventFilter {
     pub uuid: Option<String>,
     pub kind: Option<String>,
     pub limit: u32,
+}
+
+/// One enrolled node (SPEC §10).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Enrollment {
+    pub node_id: String,
+    /// Z85 of its CURVE public key (empty until the master has filled it in after a migration).
+    pub public_key: String,
+    pub enrolled_at: u64,
+    pub revoked_at: Option<u64>,
+    /// The last state the core journaled: `enrolled`, `revoked`, or empty.
+    #[serde(skip)]
+    pub journaled: String,
+}
+
+impl Enrollment {
+    /// `enrolled` or `revoked`: what the journal should say of it.
+    pub fn state(&self) -> &'static str {
+        if self.revoked_at.is_some() {
+            "revoked"
+        } else {
+            "enrolled"
+        }
+    }
+}
+
+/// What an enrollment found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enrolled {
+    New,
+    Already,
+    /// Revoked before: not enrolled again (its key derives from its id, so it would be the
+    /// revoked key).
+    Revoked,
+}
+
+/// What a revocation found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Revoked {
+    Now,
+    Already,
+    NotEnrolled,
+}
+
+/// The registry of enrolled nodes on a connection of its own: read by the ingest thread's
+/// watcher, written by the enrollment API and the `enroll`/`revoke` commands.
+pub struct Registry {
+    conn: Connection,
+}
+
+impl Registry {
+    /// Opens an existing database (the writer created and migrated it).
+    pub fn open(path: &Path) -> Result<Registry, StoreError> {
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(open_error(path, "for the node registry"))?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(ctx("set busy timeout"))?;
+        Ok(Registry { conn })
+    }
+
+    /// Bumped by every enrollment and revocation.
+    pub fn version(&self) -> Result<i64, StoreError> {
+        self.conn
+            .prepare_cached("SELECT value FROM settings WHERE key = 'registry_version'")
+            .and_then(|mut s| s.query_row([], |r| r.get(0)))
+            .map_err(ctx("read the registry version"))
+    }
+
+    /// Whether the database predates per-node keys (the fleet key stays accepted by default).
+    pub fn fleet_transport(&self) -> Result<bool, StoreError> {
+        self.conn
+            .query_row(
+                "SELECT value FROM settings WHERE key = 'fleet_transport'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|v| v != 0)
+            .map_err(ctx("read the fleet key's standing"))
+    }
+
+    pub fn all(&self) -> Result<Vec<Enrollment>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT node_id, public_key, enrolled_at, revoked_at, journaled FROM enrollment",
+            )
+            .map_err(ctx("load enrollments"))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(Enrollment {
+                    node_id: r.get(0)?,
+                    public_key: r.get(1)?,
+                    enrolled_at: get_u64_at(r, 2)?,
+                    revoked_at: r.get::<_, Option<i64>>(3)?.map(|v| v.max(0) as u64),
+                    journaled: r.get(4)?,
+                })
+            })
+            .map_err(ctx("load enrollments"))?;
+        rows.collect::<Result<_, _>>()
+            .map_err(ctx("load enrollments"))
+    }
+
+    /// Enrolls `node_id` with its public key (idempotent).
+    pub fn enroll(
+        &mut self,
+        node_id: &str,
+        public_key: &str,
+        now: u64,
+    ) -> Result<Enrolled, StoreError> {
+        let tx = self.conn.transaction().map_err(ctx("begin enrollment"))?;
+        let found: Option<Option<i64>> = tx
+            .query_row(
+                "SELECT revoked_at FROM enrollment WHERE node_id = ?1",
+                params![node_id],
+                |r| r.get(0),
+            )
+            .map(Some)
+            .or_else(|e| match e {
+                rusqlite::Error::QueryReturnedNoRows => Ok(None),
+                e => Err(e),
+            })
+            .map_err(ctx("read enrollment"))?;
+        let outcome = match found {
+            Some(Some(_)) => Enrolled::Revoked,
+            Some(None) => {
+                tx.execute(
+                    "UPDATE enrollment SET public_key = ?2 WHERE node_id = ?1 AND public_key = ''",
+                    params![node_id, public_key],
+                )
+                .map_err(ctx("write enrollment"))?;
+                Enrolled::Already
+            }
+            None => {
+                tx.execute(
+                    "INSERT INTO enrollment (node_id, public_key, enrolled_at) VALUES (?1, ?2, ?3)",
+                    params![node_id, public_key, now as i64],
+                )
+                .map_err(ctx("write enrollment"))?;
+                bump(&tx)?;
+                Enrolled::New
+            }
+        };
+        tx.commit().map_err(ctx("commit enrollment"))?;
+        Ok(outcome)
+    }
+
+    /// Revokes `node_id` (idempotent).
+    pub fn revoke(&mut self, node_id: &str, now: u64) -> Result<Revoked, StoreError> {
+        let tx = self.conn.transaction().map_err(ctx("begin revocation"))?;
+        let changed = tx
+            .execute(
+                "UPDATE enrollment SET revoked_at = ?2 WHERE node_id = ?1 AND revoked_at IS NULL",
+                params![node_id, now as i64],
+            )
+            .map_err(ctx("write revocation"))?;
+        let outcome = if changed > 0 {
+            bump(&tx)?;
+            Revoked::Now
+        } else {
+            let known: i64 = tx
+                .query_row(
+                    "SELECT count(*) FROM enrollment WHERE node_id = ?1",
+                    params![node_id],
+                    |r| r.get(0),
+                )
+                .map_err(ctx("read enrollment"))?;
+            if known > 0 {
+                Revoked::Already
+            } else {
+                Revoked::NotEnrolled
+            }
+        };
+        tx.commit().map_err(ctx("commit revocation"))?;
+        Ok(outcome)
+    }
+
+    /// Fills in public keys the migration could not compute (it has no secret).
+    pub fn fill_public_keys(
+        &mut self,
+        key_of: impl Fn(&str) -> Option<String>,
+    ) -> Result<usize, StoreError> {
+        let missing: Vec<String> = self
+            .all()?
+            .into_iter()
+            .filter(|e| e.public_key.is_empty())
+            .map(|e| e.node_id)
+            .collect();
+        if missing.is_empty() {
+            return Ok(0);
+        }
+        let tx = self.conn.transaction().map_err(ctx("begin key fill"))?;
+        for node_id in &missing {
+            if let Some(key) = key_of(node_id) {
+                tx.execute(
+                    "UPDATE enrollment SET public_key = ?2 WHERE node_id = ?1",
+                    params![node_id, key],
+                )
+                .map_err(ctx("fill public key"))?;
+            }
+        }
+        tx.commit().map_err(ctx("commit key fill"))?;
+        Ok(missing.len())
+    }
+}
+
+fn bump(tx: &Transaction<'_>) -> Result<(), StoreError> {
+    tx.execute(
+        "UPDATE settings SET value = value + 1 WHERE key = 'registry_version'",
+        [],
+    )
+    .map(|_| ())
+    .map_err(ctx("bump the registry version"))
+}
+
+fn get_u64_at(row: &Row<'_>, idx: usize) -> rusqlite::Result<u64> {
+    Ok(row.get::<_, i64>(idx)?.max(0) as u64)
 }
 
 /// A read-only connection for the API.

@@ -193,8 +193,11 @@ struct Shell {
 
 impl Webhook {
     pub async fn run(self) {
+        // No redirects: a 3xx would re-post the body and its signature to another host, and
+        // a 2xx there would mark delivered what the panel never got. A 3xx is a failure.
         let client = match reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
+            .redirect(reqwest::redirect::Policy::none())
             .build()
         {
             Ok(c) => c,
@@ -203,7 +206,7 @@ impl Webhook {
                 return;
             }
         };
-        tracing::info!(url = %self.url, "panel webhook enabled");
+        tracing::info!(url = %crate::config::masked_url(&self.url), "panel webhook enabled");
         let mut committed = self.committed;
         let mut shell = Shell {
             client,
@@ -442,11 +445,23 @@ async fn post(
         .body(body.to_vec())
         .send()
         .await
-        .map_err(|e| Failure::Transport(format!("{e:#}")))?;
-    if response.status().is_success() {
+        // Without the URL: it may carry credentials or a token in its query.
+        .map_err(|e| Failure::Transport(format!("{:#}", e.without_url())))?;
+    let status = response.status();
+    if status.is_success() {
         Ok(())
     } else {
-        Err(Failure::Status(response.status().as_u16()))
+        if status.is_redirection() {
+            let target = response
+                .headers()
+                .get(reqwest::header::LOCATION)
+                .and_then(|l| l.to_str().ok())
+                .and_then(|l| url::Url::parse(l).ok())
+                .map(|u| format!("{}://{}", u.scheme(), u.host_str().unwrap_or("")))
+                .unwrap_or_else(|| "(relative or none)".into());
+            tracing::warn!(status = status.as_u16(), redirect_to = %target, "the panel answered a redirect; the webhook follows none (it would re-post the signed body elsewhere): fix panel_url");
+        }
+        Err(Failure::Status(status.as_u16()))
     }
 }
 

@@ -70,8 +70,19 @@ pub fn run(config: NodeConfig, ctx: Context) -> Result<(), NodeError> {
         connect = %config.connect,
         libvirt_uri = %config.libvirt_uri,
         version = vmwatch_common::VERSION,
+        curve_key = config.curve.source.as_str(),
+        curve_public = %vmwatch_common::keys::z85_encode(&config.curve.transport.public),
         "vmwatch-node started"
     );
+    match config.curve.source {
+        crate::config::KeySource::DerivedFromSecret => tracing::warn!(
+            "no master_key/node_key set: the CURVE keys are derived from `secret`, which the master accepts only with node_keys=shared and this node enrolled; with node_keys=derived write the lines `vmwatch-master enroll NODE_ID` prints"
+        ),
+        crate::config::KeySource::FleetKey => tracing::warn!(
+            "transport_key is the old fleet key, accepted only while the master has allow_fleet_transport=yes; write the node_key line `vmwatch-master enroll NODE_ID` prints"
+        ),
+        crate::config::KeySource::NodeKey => {}
+    }
     let mut shell = Shell {
         uri: config.libvirt_uri,
         core,
@@ -110,6 +121,7 @@ struct Shell {
 impl Shell {
     /// Fires due timers, performs every action, then sends what the socket takes.
     fn turn(&mut self) {
+        self.socket.service(Instant::now());
         self.core.handle_timeout(now());
         while let Some(action) = self.core.poll_action() {
             self.perform(action);

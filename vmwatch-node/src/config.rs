@@ -22,7 +22,7 @@ pub struct NodeConfig {
     pub send_queue: i32,
     pub log_file: PathBuf,
     pub log_level: String,
-    /// The master's CURVE public key and this node's transport keypair.
+    /// The master's CURVE public key and this node's client keypair.
     pub curve: CurveClient,
 }
 
@@ -30,7 +30,33 @@ pub struct NodeConfig {
 #[derive(Debug, Clone)]
 pub struct CurveClient {
     pub master_public: [u8; 32],
+    /// The client keypair it presents: its own node key (`node_key`), or round 2's fleet
+    /// transport key (`transport_key`).
     pub transport: keys::CurveKeyPair,
+    /// Where the keys came from, for the log line that explains a failed handshake.
+    pub source: KeySource,
+}
+
+/// Where a node's CURVE keys came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeySource {
+    /// `master_key` and `node_key` as the master's enrollment printed them.
+    NodeKey,
+    /// `master_key` and round 2's `transport_key` (the fleet key).
+    FleetKey,
+    /// Neither set: derived from `secret`, which is right only when `secret` is the master's
+    /// (`node_keys=shared`).
+    DerivedFromSecret,
+}
+
+impl KeySource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeySource::NodeKey => "node_key",
+            KeySource::FleetKey => "transport_key",
+            KeySource::DerivedFromSecret => "derived from secret",
+        }
+    }
 }
 
 impl NodeConfig {
@@ -61,6 +87,7 @@ impl NodeConfig {
             })?
             .unwrap_or(100_000);
         let master_key = raw.take_with("master_key", keys::z85_decode)?;
+        let node_key = raw.take_with("node_key", keys::CurveKeyPair::from_z85_secret)?;
         let transport_key = raw.take_with("transport_key", keys::CurveKeyPair::from_z85_secret)?;
         let log_file = raw
             .take_str("log_file")
@@ -80,17 +107,32 @@ impl NodeConfig {
         let connect = connect.ok_or_else(|| missing("connect"))?;
         let secret = secret.ok_or_else(|| missing("secret"))?;
         let node_id = node_id.ok_or_else(|| missing("node_id"))?;
-        let curve = match (master_key, transport_key) {
-            (Some(master_public), Some(transport)) => CurveClient {
+        let client = match (node_key, transport_key) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError {
+                    path: raw.path().to_owned(),
+                    line: None,
+                    key: Some("transport_key".into()),
+                    message: "cannot be set with node_key (node_key is this node's own key; transport_key the old fleet key)".into(),
+                })
+            }
+            (Some(k), None) => Some((k, KeySource::NodeKey)),
+            (None, Some(k)) => Some((k, KeySource::FleetKey)),
+            (None, None) => None,
+        };
+        let curve = match (master_key, client) {
+            (Some(master_public), Some((transport, source))) => CurveClient {
                 master_public,
                 transport,
+                source,
             },
             // node_keys=shared: this node holds the master secret and derives both itself.
             (None, None) => CurveClient {
                 master_public: keys::server_keypair(secret.expose()).public,
-                transport: keys::transport_keypair(secret.expose()),
+                transport: keys::node_curve_keypair(secret.expose(), &node_id),
+                source: KeySource::DerivedFromSecret,
             },
-            (Some(_), None) => return Err(missing("transport_key")),
+            (Some(_), None) => return Err(missing("node_key")),
             (None, Some(_)) => return Err(missing("master_key")),
         };
         raw.finish()?;
@@ -113,7 +155,7 @@ impl NodeConfig {
     pub fn describe(&self) -> String {
         format!(
             "connect={}\nsecret={}\nnode_id={}\nlibvirt_uri={}\nstats_interval={}\nsnapshot_interval={}\n\
-             heartbeat_interval={}\nsend_queue={}\nlog_file={}\nlog_level={}\nmaster_key={}\ntransport_key=********\n",
+             heartbeat_interval={}\nsend_queue={}\nlog_file={}\nlog_level={}\nmaster_key={}\n{}=********\n",
             self.connect,
             self.secret,
             self.node_id,
@@ -125,6 +167,10 @@ impl NodeConfig {
             self.log_file.display(),
             self.log_level,
             keys::z85_encode(&self.curve.master_public),
+            match self.curve.source {
+                KeySource::FleetKey => "transport_key",
+                _ => "node_key",
+            },
         )
     }
 }

@@ -149,13 +149,15 @@ impl Drop for Conn {
     }
 }
 
-/// Opens `uri` read-write with keepalive (`interval` s, `count` missed replies).
+/// Opens `uri` **read-only** with keepalive (`interval` s, `count` missed replies). Every call
+/// the node makes (events, listing, state, persistence, stats) works on a read-only connection,
+/// and a read-write one would be full control of the host whatever the unit's capabilities.
 pub fn open(
     uri: &str,
     keepalive_interval: i32,
     keepalive_count: u32,
 ) -> Result<Conn, LibvirtError> {
-    let conn = Connect::open(Some(uri)).map_err(|e| LibvirtError::Connect {
+    let conn = Connect::open_read_only(Some(uri)).map_err(|e| LibvirtError::Connect {
         uri: uri.to_owned(),
         message: e.message().to_owned(),
     })?;

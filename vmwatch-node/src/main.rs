@@ -18,10 +18,13 @@ fn main() -> ExitCode {
         log: |c| (c.log_file.clone(), c.log_level.clone()),
         command: |cli, _| {
             // The CLI is shared; this option belongs to the master.
-            cli.node_secret.as_ref().map(|_| {
-                eprintln!("vmwatch-node: --node-secret is a vmwatch-master option");
-                ExitCode::from(vmwatch_common::daemon::EX_USAGE)
-            })
+            if cli.node_secret.is_some() || !cli.command.is_empty() {
+                eprintln!(
+                    "vmwatch-node: --node-secret, enroll and revoke are vmwatch-master commands"
+                );
+                return Some(ExitCode::from(vmwatch_common::daemon::EX_USAGE));
+            }
+            None
         },
     }
     .main(|config, ctx| agent::run(config, ctx).context("the node stopped on an error"))

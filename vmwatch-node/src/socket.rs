@@ -4,7 +4,7 @@
 //! reconnects by itself; past that [`PushSocket::try_send`] says [`Transmit::Full`] and the
 //! message waits in the core's queue.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::builder::Outgoing;
 use crate::config::CurveClient;
@@ -18,11 +18,69 @@ pub struct SocketError {
     source: zmq::Error,
 }
 
-/// The PUSH socket and its context. Field order matters: the socket closes before the context
+/// The PUSH socket and its context. Field order matters: the sockets close before the context
 /// terminates.
 pub struct PushSocket {
     socket: zmq::Socket,
+    /// The socket's monitor: handshake failures, which libzmq never retries by itself.
+    monitor: zmq::Socket,
+    endpoint: String,
+    redial: Redial,
+    /// What the node's keys are, for the line that explains a refused handshake.
+    key_source: crate::config::KeySource,
     _ctx: zmq::Context,
+}
+
+const MONITOR_ENDPOINT: &str = "inproc://vmwatch-node-push-monitor";
+
+/// When to dial again after a refused handshake (pure): libzmq gives up on an endpoint whose
+/// handshake the master refused (a node not yet enrolled, revoked, or with wrong keys), so the
+/// node reconnects itself, 1 s doubling to 60 s, reset by a handshake that succeeds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Redial {
+    pub at: Option<Instant>,
+    pub backoff: Duration,
+}
+
+impl Redial {
+    pub const FIRST: Duration = Duration::from_secs(1);
+    pub const MAX: Duration = Duration::from_secs(60);
+
+    pub fn new() -> Redial {
+        Redial {
+            at: None,
+            backoff: Redial::FIRST,
+        }
+    }
+
+    /// A handshake was refused at `now`: dial again after the backoff, which then doubles.
+    pub fn refused(&mut self, now: Instant) -> Duration {
+        let wait = self.backoff;
+        self.at.get_or_insert(now + wait);
+        self.backoff = (self.backoff * 2).min(Redial::MAX);
+        wait
+    }
+
+    pub fn succeeded(&mut self) {
+        *self = Redial::new();
+    }
+
+    /// Whether to dial now (once per refusal).
+    pub fn due(&mut self, now: Instant) -> bool {
+        match self.at {
+            Some(t) if now >= t => {
+                self.at = None;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+impl Default for Redial {
+    fn default() -> Redial {
+        Redial::new()
+    }
 }
 
 impl PushSocket {
@@ -33,7 +91,7 @@ impl PushSocket {
         curve: &CurveClient,
     ) -> Result<PushSocket, SocketError> {
         let ctx = zmq::Context::new();
-        let setup = || -> Result<zmq::Socket, zmq::Error> {
+        let setup = || -> Result<(zmq::Socket, zmq::Socket), zmq::Error> {
             let socket = ctx.socket(zmq::PUSH)?;
             socket.set_curve_serverkey(&curve.master_public)?;
             socket.set_curve_publickey(&curve.transport.public)?;
@@ -48,14 +106,67 @@ impl PushSocket {
             socket.set_tcp_keepalive_idle(30)?;
             socket.set_tcp_keepalive_intvl(10)?;
             socket.set_tcp_keepalive_cnt(3)?;
+            socket.monitor(
+                MONITOR_ENDPOINT,
+                (zmq::SocketEvent::HANDSHAKE_SUCCEEDED as i32)
+                    | (zmq::SocketEvent::HANDSHAKE_FAILED_NO_DETAIL as i32)
+                    | (zmq::SocketEvent::HANDSHAKE_FAILED_PROTOCOL as i32)
+                    | (zmq::SocketEvent::HANDSHAKE_FAILED_AUTH as i32),
+            )?;
+            let monitor = ctx.socket(zmq::PAIR)?;
+            monitor.connect(MONITOR_ENDPOINT)?;
             socket.connect(endpoint)?;
-            Ok(socket)
+            Ok((socket, monitor))
         };
-        let socket = setup().map_err(|source| SocketError {
+        let (socket, monitor) = setup().map_err(|source| SocketError {
             endpoint: endpoint.to_owned(),
             source,
         })?;
-        Ok(PushSocket { socket, _ctx: ctx })
+        Ok(PushSocket {
+            socket,
+            monitor,
+            endpoint: endpoint.to_owned(),
+            redial: Redial::new(),
+            key_source: curve.source,
+            _ctx: ctx,
+        })
+    }
+
+    /// Reads the socket's handshake events and dials again when a refused handshake's backoff
+    /// ran out. Call it every turn.
+    pub fn service(&mut self, now: Instant) {
+        while let Ok(frames) = self.monitor.recv_multipart(zmq::DONTWAIT) {
+            let Some(head) = frames.first().filter(|h| h.len() >= 6) else {
+                continue;
+            };
+            let event = u16::from_ne_bytes([head[0], head[1]]);
+            let is = |e: zmq::SocketEvent| event == e as u16;
+            if is(zmq::SocketEvent::HANDSHAKE_SUCCEEDED) {
+                if self.redial.backoff > Redial::FIRST {
+                    tracing::info!(endpoint = %self.endpoint, "CURVE handshake with the master succeeded");
+                }
+                self.redial.succeeded();
+                continue;
+            }
+            let wait = self.redial.refused(now);
+            let cause = if is(zmq::SocketEvent::HANDSHAKE_FAILED_AUTH) {
+                match self.key_source {
+                    crate::config::KeySource::NodeKey => "the master refused this node's key: it is not enrolled there (run `vmwatch-master enroll NODE_ID` or the enrollment API), it was revoked, or node_key/master_key are not the ones the master printed",
+                    crate::config::KeySource::FleetKey => "the master refused the fleet transport_key: it runs with allow_fleet_transport=no; enroll this node and configure its node_key",
+                    crate::config::KeySource::DerivedFromSecret => "the master refused keys derived from `secret`: that works only with node_keys=shared on an enrolled node; write the lines `vmwatch-master enroll NODE_ID` prints",
+                }
+            } else {
+                "the CURVE handshake failed: master_key is probably not this master's public key (compare it with what `vmwatch-master enroll NODE_ID` prints), or the endpoint is not a vmwatch master"
+            };
+            tracing::error!(endpoint = %self.endpoint, retry_in_s = wait.as_secs(), "cannot connect to the master: {cause}");
+        }
+        if self.redial.due(now) {
+            // libzmq gave this endpoint up; connecting again starts a new attempt.
+            let _ = self.socket.disconnect(&self.endpoint);
+            if let Err(e) = self.socket.connect(&self.endpoint) {
+                tracing::error!(endpoint = %self.endpoint, error = %e, "cannot dial the master again");
+            }
+        }
     }
 
     /// Hands one message to libzmq without blocking.
@@ -71,5 +182,28 @@ impl PushSocket {
     pub fn close(self, linger: Duration) {
         let _ = self.socket.set_linger(linger.as_millis() as i32);
         // Dropping the socket, then the context (field order), waits at most `linger`.
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redial_backs_off_and_resets() {
+        let t0 = Instant::now();
+        let mut r = Redial::new();
+        assert!(!r.due(t0));
+        assert_eq!(r.refused(t0), Duration::from_secs(1));
+        assert!(!r.due(t0));
+        assert!(r.due(t0 + Duration::from_secs(1)));
+        assert!(!r.due(t0 + Duration::from_secs(2)));
+        assert_eq!(r.refused(t0), Duration::from_secs(2));
+        for _ in 0..10 {
+            r.refused(t0);
+        }
+        assert_eq!(r.backoff, Redial::MAX);
+        r.succeeded();
+        assert_eq!(r, Redial::new());
     }
 }

@@ -53,8 +53,9 @@ impl SimNode {
     }
 
     /// A stats message: every VM running with one interface and one disk, `n` packets and
-    /// write requests.
-    fn stats(&mut self, n: u64) -> [Vec<u8>; 4] {
+    /// write requests, sent at `ts` (each of a node's windows a window apart: the master
+    /// refuses windows closer than half their interval, `too_frequent`).
+    fn stats(&mut self, n: u64, ts: u64) -> [Vec<u8>; 4] {
         let domains = self
             .vms
             .iter()
@@ -68,10 +69,13 @@ impl SimNode {
                 ..Default::default()
             })
             .collect();
-        self.message(Body::Stats(Stats {
-            interval_s: 600,
-            domains,
-        }))
+        self.node.message(
+            ts,
+            Body::Stats(Stats {
+                interval_s: 600,
+                domains,
+            }),
+        )
     }
 
     fn snapshot(&mut self) -> [Vec<u8>; 4] {
@@ -242,15 +246,19 @@ fn main() -> Result<()> {
             let nodes = arg(&args, "--nodes", default_nodes)? as usize;
             let vms = arg(&args, "--vms", 50)? as usize;
             let count = arg(&args, "--count", match mode.as_str() { "stats" => 4000, "heartbeats" => 1_000_000, _ => 200_000 })? as usize;
-            let master = Master::start(&dir, &[("log_level", "warn")])?;
+            // Stats: each node's windows are 600 s apart in node time, the oldest up to a day
+            // back, so every message is a window of its own (none refused as too_frequent).
+            let master = Master::start(&dir, &[("log_level", "warn"), ("max_message_age", "172800")])?;
             let mut sims = setup(&ctx, &master, nodes, vms)?;
             let mut messages = Vec::with_capacity(count);
+            let windows = count.div_ceil(nodes) as u64;
+            let first_window = now_ms().saturating_sub(windows * 600_000);
             for n in 0..count {
                 let sim = &mut sims[n % nodes];
                 messages.push(match mode.as_str() {
                     "events" => sim.event(n / nodes),
                     "heartbeats" => sim.heartbeat(),
-                    _ => sim.stats(n as u64),
+                    _ => sim.stats(n as u64, first_window + (n / nodes) as u64 * 600_000),
                 });
             }
             let kind = match mode.as_str() {
@@ -421,7 +429,7 @@ fn main() -> Result<()> {
                 }
                 while (stat_msgs as f64) < at * per_s_stats {
                     let i = (stat_msgs * 7) % nodes;
-                    socket.send_multipart(sims[i].stats(stat_msgs as u64), 0)?;
+                    socket.send_multipart(sims[i].stats(stat_msgs as u64, now_ms()), 0)?;
                     stat_msgs += 1;
                 }
                 std::thread::sleep(Duration::from_millis(10));

@@ -37,6 +37,15 @@ pub struct Retried {
     pub retried: i64,
 }
 
+/// `DELETE /api/v1/nodes/{node_id}`.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RevokedNode {
+    pub node_id: String,
+    /// `revoked` (by this call) or `already_revoked`.
+    pub result: String,
+}
+
 /// `GET /healthz`.
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -170,7 +179,16 @@ impl Modify for Extras {
             ))
             .content(
                 "application/json",
-                Content::new(Some(Ref::from_schema_name("JournalRow"))),
+                // One entry (panel_batch_max=1) or an array of them.
+                Content::new(Some(
+                    utoipa::openapi::schema::OneOfBuilder::new()
+                        .item(Ref::from_schema_name("JournalRow"))
+                        .item(
+                            utoipa::openapi::schema::ArrayBuilder::new()
+                                .items(Ref::from_schema_name("JournalRow"))
+                                .min_items(Some(1)),
+                        ),
+                )),
             )
             .required(Some(utoipa::openapi::Required::True))
             .build();
@@ -207,13 +225,15 @@ impl Modify for Extras {
         super::list_events,
         super::list_dead_letters,
         super::retry_dead_letter,
+        super::enroll_node,
+        super::revoke_node,
         super::healthz,
         super::metrics,
         super::status_page,
         document,
     ),
     components(schemas(
-        Error, Retried, Health, Node, Vm, Usage, Sample, Resource, ActivityPoint,
+        Error, Retried, RevokedNode, crate::enroll::Enrollment, Health, Node, Vm, Usage, Sample, Resource, ActivityPoint,
         JournalRow, DeadLetter, view::VmsPage, view::VmRows, view::Nodes, view::ActivityPage,
         view::Thresholds, super::EventsPage, super::DeadLetters,
     )),

@@ -94,7 +94,11 @@ impl Serialize for View<'_, NodeBucket> {
         m.serialize_field("ts", &b.ts)?;
         m.serialize_field("node_id", node_id)?;
         m.serialize_field("windows", &b.windows)?;
-        m.serialize_field("window_s", &(b.window_ms / 1000))?;
+        // Rounded: a 2.99 s window is 3 s, not 2.
+        m.serialize_field(
+            "window_s",
+            &b.window_ms.saturating_add(500).div_euclid(1000),
+        )?;
         for (name, d) in crate::activity::COUNTERS.iter().zip(b.deltas) {
             m.serialize_field(name, &d)?;
         }
