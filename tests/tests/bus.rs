@@ -559,3 +559,36 @@ fn amqps_is_verified_against_the_system_roots() {
     let got = queue.take_ids(&ids(&journal), Duration::from_secs(30));
     assert_messages_are_the_journal(&got, &master.events("").expect("events"));
 }
+
+/// `amqp://user:pass@host:port/` (the pika and Celery habit) is the default vhost `/`, not the
+/// empty vhost no broker has: the master connects to a real broker with it (issue 24, item 10).
+#[test]
+fn a_trailing_slash_url_means_the_default_vhost() {
+    if !ready("a_trailing_slash_url_means_the_default_vhost") {
+        return;
+    }
+    let dir = temp_dir("bus-slash");
+    let broker = Broker::start(&dir.join("broker")).expect("broker");
+    let url = broker.url();
+    let slash = url
+        .strip_suffix("%2f")
+        .expect("the harness URL ends in %2f");
+    assert!(slash.ends_with('/'), "{slash}");
+    let master = Master::start(&dir, &[("bus_url", slash)]).expect("master");
+    wait_for(
+        Duration::from_secs(20),
+        "the bus up with the trailing-slash URL",
+        || {
+            let (_, body) = master.get_raw("/healthz").ok()?;
+            let health: Value = serde_json::from_str(&body).ok()?;
+            (health["bus"] == "up").then_some(())
+        },
+    );
+    let log = master.log_text();
+    assert!(log.contains("connected to the event bus"), "{log}");
+    assert!(!log.contains("vhost not found"), "{log}");
+    assert!(
+        !log.contains(PASSWORD),
+        "the broker password is in the master log"
+    );
+}

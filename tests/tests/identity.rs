@@ -721,3 +721,35 @@ fn stats_as_fast_as_admitted_do_not_stall_another_node() {
         assert!(p["window_s"].as_u64().unwrap_or(0) >= 10, "{p}");
     }
 }
+
+/// A node started before its enrollment says why it cannot connect, and dials again by itself
+/// once enrolled (libvirt's in-process test driver: no daemon needed; issue 24, item 8).
+#[test]
+fn a_node_refused_says_why_and_connects_once_enrolled() {
+    let dir = temp_dir("refused-node");
+    let master = new_install(&dir, &[]);
+    let lines = format!(
+        "connect={}\nnode_id=hv-early\nsecret={}\nmaster_key={}\nnode_key={}\nheartbeat_interval=1\n",
+        master.endpoint(),
+        node_key("hv-early"),
+        vmwatch_tests::sim::master_key(),
+        vmwatch_tests::sim::node_curve_key("hv-early"),
+    );
+    let node = Node::start_enrolled(&dir, "hv-early", &lines, "test:///default").expect("node");
+    wait_for(Duration::from_secs(10), "the node's explanation", || {
+        node.log_text()
+            .lines()
+            .find(|l| l.contains("cannot connect to the master") && l.contains("not enrolled"))
+            .map(str::to_owned)
+    });
+    assert!(master.node("hv-early").is_none());
+    let t0 = Instant::now();
+    master.enroll("hv-early");
+    wait_for(Duration::from_secs(15), "the node up once enrolled", || {
+        master.node("hv-early").filter(|n| n["up"] == true)
+    });
+    eprintln!(
+        "enrolled node connected {:?} after its enrollment",
+        t0.elapsed()
+    );
+}

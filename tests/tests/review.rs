@@ -339,3 +339,60 @@ fn a_config_others_can_read_is_refused() {
         "{out:?}"
     );
 }
+
+/// Node- and client-supplied numbers cannot overflow the master (issue 24, item 9): a huge API
+/// offset is a 400, and a node whose sequence jumps by nearly 2^64 twice keeps a saturated
+/// `lost` count instead of wrapping or crashing.
+#[test]
+fn huge_numbers_do_not_overflow() {
+    let dir = temp_dir("overflow");
+    let master = Master::start(&dir, &[]).expect("master");
+    let (status, body) = master
+        .get_raw("/api/v1/vms?offset=18446744073709551615")
+        .expect("GET");
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("offset"), "{body}");
+    assert_eq!(
+        master
+            .get_raw("/api/v1/vms?offset=9223372036854775807")
+            .expect("GET")
+            .0,
+        200
+    );
+    let ctx = zmq::Context::new();
+    let push = curve_push(&ctx).expect("push");
+    push.connect(&master.endpoint()).expect("connect");
+    let hb = || {
+        Body::Heartbeat(vmwatch_common::protocol::Heartbeat {
+            libvirt: "up".into(),
+            domains: 0,
+            version: "t".into(),
+            uptime_s: 0,
+            agent: Default::default(),
+        })
+    };
+    // Three boots whose first message has the largest seq: 3 × (2^63 − 2) messages "lost",
+    // past 2^64.
+    let id = vmwatch_common::protocol::NodeId::parse("hv-overflow").expect("id");
+    let key = vmwatch_tests::sim::node_key("hv-overflow");
+    for boot in 0..3u64 {
+        let payload = vmwatch_common::protocol::Payload {
+            boot: format!("overflow-boot-{boot}"),
+            boot_ts: now_ms(),
+            seq: i64::MAX as u64,
+            ts: now_ms(),
+            body: hb(),
+        };
+        push.send_multipart(
+            vmwatch_common::protocol::encode(key.as_bytes(), &id, &payload),
+            0,
+        )
+        .expect("send");
+    }
+    let n = wait_for(Duration::from_secs(10), "three gaps", || {
+        master.node("hv-overflow").filter(|n| n["gaps"] == 3)
+    });
+    assert_eq!(n["lost"].as_u64(), Some(i64::MAX as u64), "{n}");
+    assert_eq!(master.pid().map(|_| ()), Some(()), "the master is running");
+    assert_eq!(master.get_raw("/healthz").expect("healthz").0, 200);
+}

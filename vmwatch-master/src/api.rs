@@ -304,11 +304,21 @@ async fn list_vms(
         idle: q.idle.unwrap_or(false),
         duplicate: q.duplicate.unwrap_or(false),
         limit: page(q.limit)?,
-        offset: q.offset.unwrap_or(0),
+        // The store takes a signed 64-bit offset: a larger one is a bad request, not a wrap.
+        offset: match q.offset.unwrap_or(0) {
+            o if o <= i64::MAX as u64 => o,
+            o => {
+                return Err(bad_request(format!(
+                    "offset {o} is out of range (at most {})",
+                    i64::MAX
+                )))
+            }
+        },
     };
     let (limit, offset) = (filter.limit, filter.offset);
     let (vms, total) = read(&state, move |r| r.vms(&filter)).await?;
-    let next_offset = (offset + (vms.len() as u64) < total).then_some(offset + vms.len() as u64);
+    let next = offset.saturating_add(vms.len() as u64);
+    let next_offset = (next < total).then_some(next);
     Ok(Json(view::VmsPage {
         vms,
         total,

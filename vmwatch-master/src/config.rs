@@ -662,7 +662,7 @@ mod tests {
         );
         for bad in [
             "panel_url=ftp://u:pw-in-url@h/",
-            "panel_url=http:pw-in-url@h",
+            "panel_url=http//u:pw-in-url@h",
             "bus_url=amqp:guest:pw-in-url@127.0.0.1:5672/",
             "bus_url=amqp://guest:pw-in-url@127.0.0.1:notaport/",
         ] {
@@ -735,6 +735,16 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let f = dir.join("nodes");
         std::fs::write(&f, "# per node\nhv1=aaaaaaaaaaaaaaaa$x\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        // Readable by others: refused, naming the fix.
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = load(&format!(
+            "secret=0123456789abcdef\nnode_secrets_file={}\n",
+            f.display()
+        ))
+        .unwrap_err();
+        assert!(e.contains("chmod o-rwx"), "{e}");
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
         let c = load(&format!(
             "secret=0123456789abcdef\nnode_secrets_file={}\n",
             f.display()

@@ -540,7 +540,12 @@ fn record_arrival(
     node.last_seen = now;
     if lost > 0 {
         node.gaps += 1;
-        node.lost = node.lost.saturating_add(lost);
+        // Saturating at what the store keeps exactly (2^63 − 1): a node sending seq jumps of
+        // nearly that, boot after boot, neither wraps nor crashes the count.
+        node.lost = node
+            .lost
+            .saturating_add(lost)
+            .min(vmwatch_common::protocol::bounds::MAX_INT);
         let mut e = entry(now, &node.node_id, EntryType::Gap, "gap");
         e.detail = lost.to_string();
         out.effects.push(Effect::Journal(e));
