@@ -88,43 +88,73 @@ pub struct Verdict {
     pub why: Why,
 }
 
+/// Every connection by descriptor. A vector indexed by the descriptor, not a map: ingest
+/// credits a message to its connection for every message it reads, and descriptors are small
+/// integers below the descriptor limit.
 #[derive(Debug, Default)]
 pub struct Connections {
-    conns: HashMap<RawFd, Conn>,
+    conns: Vec<Option<Conn>>,
+    count: usize,
     /// Connections per peer address, for the per-address cap.
     by_ip: HashMap<std::net::IpAddr, usize>,
 }
 
+/// Descriptors above this are not tracked (no real descriptor limit reaches it).
+const MAX_FD: usize = 1 << 22;
+
 impl Connections {
     pub fn len(&self) -> usize {
-        self.conns.len()
+        self.count
     }
 
     pub fn get(&self, fd: RawFd) -> Option<&Conn> {
-        self.conns.get(&fd)
+        self.conns.get(usize::try_from(fd).ok()?)?.as_ref()
     }
 
     pub fn get_mut(&mut self, fd: RawFd) -> Option<&mut Conn> {
-        self.conns.get_mut(&fd)
+        self.conns.get_mut(usize::try_from(fd).ok()?)?.as_mut()
+    }
+
+    /// The entry of `fd`, made if new; `None` for a descriptor that cannot be one.
+    fn entry(&mut self, fd: RawFd) -> Option<&mut Conn> {
+        let i = usize::try_from(fd).ok().filter(|i| *i < MAX_FD)?;
+        if i >= self.conns.len() {
+            self.conns.resize_with(i + 1, || None);
+        }
+        let slot = &mut self.conns[i];
+        if slot.is_none() {
+            *slot = Some(Conn::default());
+            self.count += 1;
+        }
+        slot.as_mut()
     }
 
     /// The socket monitor reported a new connection on `fd`.
     /// Returns how many connections its address now holds.
     pub fn accepted(&mut self, fd: RawFd, peer: Option<SocketAddr>) -> usize {
         // A message read before the event was processed may have made an entry already.
-        let c = self.conns.entry(fd).or_default();
-        if c.peer.is_none() {
-            if let Some(p) = peer {
-                *self.by_ip.entry(p.ip()).or_default() += 1;
-            }
-        }
+        let Some(c) = self.entry(fd) else {
+            return 0;
+        };
+        let counted = c.peer.is_some();
         c.peer = c.peer.or(peer);
+        if let (false, Some(p)) = (counted, peer) {
+            *self.by_ip.entry(p.ip()).or_default() += 1;
+        }
         peer.map_or(0, |p| self.by_ip.get(&p.ip()).copied().unwrap_or(0))
     }
 
     /// The socket monitor reported `fd` closed.
     pub fn gone(&mut self, fd: RawFd) {
-        if let Some(ip) = self.conns.remove(&fd).and_then(|c| c.peer).map(|p| p.ip()) {
+        let Some(c) = usize::try_from(fd)
+            .ok()
+            .and_then(|i| self.conns.get_mut(i))
+            .and_then(Option::take)
+        else {
+            return;
+        };
+        self.count -= 1;
+        if let Some(ip) = c.peer.map(|p| p.ip()) {
             if let Some(n) = self.by_ip.get_mut(&ip) {
                 *n -= 1;
                 if *n == 0 {
@@ -136,19 +166,27 @@ impl Connections {
 
     /// Ingest read a whole message of `bytes` wire bytes that came on `fd`.
     pub fn delivered(&mut self, fd: RawFd, bytes: u64, node: Option<&str>) {
-        let c = self.conns.entry(fd).or_default();
+        let Some(c) = self.entry(fd) else {
+            return;
+        };
         c.delivered = c.delivered.saturating_add(bytes);
         if let (None, Some(n)) = (&c.node, node) {
             c.node = Some(n.to_owned());
         }
     }
 
-    /// The connections of `node` not yet being closed (a revoked node's).
-    pub fn of_node(&self, node: &str) -> Vec<RawFd> {
+    fn iter(&self) -> impl Iterator<Item = (RawFd, &Conn)> {
         self.conns
             .iter()
+            .enumerate()
+            .filter_map(|(i, c)| Some((i as RawFd, c.as_ref()?)))
+    }
+
+    /// The connections of `node` not yet being closed (a revoked node's).
+    pub fn of_node(&self, node: &str) -> Vec<RawFd> {
+        self.iter()
             .filter(|(_, c)| !c.closing && c.node.as_deref() == Some(node))
-            .map(|(fd, _)| *fd)
+            .map(|(fd, _)| fd)
             .collect()
     }
 
@@ -161,8 +199,10 @@ impl Connections {
     ) -> (Vec<Verdict>, u64) {
         let mut out = Vec::new();
         let mut total = 0u64;
-        for (fd, c) in self.conns.iter_mut() {
-            let Some(got) = received(*fd) else { continue };
+        for (i, slot) in self.conns.iter_mut().enumerate() {
+            let Some(c) = slot.as_mut() else { continue };
+            let fd = i as RawFd;
+            let Some(got) = received(fd) else { continue };
             // Credit beyond what arrived (a message read after its connection's descriptor was
             // reused) is dropped at each check, so it never hides more than one interval.
             c.delivered = c.delivered.min(got);
@@ -175,7 +215,7 @@ impl Connections {
                 c.closing = true;
                 total = total.saturating_sub(c.pending);
                 out.push(Verdict {
-                    fd: *fd,
+                    fd,
                     pending: c.pending,
                     why: Why::Connection,
                 });
@@ -183,10 +223,9 @@ impl Connections {
         }
         if total > limits.total {
             let mut open: Vec<(RawFd, u64)> = self
-                .conns
                 .iter()
                 .filter(|(_, c)| !c.closing)
-                .map(|(fd, c)| (*fd, c.pending))
+                .map(|(fd, c)| (fd, c.pending))
                 .collect();
             open.sort_by_key(|c| std::cmp::Reverse(c.1));
             for (fd, pending) in open {
@@ -194,7 +233,7 @@ impl Connections {
                     break;
                 }
                 total -= pending;
-                if let Some(c) = self.conns.get_mut(&fd) {
+                if let Some(c) = self.get_mut(fd) {
                     c.closing = true;
                 }
                 out.push(Verdict {

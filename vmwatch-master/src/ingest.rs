@@ -229,6 +229,8 @@ pub fn spawn(port: NodePort, parts: Parts) -> std::io::Result<JoinHandle<()>> {
 struct Keyring {
     keys: HashMap<NodeId, Vec<u8>>,
     max: usize,
+    /// Whether the last message authenticated was its node's first (its key was derived).
+    first_of_node: bool,
 }
 
 impl Keyring {
@@ -245,6 +247,7 @@ impl Keyring {
                 derived.clone().map(Cow::Owned)
             }
         });
+        self.first_of_node = verified.is_ok() && derived.is_some();
         if let (Ok(m), Some(k)) = (&verified, derived) {
             if self.keys.len() < self.max {
                 self.keys.insert(m.node_id().clone(), k);
@@ -265,6 +268,10 @@ struct Ingest {
     pending: Option<Received>,
     /// Every node-port connection, for the cap, containment and revocation.
     conns: Connections,
+    /// The registry as of this turn (read once a turn, not once a message).
+    registry: Arc<registry::Snapshot>,
+    /// When `/proc/self/statm` was last read.
+    rss_read_at: Instant,
     limits: Limits,
     next_check: Instant,
     /// Resident memory at the last containment check, bytes.
@@ -302,16 +309,20 @@ impl RateLimit {
 }
 
 fn run(port: NodePort, parts: Parts) {
+    let registry = parts.registry.get();
     let mut ingest = Ingest {
         keyring: Keyring {
             keys: HashMap::new(),
             max: parts.config.max_nodes,
+            first_of_node: false,
         },
         limits: Limits::for_max_message(parts.config.max_message_bytes as u64),
         port,
         parts,
         pending: None,
         conns: Connections::default(),
+        registry,
+        rss_read_at: Instant::now(),
         next_check: Instant::now(),
         rss_at_check: rss_bytes(),
         next_registry_poll: Instant::now(),
@@ -343,7 +354,6 @@ struct Incoming {
     fd: Option<RawFd>,
     /// The node id of the connection's CURVE key; `None` on a fleet-key connection.
     user_id: Option<String>,
-    peer: Option<String>,
 }
 
 impl Ingest {
@@ -382,6 +392,7 @@ impl Ingest {
             self.follow_registry();
             self.next_registry_poll = now + REGISTRY_POLL;
         }
+        self.registry = self.parts.registry.get();
         self.contain(now);
         if let Some(r) = self.pending.take() {
             match self.parts.to_core.try_send(r) {
@@ -451,7 +462,11 @@ impl Ingest {
             });
             match verified {
                 Ok(message) => {
-                    if incoming.user_id.is_none() && self.port.fleet_public.is_some() {
+                    // Checked once per node id, not once a message.
+                    if incoming.user_id.is_none()
+                        && self.port.fleet_public.is_some()
+                        && self.keyring.first_of_node
+                    {
                         self.note_fleet_node(message.node_id().as_str());
                     }
                     match self.parts.to_core.try_send(Received {
@@ -479,22 +494,31 @@ impl Ingest {
     /// node must still be enrolled. On a fleet-key connection (no `User-Id`) a revoked id is
     /// refused; the HMAC still binds every other id.
     fn check_identity(&mut self, m: &Incoming) -> Result<(), Rejected> {
-        let named = m
-            .frames
-            .get(1)
-            .map(|f| String::from_utf8_lossy(f).into_owned());
-        let registry = self.parts.registry.get();
-        let peer = m.peer.as_deref().unwrap_or("-");
+        // Per message: no allocation, and the registry as of this turn.
+        let named = m.frames.get(1).map(Vec::as_slice);
+        let registry = self.registry.clone();
+        let peer = || {
+            m.fd.and_then(|fd| self.conns.get(fd))
+                .and_then(|c| c.peer)
+                .map_or_else(|| "-".to_owned(), |p| p.ip().to_string())
+        };
         match (&m.user_id, named) {
-            (Some(uid), Some(named)) if m.frames.len() == 4 && named != *uid => Err(Rejected {
-                reason: Reject::IdentityMismatch,
-                node_id: Some(uid.clone()),
-                detail: format!(
-                    "connection of node `{uid}` (User-Id) from {peer} sent a message naming {:?}",
-                    named.chars().take(64).collect::<String>()
-                ),
-            }),
+            (Some(uid), Some(named)) if m.frames.len() == 4 && named != uid.as_bytes() => {
+                Err(Rejected {
+                    reason: Reject::IdentityMismatch,
+                    node_id: Some(uid.clone()),
+                    detail: format!(
+                        "connection of node `{uid}` (User-Id) from {} sent a message naming {:?}",
+                        peer(),
+                        String::from_utf8_lossy(named)
+                            .chars()
+                            .take(64)
+                            .collect::<String>()
+                    ),
+                })
+            }
             (Some(uid), _) if !registry.is_enrolled(uid) => {
+                let peer = peer();
                 if let Some(fd) = m.fd {
                     self.close(fd, "revoked");
                 }
@@ -506,11 +530,20 @@ impl Ingest {
                     ),
                 })
             }
-            (None, Some(named)) if registry.is_revoked(&named) => Err(Rejected {
-                reason: Reject::Revoked,
-                node_id: Some(named.clone()),
-                detail: format!("node `{named}` was revoked (fleet-key connection from {peer})"),
-            }),
+            (None, Some(named))
+                if registry.has_revoked()
+                    && registry.is_revoked(&String::from_utf8_lossy(named)) =>
+            {
+                let named = String::from_utf8_lossy(named).into_owned();
+                Err(Rejected {
+                    reason: Reject::Revoked,
+                    detail: format!(
+                        "node `{named}` was revoked (fleet-key connection from {})",
+                        peer()
+                    ),
+                    node_id: Some(named),
+                })
+            }
             _ => Ok(()),
         }
     }
@@ -584,8 +617,14 @@ impl Ingest {
     /// interval (longer with more connections: each costs a `TCP_INFO` call) and at once when
     /// the process grew fast.
     fn contain(&mut self, now: Instant) {
-        let rss = rss_bytes();
-        let grew = rss.saturating_sub(self.rss_at_check) > GROWTH_TRIGGER;
+        // The growth trigger reads /proc at most every 5 ms.
+        let mut grew = false;
+        let mut rss = self.rss_at_check;
+        if now.duration_since(self.rss_read_at) >= Duration::from_millis(5) {
+            self.rss_read_at = now;
+            rss = rss_bytes();
+            grew = rss.saturating_sub(self.rss_at_check) > GROWTH_TRIGGER;
+        }
         if now < self.next_check && !grew {
             return;
         }
@@ -796,7 +835,6 @@ fn receive(socket: &mut zmq::Socket) -> Result<Option<Incoming>, zmq::Error> {
         wire: containment::wire_bytes(first.data.len()),
         fd: first.fd,
         user_id: first.user_id,
-        peer: first.peer,
         frames: vec![first.data],
     };
     let mut more = first.more;
@@ -839,6 +877,7 @@ mod tests {
         let mut ring = Keyring {
             keys: HashMap::new(),
             max: 2,
+            first_of_node: false,
         };
         let forged = ring.authenticate(&frames(b"wrong", "hv-1"), key_for);
         assert_eq!(

@@ -17,10 +17,9 @@ pub struct Frame {
     pub more: bool,
     /// The descriptor of the connection it came on (`ZMQ_SRCFD`), when libzmq says.
     pub fd: Option<RawFd>,
-    /// The connection's `User-Id` (set by the ZAP handler); `None` when it has none.
+    /// The connection's `User-Id` (set by the ZAP handler); `None` when it has none. (Its
+    /// `Peer-Address` is not read: ingest knows each descriptor's peer from the monitor.)
     pub user_id: Option<String>,
-    /// The connection's `Peer-Address` (the peer's IP).
-    pub peer: Option<String>,
 }
 
 /// Receives one frame; with `props` also reads its message properties (a message's first
@@ -53,7 +52,7 @@ pub fn receive_frame(
             std::slice::from_raw_parts(data, size).to_vec()
         };
         let more = zmq_sys::zmq_msg_more(msg) != 0;
-        let (mut fd, mut user_id, mut peer) = (None, None, None);
+        let (mut fd, mut user_id) = (None, None);
         if props {
             let srcfd = zmq_sys::zmq_msg_get(msg, ZMQ_SRCFD);
             if srcfd >= 0 {
@@ -68,7 +67,6 @@ pub fn receive_frame(
                 }
             };
             user_id = prop(c"User-Id").filter(|u| !u.is_empty());
-            peer = prop(c"Peer-Address");
         }
         zmq_sys::zmq_msg_close(msg);
         Ok(Frame {
@@ -76,7 +74,6 @@ pub fn receive_frame(
             more,
             fd,
             user_id,
-            peer,
         })
     }
 }

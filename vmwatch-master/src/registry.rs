@@ -63,6 +63,11 @@ impl Snapshot {
         self.revoked.contains(node_id)
     }
 
+    /// Whether any node is revoked (most registries: none, and the per-message check is free).
+    pub fn has_revoked(&self) -> bool {
+        !self.revoked.is_empty()
+    }
+
     pub fn enrolled_count(&self) -> usize {
         self.enrolled.len()
     }
