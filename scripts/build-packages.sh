@@ -11,16 +11,20 @@ version=${1:-}
 command -v cargo-deb >/dev/null || cargo install --locked cargo-deb
 command -v cargo-generate-rpm >/dev/null || cargo install --locked cargo-generate-rpm
 
-cargo build --release -p vmwatch-node -p vmwatch-master
+# The packages carry binaries that start on glibc 2.28 (EL8, Debian 11) and newer, linked by
+# zig (scripts/zigbuild.sh), and checked: no GLIBC_ or LIBVIRT_ symbol newer than the README's.
+bash scripts/zigbuild.sh
+target=x86_64-unknown-linux-gnu
+bash scripts/check-symbols.sh "target/$target/release"
 out=target/packages
 mkdir -p "$out"
 for pkg in vmwatch-node vmwatch-master; do
   if [ -n "$version" ]; then
-    cargo deb --no-build -p "$pkg" --deb-version "$version" -o "$out/"
-    cargo generate-rpm -p "$pkg" -o "$out/" -s "version = \"$version\""
+    cargo deb --no-build --target "$target" -p "$pkg" --deb-version "$version" -o "$out/"
+    cargo generate-rpm --target "$target" -p "$pkg" -o "$out/" -s "version = \"$version\""
   else
-    cargo deb --no-build -p "$pkg" -o "$out/"
-    cargo generate-rpm -p "$pkg" -o "$out/"
+    cargo deb --no-build --target "$target" -p "$pkg" -o "$out/"
+    cargo generate-rpm --target "$target" -p "$pkg" -o "$out/"
   fi
 done
 ls -1 "$out"

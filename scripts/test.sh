@@ -23,3 +23,5 @@ VMWATCH_BIN_DIR="$PWD/target/release" cargo test --workspace -- --test-threads="
 bash tests/packages.sh
 # systemd: both .debs in a debootstrapped Debian 12 root booted with systemd-nspawn.
 bash tests/systemd.sh
+# Mixed fleets: the node's .deb on Debian 11 and 13 (debootstrap roots, cached), reporting here.
+bash tests/mixed.sh

@@ -121,7 +121,9 @@ struct Shell {
 impl Shell {
     /// Fires due timers, performs every action, then sends what the socket takes.
     fn turn(&mut self) {
-        self.socket.service(Instant::now());
+        if self.socket.service(Instant::now()) {
+            self.core.handle(now(), Input::MasterConnected);
+        }
         self.core.handle_timeout(now());
         while let Some(action) = self.core.poll_action() {
             self.perform(action);

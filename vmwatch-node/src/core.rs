@@ -84,6 +84,10 @@ pub enum Input {
     Closed { generation: u64, reason: i32 },
     /// One stats collection.
     Counters(Vec<DomainCounters>),
+    /// A connection to the master completed its handshake: a fresh snapshot goes at once, so
+    /// the master holds the whole inventory within a round trip even if what was queued before
+    /// was lost (a handshake the master refused drops the queue; a new master knows nothing).
+    MasterConnected,
     /// Shut down: say `bye`, release libvirt, then drain.
     Stop,
 }
@@ -239,6 +243,15 @@ impl NodeCore {
                 }
             }
             Input::Event(facts) => self.event(now, &facts),
+            Input::MasterConnected => {
+                if let Libvirt::Up {
+                    snapshot_at: Some(at),
+                    ..
+                } = &mut self.libvirt
+                {
+                    *at = now.mono;
+                }
+            }
             Input::Closed { generation, reason } => {
                 // A close report from an older connection changes nothing.
                 if generation == self.generation && matches!(self.libvirt, Libvirt::Up { .. }) {
@@ -617,6 +630,22 @@ mod tests {
         assert_eq!(kinds, ["snapshot", "heartbeat"]);
         let (libvirt, domains, agent) = heartbeat_of(&bodies[1]);
         assert_eq!((libvirt, domains, agent.libvirt_reconnects), ("up", 2, 0));
+    }
+
+    /// A completed connection to the master brings a fresh snapshot at once, not after
+    /// `snapshot_interval`.
+    #[test]
+    fn a_new_master_connection_gets_a_snapshot_at_once() {
+        let (mut core, t0) = start();
+        connect(&mut core, t0, 1, 2);
+        actions(&mut core);
+        sent(&mut core);
+        let t1 = t0.after(Duration::from_secs(5));
+        core.handle_timeout(t1);
+        assert_eq!(actions(&mut core), [], "no snapshot before the interval");
+        core.handle(t1, Input::MasterConnected);
+        core.handle_timeout(t1);
+        assert_eq!(actions(&mut core), [Action::ListDomains]);
     }
 
     #[test]

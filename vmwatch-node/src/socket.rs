@@ -133,8 +133,9 @@ impl PushSocket {
     }
 
     /// Reads the socket's handshake events and dials again when a refused handshake's backoff
-    /// ran out. Call it every turn.
-    pub fn service(&mut self, now: Instant) {
+    /// ran out. Call it every turn. Returns whether a handshake succeeded since the last call.
+    pub fn service(&mut self, now: Instant) -> bool {
+        let mut connected = false;
         while let Ok(frames) = self.monitor.recv_multipart(zmq::DONTWAIT) {
             let Some(head) = frames.first().filter(|h| h.len() >= 6) else {
                 continue;
@@ -142,6 +143,7 @@ impl PushSocket {
             let event = u16::from_ne_bytes([head[0], head[1]]);
             let is = |e: zmq::SocketEvent| event == e as u16;
             if is(zmq::SocketEvent::HANDSHAKE_SUCCEEDED) {
+                connected = true;
                 if self.redial.backoff > Redial::FIRST {
                     tracing::info!(endpoint = %self.endpoint, "CURVE handshake with the master succeeded");
                 }
@@ -167,6 +169,7 @@ impl PushSocket {
                 tracing::error!(endpoint = %self.endpoint, error = %e, "cannot dial the master again");
             }
         }
+        connected
     }
 
     /// Hands one message to libzmq without blocking.
