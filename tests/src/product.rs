@@ -313,6 +313,18 @@ impl Master {
             .map_err(|e| anyhow!("series {series}: {e}"))
     }
 
+    /// A metric's value, 0 when the series is not (yet) there.
+    pub fn metric_or_zero(&self, series: &str) -> f64 {
+        self.metric(series).unwrap_or(0.0)
+    }
+
+    /// `vmwatch_messages_rejected_total{reason="…"}`, 0 when not there.
+    pub fn rejected(&self, reason: &str) -> f64 {
+        self.metric_or_zero(&format!(
+            "vmwatch_messages_rejected_total{{reason=\"{reason}\"}}"
+        ))
+    }
+
     /// Whether the master's rows of `node` are exactly what `lv` lists.
     pub fn matches_libvirt(&self, lv: &crate::libvirtd::PrivateLibvirtd, node: &str) -> bool {
         match (self.vms_of(node), lv.inventory()) {
@@ -503,17 +515,7 @@ impl Node {
         if !extra.iter().any(|(k, _)| *k == "node_key") {
             defaults.push(("transport_key", crate::sim::transport_key()));
         }
-        let text = config_text(&defaults, extra);
-        write_private(&config, &text)?;
-        let mut n = Node {
-            dir: dir.to_owned(),
-            node_id: node_id.to_owned(),
-            config,
-            log,
-            child: None,
-        };
-        n.spawn()?;
-        Ok(n)
+        Node::launch(dir, node_id, config, log, &config_text(&defaults, extra))
     }
 
     /// Starts an agent whose identity and key lines are `lines` exactly as the master's
@@ -530,7 +532,18 @@ impl Node {
             "{lines}libvirt_uri={libvirt_uri}\nlog_file={}\nlog_level=debug\n",
             log.display()
         );
-        write_private(&config, &text)?;
+        Node::launch(dir, node_id, config, log, &text)
+    }
+
+    /// Writes `text` as the agent's config (owner-only) and starts it.
+    fn launch(
+        dir: &Path,
+        node_id: &str,
+        config: PathBuf,
+        log: PathBuf,
+        text: &str,
+    ) -> Result<Node> {
+        write_private(&config, text)?;
         let mut n = Node {
             dir: dir.to_owned(),
             node_id: node_id.to_owned(),

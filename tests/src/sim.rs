@@ -109,3 +109,14 @@ pub fn node_curve_key(id: &str) -> String {
         Err(e) => panic!("node id {id}: {e}"),
     }
 }
+
+/// A heartbeat body as a healthy agent sends it (libvirt up, no domains).
+pub fn heartbeat() -> Body {
+    Body::Heartbeat(vmwatch_common::protocol::Heartbeat {
+        libvirt: "up".into(),
+        domains: 0,
+        version: "t".into(),
+        uptime_s: 0,
+        agent: Default::default(),
+    })
+}

@@ -5,14 +5,12 @@
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use vmwatch_common::protocol::{
-    AgentCounters, Body, DomainState, DomainStats, Heartbeat, Snapshot, Stats,
-};
+use vmwatch_common::protocol::{Body, DomainState, DomainStats, Snapshot, Stats};
 use vmwatch_common::time::now_ms;
 use vmwatch_tests::libvirtd::PrivateLibvirtd;
 use vmwatch_tests::product::{rss_kib, temp_dir, wait_for, Master, Node};
 use vmwatch_tests::require_root_env;
-use vmwatch_tests::sim::{curve_push, node_curve_push, node_key, SimNode};
+use vmwatch_tests::sim::{curve_push, heartbeat, node_curve_push, node_key, SimNode};
 
 /// The tests that measure memory or latency run one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -35,24 +33,11 @@ fn new_install(dir: &std::path::Path, extra: &[(&str, &str)]) -> Master {
 }
 
 fn metric(master: &Master, series: &str) -> f64 {
-    master.metric(series).unwrap_or(0.0)
+    master.metric_or_zero(series)
 }
 
 fn rejected(master: &Master, reason: &str) -> f64 {
-    metric(
-        master,
-        &format!("vmwatch_messages_rejected_total{{reason=\"{reason}\"}}"),
-    )
-}
-
-fn heartbeat() -> Body {
-    Body::Heartbeat(Heartbeat {
-        libvirt: "up".into(),
-        domains: 0,
-        version: "t".into(),
-        uptime_s: 0,
-        agent: AgentCounters::default(),
-    })
+    master.rejected(reason)
 }
 
 fn snapshot(uuids: &[&str]) -> Body {

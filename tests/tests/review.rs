@@ -29,6 +29,27 @@ fn raw_http(master: &Master, request: &str) -> (u16, String) {
     (status, body)
 }
 
+/// Sends one `started` event of VM `uuid` named `name` from a new node `id` (fleet key); the
+/// socket is returned so the message is not dropped with it.
+fn send_started(master: &Master, id: &str, uuid: &str, name: &str) -> (zmq::Socket, zmq::Context) {
+    let ctx = zmq::Context::new();
+    let push = curve_push(&ctx).expect("push");
+    push.connect(&master.endpoint()).expect("connect");
+    let mut node = SimNode::new(id, now_ms()).expect("node");
+    let body = Body::Event(DomainEvent {
+        uuid: uuid.into(),
+        name: name.into(),
+        event: "started".into(),
+        detail: "booted".into(),
+        state: "running".into(),
+        reason: "booted".into(),
+        event_ts: now_ms(),
+    });
+    push.send_multipart(node.message_now(body), 0)
+        .expect("send");
+    (push, ctx)
+}
+
 #[test]
 fn the_loopback_api_refuses_foreign_hosts_and_tokenless_writes() {
     let dir = temp_dir("csrf");
@@ -106,23 +127,12 @@ fn the_webhook_follows_no_redirect() {
         ],
     )
     .expect("master");
-    let ctx = zmq::Context::new();
-    let push = curve_push(&ctx).expect("push");
-    push.connect(&master.endpoint()).expect("connect");
-    let mut node = SimNode::new("hv-redirect", now_ms()).expect("node");
-    push.send_multipart(
-        node.message_now(Body::Event(DomainEvent {
-            uuid: "11111111-2222-4333-8444-555555555555".into(),
-            name: "vm".into(),
-            event: "started".into(),
-            detail: "booted".into(),
-            state: "running".into(),
-            reason: "booted".into(),
-            event_ts: now_ms(),
-        })),
-        0,
-    )
-    .expect("send");
+    let _sent = send_started(
+        &master,
+        "hv-redirect",
+        "11111111-2222-4333-8444-555555555555",
+        "vm",
+    );
     wait_for(Duration::from_secs(10), "two redirected attempts", || {
         (answered.load(std::sync::atomic::Ordering::Relaxed) >= 2).then_some(())
     });
@@ -180,23 +190,12 @@ fn no_secret_of_a_url_reaches_the_log_or_check_config() {
             .contains("event bus unavailable")
             .then_some(())
     });
-    let ctx = zmq::Context::new();
-    let push = curve_push(&ctx).expect("push");
-    push.connect(&master.endpoint()).expect("connect");
-    let mut node = SimNode::new("hv-mask", now_ms()).expect("node");
-    push.send_multipart(
-        node.message_now(Body::Event(DomainEvent {
-            uuid: "11111111-2222-4333-8444-666666666666".into(),
-            name: "vm\" forged=yes".into(),
-            event: "started".into(),
-            detail: "booted".into(),
-            state: "running".into(),
-            reason: "booted".into(),
-            event_ts: now_ms(),
-        })),
-        0,
-    )
-    .expect("send");
+    let _sent = send_started(
+        &master,
+        "hv-mask",
+        "11111111-2222-4333-8444-666666666666",
+        "vm\" forged=yes",
+    );
     wait_for(Duration::from_secs(10), "a webhook failure logged", || {
         master.log_text().contains("webhook").then_some(())
     });
@@ -247,17 +246,8 @@ fn every_metric_served_is_documented() {
     let push = curve_push(&ctx).expect("push");
     push.connect(&master.endpoint()).expect("connect");
     let mut node = SimNode::new("hv-metrics", now_ms()).expect("node");
-    push.send_multipart(
-        node.message_now(Body::Heartbeat(vmwatch_common::protocol::Heartbeat {
-            libvirt: "up".into(),
-            domains: 0,
-            version: "t".into(),
-            uptime_s: 0,
-            agent: Default::default(),
-        })),
-        0,
-    )
-    .expect("send");
+    push.send_multipart(node.message_now(vmwatch_tests::sim::heartbeat()), 0)
+        .expect("send");
     wait_for(Duration::from_secs(10), "the node's gauges", || {
         master
             .metrics()
@@ -362,15 +352,7 @@ fn huge_numbers_do_not_overflow() {
     let ctx = zmq::Context::new();
     let push = curve_push(&ctx).expect("push");
     push.connect(&master.endpoint()).expect("connect");
-    let hb = || {
-        Body::Heartbeat(vmwatch_common::protocol::Heartbeat {
-            libvirt: "up".into(),
-            domains: 0,
-            version: "t".into(),
-            uptime_s: 0,
-            agent: Default::default(),
-        })
-    };
+    let hb = vmwatch_tests::sim::heartbeat;
     // Three boots whose first message has the largest seq: 3 × (2^63 − 2) messages "lost",
     // past 2^64.
     let id = vmwatch_common::protocol::NodeId::parse("hv-overflow").expect("id");
