@@ -462,12 +462,28 @@ impl Master {
         ))
     }
 
-    /// Enrolls `node` with the CLI; panics if it fails.
+    /// Enrolls `node` with the CLI and waits until the running master has taken it up (its
+    /// `enrolled` journal entry: the core writes it once the registry the ZAP handler reads
+    /// holds the node, within the master's 0.2 s poll). Panics if either fails.
     pub fn enroll(&self, node: &str) -> String {
-        match self.command(&["enroll", node]) {
+        let out = match self.command(&["enroll", node]) {
             Ok((0, out, _)) => out,
             other => panic!("vmwatch-master enroll {node}: {other:?}"),
+        };
+        if self.child.is_some() {
+            wait_for(
+                Duration::from_secs(5),
+                &format!("{node}'s enrollment taken up"),
+                || {
+                    self.events(&format!("type=node&node={node}"))
+                        .ok()?
+                        .iter()
+                        .any(|e| e["event"] == "enrolled")
+                        .then_some(())
+                },
+            );
         }
+        out
     }
 
     /// The process id while running.
