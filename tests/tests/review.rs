@@ -196,18 +196,25 @@ fn no_secret_of_a_url_reaches_the_log_or_check_config() {
         "11111111-2222-4333-8444-666666666666",
         "vm\" forged=yes",
     );
+    // The entry's journal line (logged after its commit), then a failed delivery of it.
+    let line = wait_for(Duration::from_secs(10), "the event's journal line", || {
+        master
+            .log_text()
+            .lines()
+            .find(|l| l.contains("journal") && l.contains("forged"))
+            .map(str::to_owned)
+    });
     wait_for(Duration::from_secs(10), "a webhook failure logged", || {
-        master.log_text().contains("webhook").then_some(())
+        master
+            .log_text()
+            .contains("webhook delivery failed")
+            .then_some(())
     });
     let log = master.log_text();
     for secret in ["pw-in-panel-url", "tok-in-query", "pw-in-bus-url"] {
         assert!(!log.contains(secret), "the log shows {secret}");
     }
     // A VM name cannot add a field to the journal line: it is quoted and its quote escaped.
-    let line = log
-        .lines()
-        .find(|l| l.contains("journal") && l.contains("forged"))
-        .expect("the journal line");
     assert!(line.contains(r#"name="vm\" forged=yes""#), "{line}");
 
     // A malformed bus_url: the error names the key, not the password.
