@@ -799,3 +799,36 @@ print(json.dumps(out))
         })
         .collect()
 }
+
+/// One raw HTTP/1.x exchange with a server on 127.0.0.1:`port`, from the loopback address
+/// `source` (the client socket is bound to it first, so a test can stand for another host):
+/// `request` is sent as is, and the answer is read to the end. Returns (status, body).
+pub fn raw_http(source: &str, port: u16, request: &str) -> (u16, String) {
+    use nix::sys::socket::{bind, connect, socket, AddressFamily, SockFlag, SockType, SockaddrIn};
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::empty(),
+        None,
+    )
+    .expect("socket");
+    let src: std::net::SocketAddrV4 = format!("{source}:0").parse().expect("source address");
+    bind(fd.as_raw_fd(), &SockaddrIn::from(src)).expect("bind the source");
+    let dst: std::net::SocketAddrV4 = format!("127.0.0.1:{port}").parse().expect("address");
+    connect(fd.as_raw_fd(), &SockaddrIn::from(dst)).expect("connect");
+    let mut s = std::net::TcpStream::from(fd);
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    s.write_all(request.as_bytes()).expect("write");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
+    (status, body)
+}

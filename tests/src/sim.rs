@@ -120,3 +120,16 @@ pub fn heartbeat() -> Body {
         agent: Default::default(),
     })
 }
+
+/// A `started`/`booted` event of VM `uuid` named `name`, reported by libvirt at `event_ts`.
+pub fn started(uuid: &str, name: &str, event_ts: u64) -> Body {
+    Body::Event(vmwatch_common::protocol::DomainEvent {
+        uuid: uuid.into(),
+        name: name.into(),
+        event: "started".into(),
+        detail: "booted".into(),
+        state: "running".into(),
+        reason: "booted".into(),
+        event_ts,
+    })
+}

@@ -141,36 +141,13 @@ fn soft_nofile(pid: u32) -> Option<u64> {
 /// `n` TCP connections to `port` on 127.0.0.1 that send nothing, opened from 8 threads: a
 /// connect whose SYN met a full accept queue waits a second for its retransmission, and in
 /// parallel those seconds overlap.
-/// A GET from another loopback source address (the client socket bound to `source` first).
+/// A GET from another loopback source address: (status, body).
 fn get_from(source: &str, port: u16, path: &str) -> (u16, String) {
-    use nix::sys::socket::{bind, connect, socket, AddressFamily, SockFlag, SockType, SockaddrIn};
-    use std::io::Read;
-    let fd = socket(
-        AddressFamily::Inet,
-        SockType::Stream,
-        SockFlag::empty(),
-        None,
+    vmwatch_tests::product::raw_http(
+        source,
+        port,
+        &format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"),
     )
-    .expect("socket");
-    let src: std::net::SocketAddrV4 = format!("{source}:0").parse().expect("source address");
-    bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(src)).expect("bind the source");
-    let dst: std::net::SocketAddrV4 = format!("127.0.0.1:{port}").parse().expect("address");
-    connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(dst)).expect("connect");
-    let mut s = TcpStream::from(fd);
-    s.set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("timeout");
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .expect("write");
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    let status = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (status, out)
 }
 
 fn open_connections(port: u16, n: usize) -> Vec<TcpStream> {

@@ -7,9 +7,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use vmwatch_common::protocol::{
-    AgentCounters, Body, DomainEvent, DomainState, Heartbeat, Snapshot,
-};
+use vmwatch_common::protocol::{AgentCounters, Body, DomainState, Heartbeat, Snapshot};
 use vmwatch_common::time::now_ms;
 use vmwatch_tests::guests::GuestKind;
 use vmwatch_tests::libvirtd::PrivateLibvirtd;
@@ -60,17 +58,7 @@ fn snapshot(domains: &[(&str, &str, &str)]) -> Body {
     })
 }
 
-fn event(uuid: &str, name: &str, event_ts: u64) -> Body {
-    Body::Event(DomainEvent {
-        uuid: uuid.into(),
-        name: name.into(),
-        event: "started".into(),
-        detail: "booted".into(),
-        state: "running".into(),
-        reason: "booted".into(),
-        event_ts,
-    })
-}
+use vmwatch_tests::sim::started as event;
 
 fn rejected(master: &Master, reason: &str) -> f64 {
     master

@@ -693,12 +693,7 @@ async fn with_registry<T: Send + 'static>(
     tokio::task::spawn_blocking(move || {
         let mut db = crate::store::Registry::open(&path)?;
         let out = f(&mut db)?;
-        let snapshot = crate::registry::load(&db, |n| {
-            vmwatch_common::protocol::NodeId::parse(n)
-                .ok()
-                .and_then(|id| config.node_curve_keypair(&id))
-                .map(|k| k.public)
-        })?;
+        let snapshot = crate::registry::load(&db, &config)?;
         shared.set(snapshot);
         Ok(out)
     })

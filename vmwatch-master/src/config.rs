@@ -463,12 +463,11 @@ impl MasterConfig {
         ))
     }
 
-    /// Node N's CURVE keypair (`None` without `secret`).
-    pub fn node_curve_keypair(&self, node_id: &NodeId) -> Option<keys::CurveKeyPair> {
-        Some(keys::node_curve_keypair(
-            self.secret.as_ref()?.expose(),
-            node_id,
-        ))
+    /// The CURVE public key of the node named `node_id` (`None` without `secret`, or for a
+    /// text that is no node id).
+    pub fn node_public_key(&self, node_id: &str) -> Option<[u8; 32]> {
+        let node = NodeId::parse(node_id).ok()?;
+        Some(keys::node_curve_keypair(self.secret.as_ref()?.expose(), &node).public)
     }
 
     /// The effective configuration as `KEY=VALUE` lines, secrets masked.

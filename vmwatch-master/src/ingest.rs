@@ -572,26 +572,22 @@ impl Ingest {
             }
         }
         // The API may have installed a new registry itself: its revocations close here too.
+        // One place follows every new registry, whoever installed it (this poll or the API):
+        // the gauge and the revoked nodes' connections.
         let current = self.parts.registry.get();
         if current.version != self.registry_seen {
             self.registry_seen = current.version;
+            self.parts
+                .metrics
+                .enrolled_nodes
+                .set(current.enrolled_count() as i64);
             self.close_revoked();
         }
     }
 
     fn reload_registry(&mut self) {
-        let config = self.parts.config.clone();
-        match registry::load(&self.parts.registry_db, |n| {
-            NodeId::parse(n)
-                .ok()
-                .and_then(|id| config.node_curve_keypair(&id))
-                .map(|k| k.public)
-        }) {
+        match registry::load(&self.parts.registry_db, &self.parts.config) {
             Ok(snapshot) => {
-                self.parts
-                    .metrics
-                    .enrolled_nodes
-                    .set(snapshot.enrolled_count() as i64);
                 self.parts.registry.set(snapshot);
             }
             Err(e) => {

@@ -100,7 +100,7 @@ impl Shared {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         };
-        if g.version >= s.version && g.version != 0 {
+        if g.version >= s.version {
             return false;
         }
         *g = Arc::new(s);
@@ -108,13 +108,16 @@ impl Shared {
     }
 }
 
-/// Loads the registry from the database (`key_of` derives the keys of rows without one).
+/// Loads the registry from the database; the keys of rows without one are derived from the
+/// configuration's `secret`.
 pub fn load(
     db: &crate::store::Registry,
-    key_of: impl Fn(&str) -> Option<[u8; 32]>,
+    config: &crate::config::MasterConfig,
 ) -> Result<Snapshot, crate::store::StoreError> {
     let version = db.version()?;
-    Ok(Snapshot::build(version, db.all()?, key_of))
+    Ok(Snapshot::build(version, db.all()?, |n| {
+        config.node_public_key(n)
+    }))
 }
 
 #[cfg(test)]

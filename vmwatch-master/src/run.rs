@@ -99,7 +99,7 @@ fn start(config: Arc<MasterConfig>, ctx: &Context) -> Result<Running, MasterErro
     let metrics = Arc::new(metrics::Metrics::new());
     let (store, inventory, outbox, bus_cursor) = open_database(&config, &metrics)?;
     let readers = Arc::new(api::ReaderPool::open(&config.db_path, 4)?);
-    let (registry, registry_db, fleet) = open_registry(&config, &metrics)?;
+    let (registry, registry_db, fleet) = open_registry(&config)?;
     let max_connections = ingest::raise_fd_limit(config.max_connections);
     let node_port = ingest::bind(&config, max_connections, fleet)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -220,18 +220,14 @@ fn start(config: Arc<MasterConfig>, ctx: &Context) -> Result<Running, MasterErro
 /// age). Returns the shared registry, its own connection for ingest, and that decision.
 fn open_registry(
     config: &MasterConfig,
-    metrics: &metrics::Metrics,
 ) -> Result<(Arc<crate::registry::Shared>, crate::store::Registry, bool), StoreError> {
     let mut db = crate::store::Registry::open(&config.db_path)?;
-    let key_of = |n: &str| {
-        vmwatch_common::protocol::NodeId::parse(n)
-            .ok()
-            .and_then(|id| config.node_curve_keypair(&id))
-    };
-    let filled =
-        db.fill_public_keys(|n| key_of(n).map(|k| vmwatch_common::keys::z85_encode(&k.public)))?;
-    let snapshot = crate::registry::load(&db, |n| key_of(n).map(|k| k.public))?;
-    metrics.enrolled_nodes.set(snapshot.enrolled_count() as i64);
+    let filled = db.fill_public_keys(|n| {
+        config
+            .node_public_key(n)
+            .map(|k| vmwatch_common::keys::z85_encode(&k))
+    })?;
+    let snapshot = crate::registry::load(&db, config)?;
     let legacy = db.fleet_transport()?;
     let fleet = config.allow_fleet_transport.unwrap_or(legacy);
     if fleet {

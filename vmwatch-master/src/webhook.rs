@@ -406,8 +406,9 @@ impl Shell {
 enum Failure {
     /// No HTTP answer (connection refused or reset, timeout).
     Transport(String),
-    /// An answer other than 2xx.
-    Status(u16),
+    /// An answer other than 2xx; for a 3xx, the scheme and host it pointed at (never
+    /// followed: it would re-post the signed body elsewhere).
+    Status(u16, Option<String>),
 }
 
 impl Failure {
@@ -415,7 +416,7 @@ impl Failure {
     fn status(&self) -> Option<u16> {
         match self {
             Failure::Transport(_) => None,
-            Failure::Status(s) => Some(*s),
+            Failure::Status(s, _) => Some(*s),
         }
     }
 }
@@ -424,7 +425,11 @@ impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Failure::Transport(e) => f.write_str(e),
-            Failure::Status(s) => write!(f, "HTTP {s}"),
+            Failure::Status(s, None) => write!(f, "HTTP {s}"),
+            Failure::Status(s, Some(to)) => write!(
+                f,
+                "HTTP {s}, redirect_to={to} not followed (the webhook follows no redirect: fix panel_url)"
+            ),
         }
     }
 }
@@ -449,20 +454,19 @@ async fn post(
         .map_err(|e| Failure::Transport(format!("{:#}", e.without_url())))?;
     let status = response.status();
     if status.is_success() {
-        Ok(())
-    } else {
-        if status.is_redirection() {
-            let target = response
-                .headers()
-                .get(reqwest::header::LOCATION)
-                .and_then(|l| l.to_str().ok())
-                .and_then(|l| url::Url::parse(l).ok())
-                .map(|u| format!("{}://{}", u.scheme(), u.host_str().unwrap_or("")))
-                .unwrap_or_else(|| "(relative or none)".into());
-            tracing::warn!(status = status.as_u16(), redirect_to = %target, "the panel answered a redirect; the webhook follows none (it would re-post the signed body elsewhere): fix panel_url");
-        }
-        Err(Failure::Status(status.as_u16()))
+        return Ok(());
     }
+    // Logged with the other failures (at most every 10 s): scheme and host only.
+    let redirect = status.is_redirection().then(|| {
+        response
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .and_then(|l| l.to_str().ok())
+            .and_then(|l| url::Url::parse(l).ok())
+            .map(|u| format!("{}://{}", u.scheme(), u.host_str().unwrap_or("")))
+            .unwrap_or_else(|| "(relative or none)".into())
+    });
+    Err(Failure::Status(status.as_u16(), redirect))
 }
 
 #[cfg(test)]

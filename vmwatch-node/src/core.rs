@@ -124,20 +124,44 @@ pub enum Transmit {
     Failed(String),
 }
 
-/// Reconnect backoff: 0.5 s doubling to 30 s, reset on success.
+/// A retry delay that doubles from `min` to `max` (libvirt reconnects here; the master's
+/// socket redials in `socket.rs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Backoff(Duration);
+pub struct Backoff {
+    next: Duration,
+    min: Duration,
+    max: Duration,
+}
 
 impl Backoff {
+    /// libvirt's: 0.5 s doubling to 30 s.
     fn new() -> Backoff {
-        Backoff(BACKOFF_MIN)
+        Backoff::between(BACKOFF_MIN, BACKOFF_MAX)
+    }
+
+    pub fn between(min: Duration, max: Duration) -> Backoff {
+        Backoff {
+            next: min,
+            min,
+            max,
+        }
     }
 
     /// The delay to wait now; the next one doubles.
-    fn next_delay(&mut self) -> Duration {
-        let d = self.0;
-        self.0 = (self.0 * 2).min(BACKOFF_MAX);
+    pub fn next_delay(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(self.max);
         d
+    }
+
+    /// Back to the first delay.
+    pub fn reset(&mut self) {
+        self.next = self.min;
+    }
+
+    /// Whether the delays have grown past the first.
+    pub fn grown(&self) -> bool {
+        self.next > self.min
     }
 }
 
@@ -277,7 +301,7 @@ impl NodeCore {
             self.counters.libvirt_reconnects += 1;
         }
         self.ever_connected = true;
-        self.backoff = Backoff::new();
+        self.backoff.reset();
         self.libvirt_version = libvirt_version;
         // Events during an outage are gone: a fresh snapshot repairs the master's view.
         self.list_domains(true);

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::builder::Outgoing;
 use crate::config::CurveClient;
-use crate::core::Transmit;
+use crate::core::{Backoff, Transmit};
 
 /// Why the socket could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -39,30 +39,27 @@ const MONITOR_ENDPOINT: &str = "inproc://vmwatch-node-push-monitor";
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Redial {
     pub at: Option<Instant>,
-    pub backoff: Duration,
+    pub backoff: Backoff,
 }
 
 impl Redial {
-    pub const FIRST: Duration = Duration::from_secs(1);
-    pub const MAX: Duration = Duration::from_secs(60);
-
     pub fn new() -> Redial {
         Redial {
             at: None,
-            backoff: Redial::FIRST,
+            backoff: Backoff::between(Duration::from_secs(1), Duration::from_secs(60)),
         }
     }
 
     /// A handshake was refused at `now`: dial again after the backoff, which then doubles.
     pub fn refused(&mut self, now: Instant) -> Duration {
-        let wait = self.backoff;
+        let wait = self.backoff.next_delay();
         self.at.get_or_insert(now + wait);
-        self.backoff = (self.backoff * 2).min(Redial::MAX);
         wait
     }
 
     pub fn succeeded(&mut self) {
-        *self = Redial::new();
+        self.at = None;
+        self.backoff.reset();
     }
 
     /// Whether to dial now (once per refusal).
@@ -144,7 +141,7 @@ impl PushSocket {
             let is = |e: zmq::SocketEvent| event == e as u16;
             if is(zmq::SocketEvent::HANDSHAKE_SUCCEEDED) {
                 connected = true;
-                if self.redial.backoff > Redial::FIRST {
+                if self.redial.backoff.grown() {
                     tracing::info!(endpoint = %self.endpoint, "CURVE handshake with the master succeeded");
                 }
                 self.redial.succeeded();
@@ -205,7 +202,7 @@ mod tests {
         for _ in 0..10 {
             r.refused(t0);
         }
-        assert_eq!(r.backoff, Redial::MAX);
+        assert_eq!(r.refused(t0), Duration::from_secs(60));
         r.succeeded();
         assert_eq!(r, Redial::new());
     }
