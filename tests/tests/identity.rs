@@ -439,6 +439,22 @@ fn revocation_refuses_a_live_connection_within_a_second_and_removes_the_rows() {
         master.node("hv-c").is_none().then_some(())
     });
     eprintln!("CLI revoke to rows removed: {:?}", t0.elapsed());
+    // Four registry changes later, each enrollment and revocation was journaled once: a
+    // registry loaded before the core's own journal commit landed must not repeat one.
+    for (node, event) in [
+        ("hv-r", "enrolled"),
+        ("hv-r", "revoked"),
+        ("hv-c", "enrolled"),
+        ("hv-c", "revoked"),
+    ] {
+        let n = master
+            .events(&format!("type=node&node={node}"))
+            .expect("events")
+            .iter()
+            .filter(|e| e["event"] == event)
+            .count();
+        assert_eq!(n, 1, "{node} {event} journaled {n} times");
+    }
 }
 
 #[test]

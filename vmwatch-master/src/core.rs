@@ -64,6 +64,8 @@ pub struct Core {
     agents: HashMap<String, AgentCounters>,
     /// The registry version whose enrollments and revocations are journaled.
     registry_seen: i64,
+    /// The enrollment state this core journaled per node since it started.
+    journaled: HashMap<String, &'static str>,
 }
 
 impl Core {
@@ -89,6 +91,7 @@ impl Core {
             agents: HashMap::new(),
             tally: Tally::default(),
             registry_seen: i64::MIN,
+            journaled: HashMap::new(),
         }
     }
 
@@ -182,9 +185,17 @@ impl Core {
         let mut effects = Vec::new();
         for row in &snapshot.rows {
             let state = row.state();
-            if row.journaled == state {
+            // What this core journaled itself wins over the row's `journaled`: ingest may
+            // have loaded the row before that commit landed, and the entry would go twice.
+            let journaled = self
+                .journaled
+                .get(&row.node_id)
+                .copied()
+                .unwrap_or(row.journaled.as_str());
+            if journaled == state {
                 continue;
             }
+            self.journaled.insert(row.node_id.clone(), state);
             if state == "revoked" {
                 let removed = rules::revoke_node(&mut self.inventory, &row.node_id, now);
                 tracing::warn!(node_id = %row.node_id, vms = removed.len() / 2, "node revoked: its rows leave the inventory");
