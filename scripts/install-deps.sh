@@ -30,10 +30,12 @@ apt-get install -y -qq --no-install-recommends --allow-downgrades \
 
 # The event bus tests (tests/tests/bus.rs) start private RabbitMQ brokers, and run the Python
 # consumer of docs/API.md with pika; the alert rules test (tests/tests/prometheus.rs) starts a
-# private Prometheus. The packages' own services are not started on install (a policy-rc.d for
-# this one call, unless the machine has its own): the tests need none, and an operator's
-# machine should not grow a broker on 5672 or a Prometheus on 9090 by surprise.
-if ! dpkg -s rabbitmq-server python3-pika openssl prometheus >/dev/null 2>&1; then
+# private Prometheus; the store's tests start private PostgreSQL clusters (tests/src/pg.rs:
+# initdb and pg_ctl as the postgres user). The packages' own services are not started on
+# install (a policy-rc.d for this one call, unless the machine has its own): the tests need
+# none, and an operator's machine should not grow a broker on 5672, a Prometheus on 9090 or a
+# PostgreSQL on 5432 by surprise.
+if ! dpkg -s rabbitmq-server python3-pika openssl prometheus postgresql >/dev/null 2>&1; then
   ours=""
   if [ ! -e /usr/sbin/policy-rc.d ]; then
     ours=/usr/sbin/policy-rc.d
@@ -42,7 +44,7 @@ if ! dpkg -s rabbitmq-server python3-pika openssl prometheus >/dev/null 2>&1; th
     trap 'rm -f "$ours"' EXIT
   fi
   # openssl makes the TLS test's CA and broker certificate.
-  apt-get install -y -qq --no-install-recommends rabbitmq-server python3-pika openssl prometheus >/dev/null
+  apt-get install -y -qq --no-install-recommends rabbitmq-server python3-pika openssl prometheus postgresql >/dev/null
   if [ -n "$ours" ]; then
     rm -f "$ours"
     trap - EXIT

@@ -19,6 +19,11 @@ cargo build --workspace --all-targets
 # containment figures of tests/tests/identity.rs are about them); unit tests run in debug.
 cargo build --release -p vmwatch-master -p vmwatch-node
 VMWATCH_BIN_DIR="$PWD/target/release" cargo test --workspace -- --test-threads="${VMWATCH_TEST_THREADS:-3}"
+# The same suites again with every master on PostgreSQL (a database each in the process's
+# private cluster, tests/src/pg.rs), SPEC §12. The store's own tests (tests/tests/store.rs)
+# already ran on both backends above.
+VMWATCH_TEST_DATABASE=postgres VMWATCH_BIN_DIR="$PWD/target/release" cargo test -p vmwatch-tests \
+  --test e2e --test truth --test bus --test browser -- --test-threads="${VMWATCH_TEST_THREADS:-3}"
 # Packages: build .deb/.rpm, install, upgrade and purge them on this machine.
 bash tests/packages.sh
 # systemd: both .debs in a debootstrapped Debian 12 root booted with systemd-nspawn.

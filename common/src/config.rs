@@ -443,6 +443,12 @@ impl Cli {
                 "--node-secret" => {
                     cli.node_secret = Some(args.next().ok_or("--node-secret needs a node id")?);
                 }
+                // `migrate --to URL [--password-file PATH]` (master only).
+                "--to" | "--password-file" => {
+                    let value = args.next().ok_or(format!("{arg} needs a value"))?;
+                    cli.command.push(arg);
+                    cli.command.push(value);
+                }
                 "--version" | "-V" => cli.version = true,
                 "--help" | "-h" => cli.help = true,
                 other => match other.strip_prefix("--config=") {
@@ -464,7 +470,9 @@ impl Cli {
              --version        print the version and exit\n  \
              --node-secret N  (vmwatch-master) print node N's configuration key lines, exit\n  \
              enroll N         (vmwatch-master) enroll node N, print its configuration lines\n  \
-             revoke N         (vmwatch-master) revoke node N: its key is refused, its rows go\n"
+             revoke N         (vmwatch-master) revoke node N: its key is refused, its rows go\n  \
+             migrate --to URL [--password-file PATH]\n                   \
+             (vmwatch-master) copy the SQLite database into an empty PostgreSQL one\n"
         )
     }
 }

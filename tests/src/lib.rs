@@ -20,6 +20,8 @@ pub mod broker;
 pub mod browser;
 pub mod guests;
 pub mod libvirtd;
+/// A private PostgreSQL cluster (the store's second backend).
+pub mod pg;
 /// The real vmwatch binaries as processes (maintained with the end-to-end tests).
 pub mod product;
 /// A private Prometheus server (the alert rules and dashboard tests).

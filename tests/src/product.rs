@@ -171,6 +171,8 @@ pub struct Master {
     pub env: Vec<(String, String)>,
     /// The `api_token` of its configuration, sent with every request when set.
     pub token: Option<String>,
+    /// Its `database=` (tests that read or change the database behind its back open this).
+    pub database: vmwatch_master::store::Database,
     child: Option<Child>,
 }
 
@@ -186,10 +188,39 @@ impl Master {
         let http_port = free_port();
         let config = dir.join("master.conf");
         let log = dir.join("master.log");
+        // The suites' backend: SQLite in the test's directory, or a new database in the
+        // process's private PostgreSQL cluster (`VMWATCH_TEST_DATABASE=postgres`). A test that
+        // names its own `db_path` keeps it.
+        let own = |key: &str| extra.iter().rev().find(|(k, _)| *k == key).map(|(_, v)| *v);
+        let (database, password_file) = match (own("db_path"), own("database")) {
+            (Some(p), _) => (format!("sqlite://{p}"), String::new()),
+            (None, Some(url)) => (
+                url.to_owned(),
+                own("database_password_file").unwrap_or_default().to_owned(),
+            ),
+            (None, None) if crate::pg::selected() => {
+                let cluster = crate::pg::cluster()?;
+                (
+                    cluster.create_database("master")?,
+                    cluster.password_file.display().to_string(),
+                )
+            }
+            (None, None) => (
+                format!("sqlite://{}", dir.join("master.db").display()),
+                String::new(),
+            ),
+        };
+        let extra: Vec<(&str, &str)> = extra
+            .iter()
+            .filter(|(k, _)| *k != "db_path")
+            .copied()
+            .collect();
+        let extra = &extra[..];
         let defaults = [
             ("listen", format!("tcp://127.0.0.1:{zmq_port}")),
             ("secret", SECRET.to_owned()),
-            ("db_path", dir.join("master.db").display().to_string()),
+            ("database", database.clone()),
+            ("database_password_file", password_file.clone()),
             ("http_listen", format!("127.0.0.1:{http_port}")),
             ("log_file", log.display().to_string()),
             ("log_level", "debug".to_owned()),
@@ -216,6 +247,11 @@ impl Master {
                 .rev()
                 .find(|(k, _)| *k == "api_token")
                 .map(|(_, v)| v.to_string()),
+            database: vmwatch_master::store::Database::parse(
+                &database,
+                Some(std::path::Path::new(&password_file)).filter(|_| !password_file.is_empty()),
+            )
+            .map_err(anyhow::Error::msg)?,
             child: None,
         };
         m.spawn()?;

@@ -483,7 +483,7 @@ fn the_detail_view_plots_activity_with_the_threshold_and_idle_periods() {
     // guest (a few packets, no writes) with a busy afternoon a day.
     let day = 86_400_000u64;
     let end = now_ms() - 3_600_000;
-    let mut store = vmwatch_master::store::Store::open(&dir.join("master.db")).expect("db");
+    let mut store = vmwatch_master::store::Store::open(&master.database).expect("db");
     let history: Vec<vmwatch_master::rules::Effect> = (0..2016u64)
         .map(|i| {
             let ts = end - 14 * day + (i + 1) * 600_000;

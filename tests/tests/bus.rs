@@ -8,6 +8,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use vmwatch_master::store::{Conn, Purpose};
 use vmwatch_tests::broker::{require_broker, Broker, BusMessage, BusQueue, PASSWORD};
 use vmwatch_tests::guests::GuestKind;
 use vmwatch_tests::libvirtd::PrivateLibvirtd;
@@ -97,16 +98,12 @@ impl Rig {
 
     /// The journal read from the database file (the master may be frozen), as the API shows it.
     fn journal_direct(&self) -> Vec<Value> {
-        let db = rusqlite::Connection::open(self.master.dir.join("master.db")).expect("db");
-        let mut stmt = db
-            .prepare("SELECT id FROM journal ORDER BY id")
-            .expect("query");
-        let rows = stmt
-            .query_map([], |r| r.get::<_, i64>(0))
-            .expect("rows")
-            .map(|id| serde_json::json!({"id": id.expect("id")}))
-            .collect();
-        rows
+        let mut db = Conn::open(&self.master.database, Purpose::Migrate).expect("db");
+        db.query("SELECT id FROM journal ORDER BY id", &[])
+            .expect("query")
+            .into_iter()
+            .map(|mut r| serde_json::json!({"id": r.int(0).expect("id")}))
+            .collect()
     }
 
     fn health(&self) -> Value {
@@ -469,10 +466,10 @@ fn retention_keeps_an_entry_the_broker_has_not_confirmed() {
 
     // Every entry two days old; the master purges at start.
     rig.master.kill9();
-    let db = rusqlite::Connection::open(rig.master.dir.join("master.db")).expect("db");
+    let mut db = Conn::open(&rig.master.database, Purpose::Migrate).expect("db");
     db.execute(
         "UPDATE journal SET received_at = received_at - 2 * 86400000",
-        [],
+        &[],
     )
     .expect("age the journal");
     drop(db);

@@ -135,7 +135,7 @@ impl Pair {
 
     /// The stored state of each VM row of the node, by uuid.
     fn stored_states(&self) -> BTreeMap<String, String> {
-        let reader = Reader::open(&self.db).unwrap();
+        let mut reader = Reader::open(&self.db).unwrap();
         reader
             .nodes()
             .unwrap()
@@ -149,7 +149,7 @@ impl Pair {
     }
 
     fn journal(&self, kind: &str) -> Vec<(String, String, String)> {
-        let reader = Reader::open(&self.db).unwrap();
+        let mut reader = Reader::open(&self.db).unwrap();
         let filter = EventFilter {
             after: 0,
             node: None,

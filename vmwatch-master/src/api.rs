@@ -32,9 +32,9 @@ pub struct ReaderPool {
 }
 
 impl ReaderPool {
-    pub fn open(path: &std::path::Path, size: usize) -> Result<ReaderPool, StoreError> {
+    pub fn open(db: &crate::store::Database, size: usize) -> Result<ReaderPool, StoreError> {
         let readers = (0..size.max(1))
-            .map(|_| Reader::open(path).map(Mutex::new))
+            .map(|_| Reader::open(db).map(Mutex::new))
             .collect::<Result<_, _>>()?;
         Ok(ReaderPool {
             readers,
@@ -42,17 +42,17 @@ impl ReaderPool {
         })
     }
 
-    fn with<T>(&self, f: impl FnOnce(&Reader) -> T) -> T {
+    fn with<T>(&self, f: impl FnOnce(&mut Reader) -> T) -> T {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.readers.len();
-        let reader = self.readers[i].lock().unwrap_or_else(|p| p.into_inner());
-        f(&reader)
+        let mut reader = self.readers[i].lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut reader)
     }
 }
 
 #[derive(Clone)]
 pub struct AppState {
     /// For the few writes the API makes (retrying a dead letter), on a connection of their own.
-    pub db_path: std::path::PathBuf,
+    pub database: crate::store::Database,
     pub readers: Arc<ReaderPool>,
     pub metrics: Arc<Metrics>,
     pub shared: Arc<Shared>,
@@ -149,7 +149,7 @@ fn bad_request(msg: impl Into<String>) -> ApiError {
 
 async fn read<T: Send + 'static>(
     state: &AppState,
-    f: impl FnOnce(&Reader) -> Result<T, StoreError> + Send + 'static,
+    f: impl FnOnce(&mut Reader) -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, ApiError> {
     let readers = state.readers.clone();
     tokio::task::spawn_blocking(move || readers.with(f))
@@ -639,7 +639,7 @@ async fn retry_dead_letter(
     let id: i64 = id
         .parse()
         .map_err(|_| bad_request(format!("`{id}` is not a journal id")))?;
-    let path = state.db_path.clone();
+    let path = state.database.clone();
     let found = tokio::task::spawn_blocking(move || {
         crate::store::Outbox::open(&path).and_then(|mut o| o.retry_dead_letter(id))
     })
@@ -686,14 +686,14 @@ async fn with_registry<T: Send + 'static>(
     f: impl FnOnce(&mut crate::store::Registry) -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
     let (path, config, shared) = (
-        state.db_path.clone(),
+        state.database.clone(),
         state.config.clone(),
         state.registry.clone(),
     );
     tokio::task::spawn_blocking(move || {
         let mut db = crate::store::Registry::open(&path)?;
         let out = f(&mut db)?;
-        let snapshot = crate::registry::load(&db, &config)?;
+        let snapshot = crate::registry::load(&mut db, &config)?;
         shared.set(snapshot);
         Ok(out)
     })

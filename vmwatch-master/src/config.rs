@@ -20,7 +20,8 @@ pub struct MasterConfig {
     pub node_secrets_file: Option<PathBuf>,
     /// Per-node secrets read from `node_secrets_file`.
     pub node_secrets: HashMap<String, Secret>,
-    pub db_path: PathBuf,
+    /// Where the state lives (`database=`, or the older `db_path=`): SQLite or PostgreSQL.
+    pub database: crate::store::Database,
     pub http_listen: SocketAddr,
     pub api_token: Option<Secret>,
     /// Where and with which key the webhook notifies the panel (`panel_url`, `panel_secret`).
@@ -237,9 +238,32 @@ impl MasterConfig {
             .take_str("node_secrets_file")
             .filter(|v| !v.is_empty())
             .map(PathBuf::from);
-        let db_path = raw
-            .take_str("db_path")
-            .map_or_else(|| "/var/lib/vmwatch/master.db".into(), PathBuf::from);
+        // `db_path=` is `database=sqlite://PATH`'s older name (SPEC §12).
+        let db_path = raw.take_str("db_path").filter(|v| !v.is_empty());
+        let password_file = raw
+            .take_str("database_password_file")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from);
+        let database = raw.take_with("database", |v| {
+            if db_path.is_some() {
+                return Err("set database= or db_path= (its older name), not both".into());
+            }
+            crate::store::Database::parse(v, password_file.as_deref())
+        })?;
+        let database = match database {
+            Some(d) => d,
+            None if password_file.is_some() => {
+                return Err(ConfigError {
+                    path: raw.path().to_owned(),
+                    line: None,
+                    key: Some("database_password_file".into()),
+                    message: "is only for a PostgreSQL database=postgres://… URL".into(),
+                })
+            }
+            None => crate::store::Database::Sqlite(
+                db_path.map_or_else(|| "/var/lib/vmwatch/master.db".into(), PathBuf::from),
+            ),
+        };
         let http_listen = raw
             .take_with("http_listen", |v| {
                 v.parse::<SocketAddr>()
@@ -294,7 +318,7 @@ impl MasterConfig {
             secret,
             node_secrets: HashMap::new(),
             node_secrets_file,
-            db_path,
+            database,
             http_listen,
             api_token,
             panel: None,
@@ -474,7 +498,7 @@ impl MasterConfig {
     pub fn describe(&self) -> String {
         let opt = |o: &Option<Secret>| o.as_ref().map(|s| s.to_string()).unwrap_or_default();
         format!(
-            "disabled={}\nlisten={}\nsecret={}\nnode_secrets_file={} ({} nodes)\ndb_path={}\nhttp_listen={}\napi_token={}\n\
+            "disabled={}\nlisten={}\nsecret={}\nnode_secrets_file={} ({} nodes)\ndatabase={}\nhttp_listen={}\napi_token={}\n\
              panel_url={}\npanel_secret={}\npanel_batch_max={}\nbus_url={}\nbus_exchange={}\nnode_timeout={}\nmax_clock_skew={}\nmax_message_age={}\nidle_windows={}\nidle_tx_packets_max={}\nidle_wr_reqs_max={}\nduplicate_grace={}\n\
              event_retention_days={}\nactivity_retention_days={}\nmax_message_bytes={}\nnode_keys={}\nmax_nodes={}\nmax_connections={}\n\
              log_file={}\nlog_level={}\nallow_fleet_transport={}\nmax_connections_per_address={}\nhttp_hosts={}\nnode_connect={}\nactivity_min_window={}\nmin_stats_interval={}\nmax_vms_per_node={}\n",
@@ -483,7 +507,7 @@ impl MasterConfig {
             opt(&self.secret),
             self.node_secrets_file.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
             self.node_secrets.len(),
-            self.db_path.display(),
+            self.database,
             self.http_listen,
             opt(&self.api_token),
             self.panel.as_ref().map(|p| masked_url(&p.url)).unwrap_or_default(),
@@ -678,6 +702,34 @@ mod tests {
     }
 
     /// The broker's password never shows, not even in an error; an IP host is kept as written.
+    #[test]
+    fn database_keys() {
+        let c = load("secret=0123456789abcdef\ndb_path=/srv/m.db\n").unwrap();
+        assert_eq!(c.database.to_string(), "sqlite:///srv/m.db");
+        let c = load(
+            "secret=0123456789abcdef\ndatabase=postgres://vm:pg-s3cret@h1,h2/vmwatch?sslmode=require\n",
+        )
+        .unwrap();
+        assert!(c.database.sqlite_path().is_none());
+        let shown = c.describe();
+        assert!(
+            shown.contains("database=postgres://vm:***@h1,h2/vmwatch?sslmode=require")
+                && !shown.contains("pg-s3cret"),
+            "{shown}"
+        );
+        let both = load("secret=0123456789abcdef\ndb_path=/a\ndatabase=sqlite:///b\n").unwrap_err();
+        assert!(both.contains("not both"), "{both}");
+        let relative = load("secret=0123456789abcdef\ndatabase=sqlite://m.db\n").unwrap_err();
+        assert!(relative.contains("absolute path"), "{relative}");
+        let stray = load("secret=0123456789abcdef\ndatabase_password_file=/p\n").unwrap_err();
+        assert!(stray.contains("only for a PostgreSQL"), "{stray}");
+        let bad = load("secret=0123456789abcdef\ndatabase=mysql://vm:pw@h/db\n").unwrap_err();
+        assert!(
+            bad.contains("expected sqlite") && !bad.contains(":pw@"),
+            "{bad}"
+        );
+    }
+
     #[test]
     fn bus_keys() {
         let c =

@@ -279,6 +279,8 @@ struct Ingest {
     next_registry_poll: Instant,
     /// The registry version whose revoked nodes' connections are closed.
     registry_seen: i64,
+    /// Whether the last registry poll failed (its warning is logged once per outage).
+    registry_failing: bool,
     /// Node ids seen on connections that presented the fleet key.
     fleet_nodes: HashSet<String>,
     /// The node id the ZAP handler last admitted from each peer address, for the log line of a
@@ -327,6 +329,7 @@ fn run(port: NodePort, parts: Parts) {
         rss_at_check: rss_bytes(),
         next_registry_poll: Instant::now(),
         registry_seen: i64::MIN,
+        registry_failing: false,
         fleet_nodes: HashSet::new(),
         admitted_from: HashMap::new(),
         zap_refusals: RateLimit {
@@ -565,10 +568,19 @@ impl Ingest {
     fn follow_registry(&mut self) {
         let current = self.parts.registry.get();
         match self.parts.registry_db.version() {
-            Ok(v) if v == current.version => {}
-            Ok(_) => self.reload_registry(),
+            Ok(v) => {
+                if std::mem::take(&mut self.registry_failing) {
+                    tracing::info!("the node registry can be read again");
+                }
+                if v != current.version {
+                    self.reload_registry();
+                }
+            }
+            // Logged once per outage (the database's own failure is the core's to report).
             Err(e) => {
-                tracing::warn!(error = %e, "cannot read the node registry's version; retrying");
+                if !std::mem::replace(&mut self.registry_failing, true) {
+                    tracing::warn!(error = %e, "cannot read the node registry's version; the last one read stays in force, retrying every 0.2 s");
+                }
             }
         }
         // The API may have installed a new registry itself: its revocations close here too.
@@ -586,7 +598,7 @@ impl Ingest {
     }
 
     fn reload_registry(&mut self) {
-        match registry::load(&self.parts.registry_db, &self.parts.config) {
+        match registry::load(&mut self.parts.registry_db, &self.parts.config) {
             Ok(snapshot) => {
                 self.parts.registry.set(snapshot);
             }

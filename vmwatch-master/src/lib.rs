@@ -27,7 +27,7 @@ mod ingest;
 mod metrics;
 mod raw;
 pub mod registry;
-mod retention;
+pub mod retention;
 pub mod rules;
 pub mod run;
 mod serve;

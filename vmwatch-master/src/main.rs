@@ -17,7 +17,11 @@ fn main() -> ExitCode {
         load: MasterConfig::load,
         describe: MasterConfig::describe,
         log: |c| (c.log_file.clone(), c.log_level.clone()),
-        command: |cli, config| node_secret(cli, config).or_else(|| registry_command(cli, config)),
+        command: |cli, config| {
+            node_secret(cli, config)
+                .or_else(|| migrate_command(cli, config))
+                .or_else(|| registry_command(cli, config))
+        },
     }
     .main(|config, ctx| {
         vmwatch_master::run::run(config, ctx).context("the master stopped on an error")
@@ -56,7 +60,7 @@ fn registry_command(cli: &Cli, config: &MasterConfig) -> Option<ExitCode> {
         [verb, node] if verb == "enroll" || verb == "revoke" => (verb.as_str(), node),
         _ => {
             eprintln!(
-                "vmwatch-master: unknown command `{}` (try: enroll NODE_ID, revoke NODE_ID)",
+                "vmwatch-master: unknown command `{}` (try: enroll NODE_ID, revoke NODE_ID, migrate --to URL)",
                 cli.command.join(" ")
             );
             return Some(ExitCode::from(EX_USAGE));
@@ -69,17 +73,19 @@ fn registry_command(cli: &Cli, config: &MasterConfig) -> Option<ExitCode> {
             return Some(ExitCode::from(EX_USAGE));
         }
     };
-    if let Err(e) = become_owner_of(&config.db_path) {
-        eprintln!("vmwatch-master: {verb}: {e}");
-        return Some(ExitCode::FAILURE);
+    if let Some(path) = config.database.sqlite_path() {
+        if let Err(e) = become_owner_of(path) {
+            eprintln!("vmwatch-master: {verb}: {e}");
+            return Some(ExitCode::FAILURE);
+        }
     }
     // The master creates and migrates the database; a first enrollment before it ever ran
     // does the same.
-    if let Err(e) = vmwatch_master::store::Store::open(&config.db_path) {
+    if let Err(e) = vmwatch_master::store::Store::open(&config.database) {
         eprintln!("vmwatch-master: {verb}: {e}");
         return Some(ExitCode::FAILURE);
     }
-    let mut db = match vmwatch_master::store::Registry::open(&config.db_path) {
+    let mut db = match vmwatch_master::store::Registry::open(&config.database) {
         Ok(db) => db,
         Err(e) => {
             eprintln!("vmwatch-master: {verb}: {e}");
@@ -119,6 +125,61 @@ fn registry_command(cli: &Cli, config: &MasterConfig) -> Option<ExitCode> {
             }
         }
     })
+}
+
+/// `migrate --to URL [--password-file PATH]`: copies the configured SQLite database into an
+/// empty PostgreSQL one and verifies every table's count. The master should be stopped.
+fn migrate_command(cli: &Cli, config: &MasterConfig) -> Option<ExitCode> {
+    let (to, password_file) = match cli.command.as_slice() {
+        [] => return None,
+        [verb, ..] if verb != "migrate" => return None,
+        [_, flag, to] if flag == "--to" => (to, None),
+        [_, flag, to, pflag, file] | [_, pflag, file, flag, to]
+            if flag == "--to" && pflag == "--password-file" =>
+        {
+            (to, Some(std::path::Path::new(file.as_str())))
+        }
+        _ => {
+            eprintln!("vmwatch-master: usage: migrate --to postgres://USER@HOST/DB [--password-file PATH]");
+            return Some(ExitCode::from(EX_USAGE));
+        }
+    };
+    let target = match vmwatch_master::store::Database::parse(to, password_file) {
+        Ok(t @ vmwatch_master::store::Database::Postgres(_)) => t,
+        Ok(_) => {
+            eprintln!("vmwatch-master: migrate: --to takes a postgres:// URL");
+            return Some(ExitCode::from(EX_USAGE));
+        }
+        Err(e) => {
+            eprintln!("vmwatch-master: migrate: {e}");
+            return Some(ExitCode::from(EX_USAGE));
+        }
+    };
+    if config.database.sqlite_path().is_none() {
+        eprintln!(
+            "vmwatch-master: migrate: the configured database is already {}",
+            config.database
+        );
+        return Some(ExitCode::from(EX_USAGE));
+    }
+    println!("copying {} to {target}", config.database);
+    match vmwatch_master::store::migrate(&config.database, &target) {
+        Ok(counts) => {
+            for c in &counts {
+                println!(
+                    "{:<13} {:>10} rows copied, {:>10} in the target",
+                    c.table, c.source, c.target
+                );
+            }
+            println!("verified: every table holds as many rows in {target}");
+            println!("next: set database={target} in the configuration and start the master");
+            Some(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("vmwatch-master: migrate: {e} (the target was left as it was)");
+            Some(ExitCode::FAILURE)
+        }
+    }
 }
 
 /// As root, takes the uid and gid of the database's directory owner (the `vmwatch` user).

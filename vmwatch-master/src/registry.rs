@@ -111,7 +111,7 @@ impl Shared {
 /// Loads the registry from the database; the keys of rows without one are derived from the
 /// configuration's `secret`.
 pub fn load(
-    db: &crate::store::Registry,
+    db: &mut crate::store::Registry,
     config: &crate::config::MasterConfig,
 ) -> Result<Snapshot, crate::store::StoreError> {
     let version = db.version()?;

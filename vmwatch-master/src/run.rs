@@ -98,7 +98,7 @@ struct Running {
 fn start(config: Arc<MasterConfig>, ctx: &Context) -> Result<Running, MasterError> {
     let metrics = Arc::new(metrics::Metrics::new());
     let (store, inventory, outbox, bus_cursor) = open_database(&config, &metrics)?;
-    let readers = Arc::new(api::ReaderPool::open(&config.db_path, 4)?);
+    let readers = Arc::new(api::ReaderPool::open(&config.database, 4)?);
     let (registry, registry_db, fleet) = open_registry(&config)?;
     let max_connections = ingest::raise_fd_limit(config.max_connections);
     let node_port = ingest::bind(&config, max_connections, fleet)?;
@@ -182,7 +182,7 @@ fn start(config: Arc<MasterConfig>, ctx: &Context) -> Result<Running, MasterErro
     let state = api::AppState {
         registry,
         config: config.clone(),
-        db_path: config.db_path.clone(),
+        database: config.database.clone(),
         readers,
         metrics: metrics.clone(),
         shared,
@@ -221,13 +221,13 @@ fn start(config: Arc<MasterConfig>, ctx: &Context) -> Result<Running, MasterErro
 fn open_registry(
     config: &MasterConfig,
 ) -> Result<(Arc<crate::registry::Shared>, crate::store::Registry, bool), StoreError> {
-    let mut db = crate::store::Registry::open(&config.db_path)?;
+    let mut db = crate::store::Registry::open(&config.database)?;
     let filled = db.fill_public_keys(|n| {
         config
             .node_public_key(n)
             .map(|k| vmwatch_common::keys::z85_encode(&k))
     })?;
-    let snapshot = crate::registry::load(&db, config)?;
+    let snapshot = crate::registry::load(&mut db, config)?;
     let legacy = db.fleet_transport()?;
     let fleet = config.allow_fleet_transport.unwrap_or(legacy);
     if fleet {
@@ -253,14 +253,14 @@ fn open_database(
     config: &MasterConfig,
     metrics: &metrics::Metrics,
 ) -> Result<(Store, rules::Inventory, Option<Outbox>, Option<BusCursor>), StoreError> {
-    let mut store = Store::open(&config.db_path)?;
+    let mut store = Store::open(&config.database)?;
     if config.panel.is_some() {
         store.enable_outbox();
     }
     let bus_cursor = match &config.bus {
         Some(_) => {
             store.enable_bus()?;
-            let cursor = BusCursor::open(&config.db_path)?;
+            let mut cursor = BusCursor::open(&config.database)?;
             metrics
                 .bus_lag
                 .set(cursor.journal_end()?.saturating_sub(cursor.position()?));
@@ -269,11 +269,11 @@ fn open_database(
         None => None,
     };
     let inventory = store.load_inventory()?;
-    tracing::info!(nodes = inventory.nodes.len(), vms = inventory.vm_count(), db = %config.db_path.display(), "inventory loaded");
+    tracing::info!(nodes = inventory.nodes.len(), vms = inventory.vm_count(), db = %config.database, "inventory loaded");
     metrics.journal_size.set(store.journal_size()? as i64);
     let outbox = match &config.panel {
         Some(_) => {
-            let outbox = Outbox::open(&config.db_path)?;
+            let mut outbox = Outbox::open(&config.database)?;
             // The core adds what it commits and acknowledgements subtract, so the gauge stays
             // true while the head entry is being retried; it starts from the stored backlog.
             metrics.outbox_depth.set(outbox.depth()? as i64);

@@ -167,7 +167,7 @@ fn main() -> Result<()> {
     );
 
     // Reading one VM's day, 1000 VMs spread over the fleet.
-    let reader = Reader::open(&packed)?;
+    let mut reader = Reader::open(&packed)?;
     let t0 = Instant::now();
     let mut read = 0;
     for i in 0..1000 {

@@ -1,0 +1,601 @@
+//! The store's semantics on both backends (SPEC §12): every test here runs once on a SQLite
+//! file and once on a database of the process's private PostgreSQL cluster. Then what only
+//! one side has: `migrate` from a populated SQLite database, TLS with `sslmode=verify-full`,
+//! and the schema version guard.
+
+use std::path::PathBuf;
+
+use vmwatch_master::rules::{Effect, Entry, EntryType, Vm};
+use vmwatch_master::store::{
+    BusCursor, Conn, Database, EventFilter, Outbox, Purpose, Reader, Registry, Store, StoreError,
+    VmFilter,
+};
+use vmwatch_tests::pg;
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("vmwatch-store-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A fresh database of each backend.
+fn backends(name: &str) -> Vec<(&'static str, Database)> {
+    let cluster = pg::cluster().expect("the private PostgreSQL cluster");
+    let url = cluster.create_database(name).expect("create database");
+    vec![
+        ("sqlite", Database::Sqlite(temp_dir(name).join("master.db"))),
+        (
+            "postgres",
+            Database::parse(&url, Some(&cluster.password_file)).unwrap(),
+        ),
+    ]
+}
+
+fn vm(node: &str, uuid: &str) -> Vm {
+    Vm {
+        node_id: node.into(),
+        uuid: uuid.into(),
+        name: format!("vm-{uuid}"),
+        state: "running".into(),
+        reason: "booted".into(),
+        state_since: 5,
+        updated_at: 6,
+        usage: Default::default(),
+        duplicate: false,
+        last_state: Some("running".into()),
+        unknown_since: Some(u64::MAX >> 1),
+        unknown_reason: Some("node-down".into()),
+    }
+}
+
+fn entry_at(received_at: u64) -> Entry {
+    Entry {
+        received_at,
+        event_ts: received_at,
+        node_id: "hv1".into(),
+        uuid: "u1".into(),
+        name: "vm1".into(),
+        kind: EntryType::Lifecycle,
+        event: "started".into(),
+        detail: "booted".into(),
+        state: "running".into(),
+    }
+}
+
+#[test]
+fn effects_survive_reopen_and_are_readable() {
+    for (backend, db) in backends("reopen") {
+        let mut dup = vm("hv2", "u2");
+        dup.duplicate = true;
+        dup.usage.net.idle = true;
+        {
+            let mut store = Store::open(&db).unwrap();
+            let ids = store
+                .commit(&[
+                    Effect::UpsertVm(vm("hv1", "u1")),
+                    Effect::UpsertVm(dup.clone()),
+                    Effect::Journal(entry_at(1)),
+                    Effect::Journal(entry_at(2)),
+                ])
+                .unwrap();
+            assert_eq!(ids, [1, 2], "{backend}");
+        }
+        let mut store = Store::open(&db).unwrap();
+        let inv = store.load_inventory().unwrap();
+        assert_eq!(inv.vms["hv1"]["u1"], vm("hv1", "u1"), "{backend}");
+        assert_eq!(inv.vms["hv2"]["u2"], dup, "{backend}");
+        let mut reader = Reader::open(&db).unwrap();
+        assert_eq!(reader.vm("u1").unwrap(), vec![vm("hv1", "u1")], "{backend}");
+        let f = EventFilter {
+            after: 1,
+            limit: 10,
+            ..Default::default()
+        };
+        let ids: Vec<i64> = reader.events(&f).unwrap().iter().map(|e| e.id).collect();
+        assert_eq!(ids, [2], "{backend}");
+        let count = |r: &mut Reader, f: VmFilter| r.vms(&VmFilter { limit: 10, ..f }).unwrap().1;
+        assert_eq!(count(&mut reader, VmFilter::default()), 2, "{backend}");
+        let shutoff = VmFilter {
+            state: Some("shutoff".into()),
+            ..Default::default()
+        };
+        assert_eq!(count(&mut reader, shutoff), 0, "{backend}");
+        let flagged = VmFilter {
+            idle: true,
+            duplicate: true,
+            ..Default::default()
+        };
+        assert_eq!(count(&mut reader, flagged), 1, "{backend}");
+        let on_hv1 = VmFilter {
+            node: Some("hv1".into()),
+            ..Default::default()
+        };
+        assert_eq!(count(&mut reader, on_hv1), 1, "{backend}");
+        store
+            .commit(&[Effect::RemoveVm {
+                node_id: "hv1".into(),
+                uuid: "u1".into(),
+            }])
+            .unwrap();
+        assert!(reader.vm("u1").unwrap().is_empty(), "{backend}");
+    }
+}
+
+#[test]
+fn retention_purges_old_delivered_entries_only() {
+    for (backend, db) in backends("retention") {
+        let mut store = Store::open(&db).unwrap();
+        const DAY: u64 = 86_400_000;
+        let now = 400 * DAY;
+        store
+            .commit(&[
+                Effect::Journal(entry_at(now - 100 * DAY)),
+                Effect::Journal(entry_at(now - 10 * DAY)),
+            ])
+            .unwrap();
+        store.enable_outbox();
+        let pending = store
+            .commit(&[Effect::Journal(entry_at(now - 100 * DAY))])
+            .unwrap();
+        let cutoff = vmwatch_master::retention::cutoff(now, 90).unwrap();
+        assert_eq!(store.purge_journal(cutoff).unwrap(), 1, "{backend}");
+        let mut reader = Reader::open(&db).unwrap();
+        let ids: Vec<i64> = reader
+            .events(&EventFilter {
+                limit: 10,
+                ..Default::default()
+            })
+            .unwrap()
+            .iter()
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(
+            ids,
+            [2, pending[0]],
+            "{backend}: the 10-day-old and the undelivered stay"
+        );
+    }
+}
+
+#[test]
+fn outbox_dead_letters_and_retry() {
+    for (backend, db) in backends("outbox") {
+        let mut store = Store::open(&db).unwrap();
+        store.enable_outbox();
+        let ids = store
+            .commit(&[
+                Effect::Journal(entry_at(1)),
+                Effect::Journal(entry_at(2)),
+                Effect::Journal(entry_at(3)),
+            ])
+            .unwrap();
+        let mut outbox = Outbox::open(&db).unwrap();
+        let pending: Vec<i64> = outbox.pending(10).unwrap().iter().map(|e| e.id).collect();
+        assert_eq!(pending, ids, "{backend}");
+        outbox.ack(&ids[..1]).unwrap();
+        outbox.dead_letter(ids[1], 410, 3, 99).unwrap();
+        outbox.dead_letter(ids[1], 410, 4, 100).unwrap();
+        assert_eq!(outbox.depth().unwrap(), 1, "{backend}");
+        assert_eq!(outbox.dead_letter_count().unwrap(), 1, "{backend}");
+        let mut reader = Reader::open(&db).unwrap();
+        let dead = reader.dead_letters(10).unwrap();
+        assert_eq!(
+            (
+                dead[0].status,
+                dead[0].attempts,
+                dead[0].dead_at,
+                dead[0].entry.id
+            ),
+            (410, 4, 100, ids[1]),
+            "{backend}"
+        );
+        assert!(outbox.retry_dead_letter(ids[1]).unwrap(), "{backend}");
+        assert!(!outbox.retry_dead_letter(ids[1]).unwrap(), "{backend}");
+        let pending: Vec<i64> = outbox.pending(10).unwrap().iter().map(|e| e.id).collect();
+        assert_eq!(pending, ids[1..], "{backend}: back at its place");
+    }
+}
+
+/// Points are appended to their VM's, node's and day's row, read back in order across days
+/// and nodes, and whole days go at retention.
+#[test]
+fn activity_is_appended_per_day_and_purged_by_day() {
+    use vmwatch_master::activity::{Point, DAY_MS};
+    for (backend, db) in backends("activity") {
+        let mut store = Store::open(&db).unwrap();
+        let at = |ts: u64, tx: u64| Point {
+            ts,
+            window_ms: 600_000,
+            deltas: [
+                Some(tx),
+                Some(1),
+                None,
+                Some(3),
+                Some(4),
+                Some(5),
+                Some(6),
+                Some(7),
+                Some(8),
+            ],
+            idle_net: tx == 0,
+            idle_disk: false,
+        };
+        let point = |node: &str, p: Point| Effect::Activity {
+            node_id: node.into(),
+            uuid: "u1".into(),
+            point: p,
+        };
+        let day = 20_000 * DAY_MS;
+        store
+            .commit(&[
+                point("hv1", at(day - 600_000, 9)),
+                point("hv1", at(day + 600_000, 0)),
+                point("hv1", at(day + 1_200_000, 2)),
+                point("hv2", at(day + 600_000, 1)),
+            ])
+            .unwrap();
+        let mut reader = Reader::open(&db).unwrap();
+        let all = reader.activity("u1", None, 19_999, 20_000).unwrap();
+        let shape: Vec<(String, usize)> = all.iter().map(|(n, p)| (n.clone(), p.len())).collect();
+        assert_eq!(
+            shape,
+            [("hv1".into(), 1), ("hv1".into(), 2), ("hv2".into(), 1)],
+            "{backend}"
+        );
+        assert_eq!(
+            all[1].1,
+            [at(day + 600_000, 0), at(day + 1_200_000, 2)],
+            "{backend}"
+        );
+        assert_eq!(
+            reader.activity("u1", Some("hv2"), 0, 30_000).unwrap().len(),
+            1,
+            "{backend}"
+        );
+        assert_eq!(
+            store.purge_activity(20_000).unwrap(),
+            1,
+            "{backend}: the day before"
+        );
+        assert_eq!(
+            reader.activity("u1", None, 0, 30_000).unwrap().len(),
+            2,
+            "{backend}"
+        );
+    }
+}
+
+/// With the bus on, an old entry the broker has not confirmed stays; once the cursor passes
+/// it, it goes. The cursor starts at the journal's end and never moves back.
+#[test]
+fn retention_keeps_what_the_bus_has_not_confirmed() {
+    for (backend, db) in backends("retention_bus") {
+        let mut store = Store::open(&db).unwrap();
+        const DAY: u64 = 86_400_000;
+        let now = 400 * DAY;
+        let before = store
+            .commit(&[Effect::Journal(entry_at(now - 100 * DAY))])
+            .unwrap();
+        store.enable_bus().unwrap();
+        store.enable_bus().unwrap();
+        let mut cursor = BusCursor::open(&db).unwrap();
+        assert_eq!(
+            cursor.position().unwrap(),
+            before[0],
+            "{backend}: starts at the end"
+        );
+        let old = store
+            .commit(&[
+                Effect::Journal(entry_at(now - 100 * DAY)),
+                Effect::Journal(entry_at(now - 100 * DAY)),
+            ])
+            .unwrap();
+        assert_eq!(cursor.after(before[0], 10).unwrap().len(), 2, "{backend}");
+        let cutoff = vmwatch_master::retention::cutoff(now, 90).unwrap();
+        assert_eq!(
+            store.purge_journal(cutoff).unwrap(),
+            1,
+            "{backend}: only the one before the bus"
+        );
+        cursor.advance(old[0]).unwrap();
+        cursor.advance(before[0]).unwrap();
+        assert_eq!(
+            cursor.position().unwrap(),
+            old[0],
+            "{backend}: never moves back"
+        );
+        assert_eq!(store.purge_journal(cutoff).unwrap(), 1, "{backend}");
+        let left: Vec<i64> = cursor.after(0, 10).unwrap().iter().map(|e| e.id).collect();
+        assert_eq!(left, [old[1]], "{backend}: the unconfirmed entry stays");
+        assert_eq!(cursor.journal_end().unwrap(), old[1], "{backend}");
+    }
+}
+
+#[test]
+fn registry_enrolls_revokes_and_bumps_its_version() {
+    use vmwatch_master::store::{Enrolled, Revoked};
+    for (backend, db) in backends("registry") {
+        drop(Store::open(&db).unwrap());
+        let mut reg = Registry::open(&db).unwrap();
+        let v0 = reg.version().unwrap();
+        assert!(
+            !reg.fleet_transport().unwrap(),
+            "{backend}: a new database refuses the fleet key"
+        );
+        assert_eq!(
+            reg.enroll("hv1", "", 10).unwrap(),
+            Enrolled::New,
+            "{backend}"
+        );
+        assert_eq!(
+            reg.enroll("hv1", "KEY", 11).unwrap(),
+            Enrolled::Already,
+            "{backend}"
+        );
+        assert_eq!(reg.version().unwrap(), v0 + 1, "{backend}");
+        assert_eq!(reg.revoke("hv1", 12).unwrap(), Revoked::Now, "{backend}");
+        assert_eq!(
+            reg.revoke("hv1", 13).unwrap(),
+            Revoked::Already,
+            "{backend}"
+        );
+        assert_eq!(
+            reg.revoke("hv9", 13).unwrap(),
+            Revoked::NotEnrolled,
+            "{backend}"
+        );
+        assert_eq!(
+            reg.enroll("hv1", "KEY", 14).unwrap(),
+            Enrolled::Revoked,
+            "{backend}"
+        );
+        let all = reg.all().unwrap();
+        assert_eq!(
+            (
+                all[0].public_key.as_str(),
+                all[0].enrolled_at,
+                all[0].revoked_at
+            ),
+            ("KEY", 10, Some(12)),
+            "{backend}"
+        );
+        assert_eq!(reg.version().unwrap(), v0 + 2, "{backend}");
+    }
+}
+
+#[test]
+fn a_newer_schema_is_refused() {
+    for (backend, db) in backends("newer") {
+        let mut store = Store::open(&db).unwrap();
+        let bump = match store.conn() {
+            Conn::Sqlite(_) => "PRAGMA user_version = 99",
+            Conn::Postgres(_) => "UPDATE settings SET value = 99 WHERE key = 'schema_version'",
+        };
+        store.conn().batch(bump).unwrap();
+        drop(store);
+        let err = Store::open(&db).err().expect("refused");
+        assert!(
+            matches!(err, StoreError::NewerSchema { found: 99, .. }),
+            "{backend}: {err}"
+        );
+    }
+}
+
+/// `migrate` copies every table of a populated SQLite database into PostgreSQL: the readers
+/// answer the same on both, ids continue after the source's, and a second run is refused.
+#[test]
+fn migrate_moves_a_populated_sqlite_database_whole() {
+    use vmwatch_master::activity::Point;
+    let [(_, sqlite), (_, postgres)] = <[_; 2]>::try_from(backends("migrate")).ok().unwrap();
+    let mut store = Store::open(&sqlite).unwrap();
+    store.enable_outbox();
+    store.enable_bus().unwrap();
+    let point = Point {
+        ts: 1_700_000_000_000,
+        window_ms: 600_000,
+        deltas: [Some(1); 9],
+        idle_net: false,
+        idle_disk: true,
+    };
+    let mut effects = vec![];
+    for i in 0..30 {
+        effects.push(Effect::UpsertVm(vm("hv1", &format!("u{i}"))));
+        effects.push(Effect::Journal(entry_at(i)));
+        effects.push(Effect::Activity {
+            node_id: "hv1".into(),
+            uuid: format!("u{i}"),
+            point,
+        });
+    }
+    let ids = store.commit(&effects).unwrap();
+    // The newest entry purged: its id must not be given again.
+    let mut outbox = Outbox::open(&sqlite).unwrap();
+    outbox.ack(&ids[..10]).unwrap();
+    outbox.dead_letter(ids[10], 400, 1, 5).unwrap();
+    BusCursor::open(&sqlite).unwrap().advance(ids[5]).unwrap();
+    let mut reg = Registry::open(&sqlite).unwrap();
+    reg.enroll("hv1", "KEY", 1).unwrap();
+    reg.revoke("hv1", 2).unwrap();
+    drop(store);
+
+    let counts = vmwatch_master::store::migrate(&sqlite, &postgres).unwrap();
+    let journal = counts.iter().find(|c| c.table == "journal").unwrap();
+    assert_eq!((journal.source, journal.target), (30, 30));
+    let activity = counts.iter().find(|c| c.table == "activity").unwrap();
+    assert_eq!(activity.target, 30);
+
+    let mut a = Reader::open(&sqlite).unwrap();
+    let mut b = Reader::open(&postgres).unwrap();
+    let page = VmFilter {
+        limit: 100,
+        ..Default::default()
+    };
+    assert_eq!(a.vms(&page).unwrap(), b.vms(&page).unwrap());
+    let events = EventFilter {
+        limit: 100,
+        ..Default::default()
+    };
+    assert_eq!(a.events(&events).unwrap(), b.events(&events).unwrap());
+    assert_eq!(a.dead_letters(10).unwrap(), b.dead_letters(10).unwrap());
+    assert_eq!(a.nodes().unwrap(), b.nodes().unwrap());
+    assert_eq!(
+        a.activity("u3", None, 0, 100_000).unwrap(),
+        b.activity("u3", None, 0, 100_000).unwrap()
+    );
+    assert_eq!(
+        Outbox::open(&postgres).unwrap().depth().unwrap(),
+        19,
+        "the outbox came along"
+    );
+    assert_eq!(
+        BusCursor::open(&postgres).unwrap().position().unwrap(),
+        ids[5]
+    );
+    let mut reg = Registry::open(&postgres).unwrap();
+    assert_eq!(reg.all().unwrap()[0].revoked_at, Some(2));
+    assert_eq!(
+        reg.version().unwrap(),
+        Registry::open(&sqlite).unwrap().version().unwrap()
+    );
+    let next = Store::open(&postgres)
+        .unwrap()
+        .commit(&[Effect::Journal(entry_at(99))])
+        .unwrap();
+    assert_eq!(next, [ids[29] + 1], "ids continue after the source's");
+    let again = vmwatch_master::store::migrate(&sqlite, &postgres)
+        .expect_err("a second migrate is refused");
+    assert!(again.to_string().contains("empty database"), "{again}");
+}
+
+/// `sslmode=verify-full` against a cluster serving a certificate from a CA the test makes:
+/// connects with that CA; refused, with the reason, with another CA or another host name.
+#[test]
+fn tls_verify_full_connects_and_a_wrong_ca_is_refused() {
+    let cluster = pg::Cluster::start(&format!("vmwatch-pg-tls-{}", std::process::id()))
+        .expect("a second private cluster");
+    let dir = cluster.dir.join("tls");
+    std::fs::create_dir_all(&dir).unwrap();
+    let openssl = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .expect("openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    for ca in ["ca", "other-ca"] {
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN=vmwatch test {ca}"),
+            "-keyout",
+            &format!("{ca}.key"),
+            "-out",
+            &format!("{ca}.pem"),
+        ]);
+    }
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=localhost",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    ]);
+    std::fs::write(dir.join("san.ext"), "subjectAltName=DNS:localhost\n").unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+        "-out",
+        "server.pem",
+    ]);
+    let chown = std::process::Command::new("chown")
+        .args(["-R", "postgres:postgres"])
+        .arg(&dir)
+        .status()
+        .unwrap();
+    assert!(chown.success());
+    std::fs::set_permissions(
+        dir.join("server.key"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let conf = cluster.dir.join("data/postgresql.auto.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "ssl = on\nssl_cert_file = '{0}/server.pem'\nssl_key_file = '{0}/server.key'\n",
+            dir.display()
+        ),
+    )
+    .unwrap();
+    cluster.stop().unwrap();
+    cluster.restart().unwrap();
+
+    let url = |host: &str, ca: &str| {
+        format!(
+            "postgres://postgres@{host}:{}/postgres?sslmode=verify-full&sslrootcert={}",
+            cluster.port,
+            dir.join(format!("{ca}.pem")).display()
+        )
+    };
+    let open = |u: &str| {
+        let db = Database::parse(u, Some(&cluster.password_file)).unwrap();
+        Conn::open(&db, Purpose::Reader)
+    };
+    let mut conn = open(&url("localhost", "ca")).expect("verify-full with the right CA");
+    let ssl = conn
+        .query_row(
+            "SELECT CASE WHEN ssl THEN 1 ELSE 0 END FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .unwrap()
+        .unwrap()
+        .int(0)
+        .unwrap();
+    assert_eq!(ssl, 1, "the session is encrypted");
+    let wrong_ca = open(&url("localhost", "other-ca"))
+        .err()
+        .expect("refused")
+        .to_string();
+    eprintln!("wrong CA: {wrong_ca}");
+    assert!(
+        wrong_ca.contains("certificate") && wrong_ca.contains("UnknownIssuer"),
+        "{wrong_ca}"
+    );
+    let wrong_name = open(&url("127.0.0.1", "ca"))
+        .err()
+        .expect("refused")
+        .to_string();
+    eprintln!("wrong name: {wrong_name}");
+    assert!(wrong_name.contains("certificate"), "{wrong_name}");
+    // verify-ca accepts the right CA under any name.
+    let verify_ca = url("127.0.0.1", "ca").replace("verify-full", "verify-ca");
+    open(&verify_ca).expect("verify-ca with the right CA");
+}
