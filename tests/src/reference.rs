@@ -444,3 +444,232 @@ pub fn http_posts(url: &str, key: &[u8], count: usize, body: &[u8]) -> Result<f6
 fn hex_lower(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// A raw client of the private cluster's database `url` (no TLS: loopback), with the master's
+/// session setting.
+fn postgres_client(url: &str, password_file: &Path) -> Result<postgres::Client> {
+    let mut config: postgres::Config = url.trim_end_matches("?sslmode=disable").parse()?;
+    config.password(std::fs::read_to_string(password_file)?.trim_end());
+    let mut client = config.connect(postgres::NoTls)?;
+    client.batch_execute("SET synchronous_commit = on")?;
+    Ok(client)
+}
+
+/// The master's statement as PostgreSQL takes it.
+fn pg(client: &mut postgres::Client, sql: &str) -> Result<postgres::Statement> {
+    Ok(client.prepare(&store::postgres_placeholders(sql))?)
+}
+
+/// The master's writes of a node row, VM row and journal entry, prepared on a raw client.
+struct PgStatements {
+    node: postgres::Statement,
+    vm: postgres::Statement,
+    journal: postgres::Statement,
+}
+
+impl PgStatements {
+    fn prepare(client: &mut postgres::Client) -> Result<PgStatements> {
+        Ok(PgStatements {
+            node: pg(client, store::NODE_UPSERT)?,
+            vm: pg(client, store::VM_UPSERT)?,
+            journal: pg(client, store::JOURNAL_INSERT)?,
+        })
+    }
+
+    fn node(&self, tx: &mut postgres::Transaction<'_>, node_id: &str, seq: i64) -> Result<()> {
+        tx.execute(
+            &self.node,
+            &[
+                &node_id,
+                &1i64,
+                &1i64,
+                &1i64,
+                &seq,
+                &"b0b0b0b0-0000-4000-8000-000000000000",
+                &1i64,
+                &seq,
+                &"0.1.0",
+                &node_id,
+                &"9.0.0",
+                &50i64,
+                &0i64,
+                &0i64,
+                &0i64,
+                &"[]",
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn vm(
+        &self,
+        tx: &mut postgres::Transaction<'_>,
+        node_id: &str,
+        uuid: &str,
+        state: &str,
+        at: i64,
+    ) -> Result<()> {
+        tx.execute(
+            &self.vm,
+            &[
+                &node_id,
+                &uuid,
+                &format!("vm-{uuid}"),
+                &state,
+                &"user",
+                &at,
+                &at,
+                &0i64,
+                &0i64,
+                &0i64,
+                &USAGE,
+                &None::<String>,
+                &None::<i64>,
+                &None::<String>,
+            ],
+        )?;
+        Ok(())
+    }
+}
+
+/// A database of the private cluster that the master's `Store::open` created, holding
+/// `nodes` × `vms` running VMs: the start of the PostgreSQL references.
+fn postgres_inventory(nodes: usize, vms: usize) -> Result<(postgres::Client, PgStatements)> {
+    let cluster = crate::pg::cluster()?;
+    let url = cluster.create_database("reference")?;
+    drop(store::Store::open(
+        &store::Database::parse(&url, Some(&cluster.password_file)).map_err(anyhow::Error::msg)?,
+    )?);
+    let mut client = postgres_client(&url, &cluster.password_file)?;
+    let st = PgStatements::prepare(&mut client)?;
+    let mut tx = client.transaction()?;
+    for n in 0..nodes {
+        st.node(&mut tx, &format!("load-{n:05}"), 1)?;
+        for v in 0..vms {
+            st.vm(
+                &mut tx,
+                &format!("load-{n:05}"),
+                &format!("{n:08x}-0000-4000-8000-{v:012x}"),
+                "running",
+                1,
+            )?;
+        }
+    }
+    tx.commit()?;
+    Ok((client, st))
+}
+
+/// [`sqlite_events`] on raw PostgreSQL: the same rows, the master's statements and schema,
+/// batches of `batch` events, each one transaction. Returns events per second.
+pub fn postgres_events(nodes: usize, vms: usize, count: usize, batch: usize) -> Result<f64> {
+    let (mut client, st) = postgres_inventory(nodes, vms)?;
+    let node_id = |n: usize| format!("load-{n:05}");
+    let uuid = |n: usize, v: usize| format!("{n:08x}-0000-4000-8000-{v:012x}");
+    let t0 = Instant::now();
+    let mut done = 0;
+    while done < count {
+        let end = (done + batch).min(count);
+        let mut tx = client.transaction()?;
+        let touched: std::collections::BTreeSet<usize> = (done..end).map(|i| i % nodes).collect();
+        for n in touched {
+            st.node(&mut tx, &node_id(n), end as i64)?;
+        }
+        for i in done..end {
+            let (n, k) = (i % nodes, i / nodes);
+            let state = if k % 2 == 0 { "paused" } else { "running" };
+            let (node, vm) = (node_id(n), uuid(n, k % vms));
+            st.vm(&mut tx, &node, &vm, state, i as i64)?;
+            tx.query_one(
+                &st.journal,
+                &[
+                    &(i as i64),
+                    &(i as i64),
+                    &node,
+                    &vm,
+                    &format!("vm-{vm}"),
+                    &"lifecycle",
+                    &"suspended",
+                    &"paused",
+                    &state,
+                ],
+            )?;
+        }
+        tx.commit().context("commit")?;
+        done = end;
+    }
+    Ok(count as f64 / t0.elapsed().as_secs_f64())
+}
+
+/// [`sqlite_steady`] on raw PostgreSQL. Returns the CPU of the writing thread and of the
+/// PostgreSQL server's processes, each in percent of one core.
+pub fn postgres_steady(
+    nodes: usize,
+    vms: usize,
+    seconds: u64,
+    beats_per_s: f64,
+    stats_per_s: f64,
+) -> Result<(f64, f64)> {
+    let (mut client, st) = postgres_inventory(nodes, vms)?;
+    let (cpu0, server0, t0) = (thread_cpu(), postgres_server_cpu(), Instant::now());
+    let (mut beats, mut stats) = (0usize, 0usize);
+    while t0.elapsed() < std::time::Duration::from_secs(seconds) {
+        let at = t0.elapsed().as_secs_f64();
+        let mut tx = client.transaction()?;
+        while (beats as f64) < at * beats_per_s {
+            st.node(
+                &mut tx,
+                &format!("load-{:05}", beats % nodes),
+                beats as i64 + 2,
+            )?;
+            beats += 1;
+        }
+        while (stats as f64) < at * stats_per_s {
+            let n = (stats * 7) % nodes;
+            st.node(&mut tx, &format!("load-{n:05}"), stats as i64 + 2)?;
+            for v in 0..vms {
+                st.vm(
+                    &mut tx,
+                    &format!("load-{n:05}"),
+                    &format!("{n:08x}-0000-4000-8000-{v:012x}"),
+                    "running",
+                    stats as i64,
+                )?;
+            }
+            stats += 1;
+        }
+        tx.commit()?;
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    Ok((
+        (thread_cpu() - cpu0).as_secs_f64() * 100.0 / secs,
+        (postgres_server_cpu() - server0).as_secs_f64() * 100.0 / secs,
+    ))
+}
+
+/// CPU used so far by every `postgres` process on the machine (the private cluster is the only
+/// one the tests run), reaped backends included (the postmaster's children's time).
+pub fn postgres_server_cpu() -> std::time::Duration {
+    let tick = 1.0 / 100.0; // USER_HZ on Linux
+    let mut ticks = 0u64;
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        let Some((head, rest)) = stat.rsplit_once(") ") else {
+            continue;
+        };
+        if !head.ends_with("(postgres") {
+            continue;
+        }
+        // Fields after the name: state is 3rd; utime, stime, cutime, cstime are 14th–17th.
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        ticks += fields
+            .get(11..15)
+            .into_iter()
+            .flatten()
+            .filter_map(|f| f.parse::<u64>().ok())
+            .sum::<u64>();
+    }
+    std::time::Duration::from_secs_f64(ticks as f64 * tick)
+}

@@ -158,6 +158,13 @@ fn postgres_stopped_under_load_loses_nothing_accepted() {
         (events.ends_with(&["suspended".to_owned(), "resumed".to_owned()])).then_some(())
     });
     master.wait_matches_libvirt(&lv, "pgout", Duration::from_secs(10));
+    // Every connection came back by itself: no statement of a dead connection was used on its
+    // successor.
+    let log = master.log_text();
+    assert!(
+        !log.contains("does not exist"),
+        "a stale prepared statement"
+    );
     eprintln!(
         "{sent} events sent under load, PostgreSQL stopped 20 s: all {} journaled in order",
         journaled.len()

@@ -308,7 +308,17 @@ fn main() -> Result<()> {
                     product / reference
                 );
             }
-            if mode == "events" {
+            if mode == "events" && vmwatch_tests::pg::selected() {
+                // The floor in the same run: raw PostgreSQL (the postgres crate), the master's
+                // statements on its schema, the same rows and batches.
+                let reference = vmwatch_tests::reference::postgres_events(nodes, vms, count, vmwatch_master::core::MAX_BATCH)?;
+                let product = count as f64 / secs;
+                println!(
+                    "events reference: raw PostgreSQL, same schema, statements and rows, batches of {}: {reference:.0} events/s; product/reference = {:.2}",
+                    vmwatch_master::core::MAX_BATCH,
+                    product / reference
+                );
+            } else if mode == "events" {
                 // The floor in the same run: raw SQLite, the same rows, schema and settings.
                 let reference = vmwatch_tests::reference::sqlite_events(&dir, nodes, vms, count, vmwatch_master::core::MAX_BATCH)?;
                 let product = count as f64 / secs;
@@ -419,6 +429,7 @@ fn main() -> Result<()> {
             let per_s_beats = nodes as f64 / 30.0;
             let per_s_stats = nodes as f64 / 600.0;
             let usage = Usage::start(&master)?;
+            let server0 = vmwatch_tests::reference::postgres_server_cpu();
             let t0 = Instant::now();
             let (mut beats, mut stat_msgs) = (0usize, 0usize);
             while t0.elapsed() < Duration::from_secs(seconds) {
@@ -439,13 +450,28 @@ fn main() -> Result<()> {
                 usage.report()
             );
             let product_cpu = usage.cpu_percent();
+            let server_cpu = (vmwatch_tests::reference::postgres_server_cpu() - server0).as_secs_f64() * 100.0 / t0.elapsed().as_secs_f64();
             drop(master);
-            // The floor in the same run: raw SQLite writing the same rows at the same rates.
-            let reference = vmwatch_tests::reference::sqlite_steady(&dir, nodes, vms, seconds, per_s_beats, per_s_stats)?;
-            println!(
-                "steady reference: raw SQLite writing the same node and VM rows at the same rates, one transaction every 10 ms: CPU {reference:.2} % of one core; product/reference = {:.1}",
-                product_cpu / reference
-            );
+            if vmwatch_tests::pg::selected() {
+                // The floor in the same run: raw PostgreSQL writing the same rows at the same
+                // rates; the server's processes measured beside each.
+                let (reference, reference_server) = vmwatch_tests::reference::postgres_steady(nodes, vms, seconds, per_s_beats, per_s_stats)?;
+                println!(
+                    "steady on PostgreSQL: master CPU {product_cpu:.2} %, PostgreSQL server CPU {server_cpu:.2} % of one core"
+                );
+                println!(
+                    "steady reference: raw PostgreSQL writing the same node and VM rows at the same rates, one transaction every 10 ms: client CPU {reference:.2} %, server CPU {reference_server:.2} % of one core; master/client = {:.1}, server product/reference = {:.2}",
+                    product_cpu / reference,
+                    server_cpu / reference_server
+                );
+            } else {
+                // The floor in the same run: raw SQLite writing the same rows at the same rates.
+                let reference = vmwatch_tests::reference::sqlite_steady(&dir, nodes, vms, seconds, per_s_beats, per_s_stats)?;
+                println!(
+                    "steady reference: raw SQLite writing the same node and VM rows at the same rates, one transaction every 10 ms: CPU {reference:.2} % of one core; product/reference = {:.1}",
+                    product_cpu / reference
+                );
+            }
         }
         "webhook" => {
             let count = arg(&args, "--count", 10_000)? as usize;

@@ -23,7 +23,7 @@ use serde::Serialize;
 use crate::rules::{Effect, Entry, Inventory, Node, Vm};
 
 pub use self::migrate::{migrate, Copied};
-pub use self::postgres::Target as PostgresTarget;
+pub use self::postgres::{placeholders as postgres_placeholders, Target as PostgresTarget};
 pub use self::sqlite::tune_writer;
 
 /// The schema version both backends are at (SQLite's `user_version`, PostgreSQL's

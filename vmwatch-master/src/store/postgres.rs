@@ -428,6 +428,9 @@ pub struct Conn {
     purpose: Purpose,
     client: Option<Client>,
     statements: HashMap<String, Statement>,
+    /// Inside `BEGIN` … `COMMIT`: a broken connection then fails the transaction (its caller
+    /// retries it whole) instead of being retried statement by statement.
+    in_transaction: bool,
 }
 
 impl Conn {
@@ -437,6 +440,7 @@ impl Conn {
             purpose,
             client: None,
             statements: HashMap::new(),
+            in_transaction: false,
         };
         conn.client()?;
         if purpose == Purpose::Writer {
@@ -479,6 +483,8 @@ impl Conn {
     }
 
     fn statement(&mut self, sql: &str) -> Result<Statement, DbError> {
+        // Connect (or reconnect) first: a cached statement belongs to the live connection.
+        self.client()?;
         if let Some(s) = self.statements.get(sql) {
             return Ok(s.clone());
         }
@@ -520,29 +526,56 @@ impl Conn {
         Ok(())
     }
 
-    pub fn execute(&mut self, sql: &str, args: &[Value<'_>]) -> Result<u64, DbError> {
-        let stmt = self.statement(sql)?;
+    /// Runs `f` with a prepared statement; outside a transaction, once more on a new
+    /// connection if the server closed this one (a restart, a failover), so a reader's first
+    /// request after an outage does not fail.
+    fn run<T>(
+        &mut self,
+        sql: &str,
+        args: &[Value<'_>],
+        f: impl Fn(&mut Client, &Statement, &[&(dyn ToSql + Sync)]) -> Result<T, ::postgres::Error>,
+    ) -> Result<T, DbError> {
         let params: Vec<&(dyn ToSql + Sync)> = args.iter().map(|a| a as _).collect();
-        let done = self.client()?.execute(&stmt, &params);
-        done.map_err(|e| self.failed(e))
+        let mut retried = false;
+        loop {
+            let stmt = self.statement(sql)?;
+            let done = f(self.client()?, &stmt, &params);
+            match done {
+                Ok(v) => return Ok(v),
+                Err(e) => {
+                    let err = self.failed(e);
+                    if self.client.is_some() || self.in_transaction || retried {
+                        return Err(err);
+                    }
+                    retried = true;
+                }
+            }
+        }
+    }
+
+    pub fn execute(&mut self, sql: &str, args: &[Value<'_>]) -> Result<u64, DbError> {
+        self.run(sql, args, |c, stmt, params| c.execute(stmt, params))
     }
 
     pub fn query(&mut self, sql: &str, args: &[Value<'_>]) -> Result<Vec<Row>, DbError> {
-        let stmt = self.statement(sql)?;
-        let params: Vec<&(dyn ToSql + Sync)> = args.iter().map(|a| a as _).collect();
-        let done = self.client()?.query(&stmt, &params);
-        let rows = done.map_err(|e| self.failed(e))?;
+        let rows = self.run(sql, args, |c, stmt, params| c.query(stmt, params))?;
         rows.iter().map(row_cells).collect()
     }
 
     pub fn batch(&mut self, sql: &str) -> Result<(), DbError> {
+        let word = sql.split_whitespace().next().unwrap_or_default();
+        if word.eq_ignore_ascii_case("BEGIN") {
+            self.in_transaction = true;
+        } else if word.eq_ignore_ascii_case("COMMIT") || word.eq_ignore_ascii_case("ROLLBACK") {
+            self.in_transaction = false;
+        }
         let done = self.client()?.batch_execute(sql);
         done.map_err(|e| self.failed(e))
     }
 }
 
 /// `?N` as `$N` (our statements hold no `?` inside string literals).
-fn placeholders(sql: &str) -> String {
+pub fn placeholders(sql: &str) -> String {
     let mut out = String::with_capacity(sql.len());
     let mut chars = sql.chars().peekable();
     while let Some(c) = chars.next() {
