@@ -599,3 +599,46 @@ fn tls_verify_full_connects_and_a_wrong_ca_is_refused() {
     let verify_ca = url("127.0.0.1", "ca").replace("verify-full", "verify-ca");
     open(&verify_ca).expect("verify-ca with the right CA");
 }
+
+/// The leader lease (PostgreSQL): one holder at a time, renewals keep the epoch, a release or
+/// an expiry lets another take it with a new epoch, and a fenced writer's commit is refused.
+#[test]
+fn the_leader_lease_has_one_holder_and_fences_the_old_one() {
+    use std::time::Duration;
+    use vmwatch_master::store::Lease;
+    let [_, (_, db)] = <[_; 2]>::try_from(backends("lease")).ok().unwrap();
+    drop(Store::open(&db).unwrap());
+    let lease = Duration::from_secs(3);
+    let mut a = Lease::open(&db, "a", lease).unwrap();
+    let mut b = Lease::open(&db, "b", lease).unwrap();
+    let first = a.claim(None).unwrap();
+    assert!(first.leader, "{first:?}");
+    let other = b.claim(None).unwrap();
+    assert!(
+        !other.leader && other.holder.as_deref() == Some("a"),
+        "{other:?}"
+    );
+    let renewed = a.claim(Some(first.epoch)).unwrap();
+    assert_eq!((renewed.leader, renewed.epoch), (true, first.epoch));
+    let mut store = Store::open(&db).unwrap();
+    store.fence(first.epoch);
+    store.commit(&[Effect::Journal(entry_at(1))]).unwrap();
+    a.release(first.epoch).unwrap();
+    let taken = b.claim(None).unwrap();
+    assert!(taken.leader && taken.epoch == first.epoch + 1, "{taken:?}");
+    let lost = a.claim(Some(first.epoch)).unwrap();
+    assert!(
+        !lost.leader && lost.holder.as_deref() == Some("b"),
+        "{lost:?}"
+    );
+    let err = store
+        .commit(&[Effect::Journal(entry_at(2))])
+        .expect_err("fenced");
+    assert!(err.is_fenced(), "{err}");
+    assert!(Lease::open(
+        &Database::Sqlite(temp_dir("lease").join("m.db")),
+        "a",
+        lease
+    )
+    .is_err());
+}

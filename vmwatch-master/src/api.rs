@@ -65,6 +65,8 @@ pub struct AppState {
     pub registry: Arc<crate::registry::Shared>,
     /// For enrollment: the secret the node keys derive from, `node_connect`.
     pub config: Arc<crate::config::MasterConfig>,
+    /// This master's role in a high-availability group (`ha=yes`), for `/healthz`.
+    pub ha: Option<Arc<crate::ha::HaState>>,
 }
 
 /// The idle rule's settings (`idle_tx_packets_max`, `idle_wr_reqs_max`, `idle_windows`).
@@ -790,6 +792,18 @@ async fn healthz(State(state): State<AppState>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     let mut body = json!({ "status": if ok { "ok" } else { "degraded" }, "db": if db_ok { "ok" } else { "failing" }, "core_loop_age_ms": core_age_ms });
+    if let Some(ha) = &state.ha {
+        // SPEC §13: the role, and who leads (null while the lease is expired).
+        let leader = ha.leader.load(Ordering::Relaxed);
+        body["role"] = json!(if leader { "leader" } else { "standby" });
+        body["leader"] = json!(if leader {
+            Some(ha.name.clone())
+        } else {
+            ha.holder()
+        });
+        body["name"] = json!(ha.name);
+        body["epoch"] = json!(ha.epoch.load(Ordering::Relaxed));
+    }
     if state.bus {
         // The bus degrades only itself: ingestion goes on and entries wait for it, so a broker
         // outage shows here without turning the master's health to 503.

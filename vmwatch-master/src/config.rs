@@ -63,6 +63,8 @@ pub struct MasterConfig {
     pub min_stats_interval: u64,
     /// VM rows one node may hold (`max_vms_per_node`).
     pub max_vms_per_node: usize,
+    /// High availability (SPEC §13): `ha=yes`, this master's `ha_name` and the `ha_lease`.
+    pub ha: Option<Ha>,
 }
 
 /// A URL as logs and `--check-config` show it: user info and query replaced by `********`, and
@@ -312,6 +314,35 @@ impl MasterConfig {
         let max_vms_per_node = raw
             .take_range("max_vms_per_node", "a number of VMs", 1, 1_000_000)?
             .unwrap_or(4096) as usize;
+        let ha_on = raw.take_bool("ha")?.unwrap_or(false);
+        let ha_lease = raw.take_seconds("ha_lease", 3, 300)?.unwrap_or(10);
+        let ha_name = raw.take_str("ha_name").filter(|v| !v.is_empty());
+        let ha = if ha_on {
+            if database.sqlite_path().is_some() {
+                return Err(ConfigError {
+                    path: raw.path().to_owned(),
+                    line: None,
+                    key: Some("ha".into()),
+                    message: "needs a PostgreSQL database (database=postgres://…): masters cannot share a SQLite file".into(),
+                });
+            }
+            Some(Ha {
+                name: ha_name.unwrap_or_else(|| {
+                    nix::unistd::gethostname()
+                        .ok()
+                        .and_then(|h| h.into_string().ok())
+                        .unwrap_or_else(|| "vmwatch-master".into())
+                }),
+                lease: std::time::Duration::from_secs(ha_lease),
+            })
+        } else {
+            None
+        };
+        // Each master's sessions carry its name (pg_stat_activity tells the two apart).
+        let database = match &ha {
+            Some(ha) => database.named(&format!("vmwatch-master {}", ha.name)),
+            None => database,
+        };
         let config = MasterConfig {
             disabled,
             listen,
@@ -390,6 +421,7 @@ impl MasterConfig {
             activity_min_window,
             min_stats_interval,
             max_vms_per_node,
+            ha,
         };
         let path = raw.path().to_owned();
         raw.finish()?;
@@ -501,7 +533,7 @@ impl MasterConfig {
             "disabled={}\nlisten={}\nsecret={}\nnode_secrets_file={} ({} nodes)\ndatabase={}\nhttp_listen={}\napi_token={}\n\
              panel_url={}\npanel_secret={}\npanel_batch_max={}\nbus_url={}\nbus_exchange={}\nnode_timeout={}\nmax_clock_skew={}\nmax_message_age={}\nidle_windows={}\nidle_tx_packets_max={}\nidle_wr_reqs_max={}\nduplicate_grace={}\n\
              event_retention_days={}\nactivity_retention_days={}\nmax_message_bytes={}\nnode_keys={}\nmax_nodes={}\nmax_connections={}\n\
-             log_file={}\nlog_level={}\nallow_fleet_transport={}\nmax_connections_per_address={}\nhttp_hosts={}\nnode_connect={}\nactivity_min_window={}\nmin_stats_interval={}\nmax_vms_per_node={}\n",
+             log_file={}\nlog_level={}\nallow_fleet_transport={}\nmax_connections_per_address={}\nhttp_hosts={}\nnode_connect={}\nactivity_min_window={}\nmin_stats_interval={}\nmax_vms_per_node={}\nha={}\nha_name={}\nha_lease={}\n",
             if self.disabled { "yes" } else { "no" },
             self.listen,
             opt(&self.secret),
@@ -544,8 +576,20 @@ impl MasterConfig {
             self.activity_min_window,
             self.min_stats_interval,
             self.max_vms_per_node,
+            if self.ha.is_some() { "yes" } else { "no" },
+            self.ha.as_ref().map(|h| h.name.as_str()).unwrap_or_default(),
+            self.ha.as_ref().map_or(10, |h| h.lease.as_secs()),
         )
     }
+}
+
+/// This master's part in a high-availability group (SPEC §13).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ha {
+    /// How the others and `/healthz` name it (`ha_name`, default the host name).
+    pub name: String,
+    /// `ha_lease`: a leader that has not renewed for this long may be replaced.
+    pub lease: std::time::Duration,
 }
 
 /// Which secret a node signs with (`node_keys`).

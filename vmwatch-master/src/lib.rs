@@ -22,6 +22,7 @@ mod duplicate;
 pub mod enroll;
 #[cfg(test)]
 mod fuzz;
+pub mod ha;
 mod idle;
 mod ingest;
 mod metrics;

@@ -69,6 +69,12 @@ pub struct Metrics {
     /// Bytes received on node-port connections that are not yet whole messages read by ingest.
     pub zmq_pending_bytes: Gauge,
     pub enrolled_nodes: Gauge,
+    /// 1 on the master that leads (every master without `ha`), 0 on a standby (SPEC §13).
+    pub ha_leader: Gauge,
+    /// The leader lease's epoch this master last saw (its own while it leads).
+    pub ha_epoch: Gauge,
+    /// Times this process became leader or stepped down.
+    pub ha_transitions: Counter,
     /// Node ids that sent on a connection holding the fleet transport key since start.
     pub fleet_transport_nodes: Gauge,
     pub http_connections: Gauge,
@@ -218,6 +224,9 @@ impl Metrics {
                 Gauge::default(),
             ),
             enrolled_nodes: reg(&mut r, "enrolled_nodes", "Node ids enrolled and not revoked", Gauge::default()),
+            ha_leader: reg(&mut r, "ha_leader", "1 if this master is the leader (ingests, runs the webhook, bus and retention); 0 on a standby", Gauge::default()),
+            ha_epoch: reg(&mut r, "ha_epoch", "The leader lease's epoch (the fencing token) this master last saw", Gauge::default()),
+            ha_transitions: reg(&mut r, "ha_transitions", "Times this master became leader or stepped down", Counter::default()),
             fleet_transport_nodes: reg(
                 &mut r,
                 "fleet_transport_nodes",

@@ -55,9 +55,13 @@ pub enum MasterError {
     },
     #[error("{0} ended on its own")]
     PartFailed(&'static str),
+    #[error("cannot execute vmwatch-master again after stepping down: {0}")]
+    Exec(std::io::Error),
 }
 
-/// Runs the master until `ctx.shutdown` fires; returns once every part has drained.
+/// Runs the master until `ctx.shutdown` fires; returns once every part has drained. With
+/// `ha=yes` it first serves as a standby until it holds the leader lease, and a leader that
+/// loses the lease drains and executes itself again (`crate::ha`).
 pub fn run(config: MasterConfig, ctx: Context) -> Result<(), MasterError> {
     if config.disabled {
         tracing::info!("vmwatch-master is disabled (disabled=yes); exiting");
@@ -70,7 +74,67 @@ pub fn run(config: MasterConfig, ctx: Context) -> Result<(), MasterError> {
     if config.node_keys == NodeKeys::Shared {
         tracing::warn!("node_keys=shared: every node signs with the master secret, so any hypervisor can sign as any other; switch to node_keys=derived (vmwatch-master --node-secret NODE_ID)");
     }
-    let running = start(Arc::new(config), &ctx)?;
+    let config = Arc::new(config);
+    let metrics = Arc::new(metrics::Metrics::new());
+    let ha_state = config
+        .ha
+        .as_ref()
+        .map(|ha| Arc::new(crate::ha::HaState::new(&ha.name)));
+    let held = match (&config.ha, &ha_state) {
+        (Some(ha), Some(state)) => match standby(&config, ha, state, &metrics, &ctx)? {
+            Some(held) => Some(held),
+            None => return Ok(()),
+        },
+        _ => {
+            metrics.ha_leader.set(1);
+            None
+        }
+    };
+    let epoch = held.as_ref().map(|(epoch, _)| *epoch);
+    let running = start(
+        config.clone(),
+        &ctx,
+        metrics.clone(),
+        epoch,
+        ha_state.clone(),
+    )?;
+    let stepped_down = Arc::new(AtomicBool::new(false));
+    let keeper = match (held, &config.ha, &ha_state) {
+        (Some((epoch, lease)), Some(ha), Some(state)) => {
+            state
+                .leader
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            state
+                .epoch
+                .store(epoch, std::sync::atomic::Ordering::Relaxed);
+            metrics.ha_leader.set(1);
+            metrics.ha_epoch.set(epoch);
+            metrics.ha_transitions.inc();
+            tracing::info!(epoch, name = %ha.name, "leader: holding the lease; the node port is open");
+            let keeper = crate::ha::Keeper {
+                lease,
+                epoch,
+                every: ha.lease / 3,
+                lease_for: ha.lease,
+            };
+            let (state, metrics, shutdown, stepped_down) = (
+                state.clone(),
+                metrics.clone(),
+                ctx.shutdown.clone(),
+                stepped_down.clone(),
+            );
+            Some(
+                std::thread::Builder::new()
+                    .name("lease".into())
+                    .spawn(move || keeper.run(state, metrics, shutdown, stepped_down))
+                    .map_err(|source| MasterError::Spawn {
+                        thread: "lease",
+                        source,
+                    })?,
+            )
+        }
+        _ => None,
+    };
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     running.runtime.block_on(ctx.shutdown.triggered());
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
@@ -78,10 +142,120 @@ pub fn run(config: MasterConfig, ctx: Context) -> Result<(), MasterError> {
         "stopping: answering long-polls, draining HTTP, the webhook, the bus, ingest and the core"
     );
     running.drain();
+    if let Some(keeper) = keeper {
+        let _ = keeper.join();
+    }
+    if stepped_down.load(std::sync::atomic::Ordering::Relaxed) {
+        return Err(exec_again());
+    }
     match ctx.shutdown.failed() {
         Some(part) => Err(MasterError::PartFailed(part)),
         None => Ok(()),
     }
+}
+
+/// A leader that stepped down starts over as a standby: the same program, arguments and
+/// process id (systemd and the pid file still name it), none of the old leader's state.
+fn exec_again() -> MasterError {
+    use std::os::unix::process::CommandExt;
+    let mut args = std::env::args_os();
+    let argv0 = args.next().unwrap_or_else(|| "vmwatch-master".into());
+    tracing::info!("executing vmwatch-master again, to start as a standby");
+    let error = std::process::Command::new("/proc/self/exe")
+        .arg0(argv0)
+        .args(args)
+        .exec();
+    MasterError::Exec(error)
+}
+
+/// The standby (SPEC §13): the API from the database, no node port, until this master holds
+/// the leader lease (returned with its epoch) or is told to stop (`None`).
+fn standby(
+    config: &Arc<MasterConfig>,
+    ha: &crate::config::Ha,
+    state: &Arc<crate::ha::HaState>,
+    metrics: &Arc<metrics::Metrics>,
+    ctx: &Context,
+) -> Result<Option<(i64, crate::store::Lease)>, MasterError> {
+    // The schema, the lease's table included (migrations wait for each other).
+    drop(Store::open(&config.database)?);
+    metrics.ha_leader.set(0);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(MasterError::Runtime)?;
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind(config.http_listen))
+        .map_err(|source| MasterError::Http {
+            addr: config.http_listen,
+            source,
+        })?;
+    let readers = Arc::new(api::ReaderPool::open(&config.database, 2)?);
+    let (registry, _, _) = open_registry(config)?;
+    // The standby's own stop: the daemon's shutdown, or this master taking the lease.
+    let local = vmwatch_common::daemon::Shutdown::new();
+    let shared = Arc::new(core::Shared {
+        committed: tokio::sync::watch::channel(0u64).0,
+        vm_changes: tokio::sync::broadcast::channel(1024).0,
+        pulse: ctx.pulse.clone(),
+        db_ok: AtomicBool::new(true),
+        shutdown: local.clone(),
+        registry: registry.clone(),
+    });
+    let server = runtime.spawn(serve::serve(
+        listener,
+        api::router(app_state(
+            config,
+            readers,
+            metrics,
+            shared.clone(),
+            registry,
+            Some(state.clone()),
+        )),
+        metrics.clone(),
+        local.subscribe(),
+        HTTP_GRACE,
+    ));
+    let stop_following = Arc::new(AtomicBool::new(false));
+    let follower = {
+        let (db, shared, stop) = (
+            config.database.clone(),
+            shared.clone(),
+            stop_following.clone(),
+        );
+        std::thread::Builder::new()
+            .name("standby".into())
+            .spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    match crate::store::Reader::open(&db) {
+                        Ok(mut reader) => {
+                            crate::ha::follow(&mut reader, &shared, &stop);
+                            return;
+                        }
+                        Err(e) => {
+                            shared.db_ok.store(false, std::sync::atomic::Ordering::Relaxed);
+                            shared.pulse.beat(vmwatch_common::time::now_ms());
+                            tracing::warn!(error = %e, "standby: cannot open the database; retrying in 1 s");
+                            std::thread::sleep(Duration::from_secs(1));
+                        }
+                    }
+                }
+            })
+            .map_err(|source| MasterError::Spawn {
+                thread: "standby",
+                source,
+            })?
+    };
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    tracing::info!(name = %ha.name, http = %config.http_listen, lease_s = ha.lease.as_secs(), version = vmwatch_common::VERSION, "vmwatch-master started as a standby: serving the API from the database; the node port opens when this master leads");
+    let held = crate::ha::wait_for_lease(config, ha, state, metrics, &ctx.shutdown);
+    stop_following.store(true, std::sync::atomic::Ordering::Relaxed);
+    local.trigger();
+    let _ = runtime.block_on(async { tokio::time::timeout(HTTP_GRACE, server).await });
+    runtime.shutdown_timeout(RUNTIME_GRACE);
+    let _ = follower.join();
+    Ok(held?)
 }
 
 /// Every part of a started master, to be drained.
@@ -95,9 +269,14 @@ struct Running {
 }
 
 /// Opens, binds and spawns every part; nothing has been announced to systemd yet.
-fn start(config: Arc<MasterConfig>, ctx: &Context) -> Result<Running, MasterError> {
-    let metrics = Arc::new(metrics::Metrics::new());
-    let (store, inventory, outbox, bus_cursor) = open_database(&config, &metrics)?;
+fn start(
+    config: Arc<MasterConfig>,
+    ctx: &Context,
+    metrics: Arc<metrics::Metrics>,
+    epoch: Option<i64>,
+    ha: Option<Arc<crate::ha::HaState>>,
+) -> Result<Running, MasterError> {
+    let (store, inventory, outbox, bus_cursor) = open_database(&config, &metrics, epoch)?;
     let readers = Arc::new(api::ReaderPool::open(&config.database, 4)?);
     let (registry, registry_db, fleet) = open_registry(&config)?;
     let max_connections = ingest::raise_fd_limit(config.max_connections);
@@ -179,24 +358,7 @@ fn start(config: Arc<MasterConfig>, ctx: &Context) -> Result<Running, MasterErro
             .run(),
         )
     });
-    let state = api::AppState {
-        registry,
-        config: config.clone(),
-        database: config.database.clone(),
-        readers,
-        metrics: metrics.clone(),
-        shared,
-        api_token: config
-            .api_token
-            .as_ref()
-            .map(|t| Arc::new(String::from_utf8_lossy(t.expose()).into_owned())),
-        bus: config.bus.is_some(),
-        idle: api::IdleSettings {
-            tx_packets_max: config.idle_tx_packets_max,
-            wr_reqs_max: config.idle_wr_reqs_max,
-            windows: config.idle_windows,
-        },
-    };
+    let state = app_state(&config, readers, &metrics, shared, registry, ha);
     let server = runtime.spawn(serve::serve(
         listener,
         api::router(state),
@@ -252,8 +414,12 @@ fn open_registry(
 fn open_database(
     config: &MasterConfig,
     metrics: &metrics::Metrics,
+    epoch: Option<i64>,
 ) -> Result<(Store, rules::Inventory, Option<Outbox>, Option<BusCursor>), StoreError> {
     let mut store = Store::open(&config.database)?;
+    if let Some(epoch) = epoch {
+        store.fence(epoch);
+    }
     if config.panel.is_some() {
         store.enable_outbox();
     }
@@ -261,6 +427,9 @@ fn open_database(
         Some(_) => {
             store.enable_bus()?;
             let mut cursor = BusCursor::open(&config.database)?;
+            if let Some(epoch) = epoch {
+                cursor.fence(epoch);
+            }
             metrics
                 .bus_lag
                 .set(cursor.journal_end()?.saturating_sub(cursor.position()?));
@@ -274,6 +443,9 @@ fn open_database(
     let outbox = match &config.panel {
         Some(_) => {
             let mut outbox = Outbox::open(&config.database)?;
+            if let Some(epoch) = epoch {
+                outbox.fence(epoch);
+            }
             // The core adds what it commits and acknowledgements subtract, so the gauge stays
             // true while the head entry is being retried; it starts from the stored backlog.
             metrics.outbox_depth.set(outbox.depth()? as i64);
@@ -283,6 +455,36 @@ fn open_database(
         None => None,
     };
     Ok((store, inventory, outbox, bus_cursor))
+}
+
+/// The API's state, the same for a leader and a standby.
+fn app_state(
+    config: &Arc<MasterConfig>,
+    readers: Arc<api::ReaderPool>,
+    metrics: &Arc<metrics::Metrics>,
+    shared: Arc<core::Shared>,
+    registry: Arc<crate::registry::Shared>,
+    ha: Option<Arc<crate::ha::HaState>>,
+) -> api::AppState {
+    api::AppState {
+        registry,
+        config: config.clone(),
+        database: config.database.clone(),
+        readers,
+        metrics: metrics.clone(),
+        shared,
+        api_token: config
+            .api_token
+            .as_ref()
+            .map(|t| Arc::new(String::from_utf8_lossy(t.expose()).into_owned())),
+        bus: config.bus.is_some(),
+        idle: api::IdleSettings {
+            tx_packets_max: config.idle_tx_packets_max,
+            wr_reqs_max: config.idle_wr_reqs_max,
+            windows: config.idle_windows,
+        },
+        ha,
+    }
 }
 
 fn rules_of(config: &MasterConfig) -> rules::Rules {

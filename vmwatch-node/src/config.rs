@@ -65,7 +65,14 @@ impl NodeConfig {
     }
 
     pub fn from_raw(mut raw: RawConfig) -> Result<NodeConfig, ConfigError> {
-        let connect = raw.take_with("connect", |v| parse_tcp_endpoint(v, Some(1515)))?;
+        // One master, or every master of a high-availability group (SPEC §13), comma-separated.
+        let connect = raw.take_with("connect", |v| {
+            let endpoints = v
+                .split(',')
+                .map(|e| parse_tcp_endpoint(e.trim(), Some(1515)))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok::<_, String>(endpoints.join(","))
+        })?;
         let secret = raw.take_with("secret", |v| Secret::new(v.to_owned()))?;
         let node_id = raw.take_with("node_id", NodeId::parse)?;
         let libvirt_uri = raw
@@ -189,6 +196,11 @@ mod tests {
     fn minimal_config_gets_defaults() {
         let c = load("connect=tcp://10.0.0.1\nsecret=0123456789abcdef\nnode_id=hv1\n").unwrap();
         assert_eq!(c.connect, "tcp://10.0.0.1:1515");
+        let c = load(
+            "connect=tcp://10.0.0.1, tcp://10.0.0.2:1600\nsecret=0123456789abcdef\nnode_id=hv1\n",
+        )
+        .unwrap();
+        assert_eq!(c.connect, "tcp://10.0.0.1:1515,tcp://10.0.0.2:1600");
         assert_eq!(
             (
                 c.stats_interval,

@@ -24,8 +24,9 @@ pub struct PushSocket {
     socket: zmq::Socket,
     /// The socket's monitor: handshake failures, which libzmq never retries by itself.
     monitor: zmq::Socket,
-    endpoint: String,
-    redial: Redial,
+    /// Every master's endpoint (one, or the masters of a high-availability group) and when to
+    /// dial it again after a refused handshake.
+    endpoints: Vec<(String, Redial)>,
     /// What the node's keys are, for the line that explains a refused handshake.
     key_source: crate::config::KeySource,
     _ctx: zmq::Context,
@@ -81,13 +82,16 @@ impl Default for Redial {
 }
 
 impl PushSocket {
-    /// Creates the socket and connects it (libzmq connects in the background).
+    /// Creates the socket and connects it to each of the comma-separated `endpoints` (libzmq
+    /// connects in the background). With several, `ZMQ_IMMEDIATE`: messages queue only on a
+    /// completed connection, so none wait for a standby that does not listen (SPEC §13).
     pub fn connect(
-        endpoint: &str,
+        endpoints: &str,
         send_queue: i32,
         curve: &CurveClient,
     ) -> Result<PushSocket, SocketError> {
         let ctx = zmq::Context::new();
+        let list: Vec<&str> = endpoints.split(',').filter(|e| !e.is_empty()).collect();
         let setup = || -> Result<(zmq::Socket, zmq::Socket), zmq::Error> {
             let socket = ctx.socket(zmq::PUSH)?;
             socket.set_curve_serverkey(&curve.master_public)?;
@@ -95,8 +99,19 @@ impl PushSocket {
             socket.set_curve_secretkey(&curve.transport.secret)?;
             socket.set_sndhwm(send_queue)?;
             socket.set_linger(0)?;
+            socket.set_immediate(list.len() > 1)?;
             socket.set_reconnect_ivl(100)?;
-            socket.set_reconnect_ivl_max(5_000)?;
+            // With several masters, a standby's refused port is tried every 0.5 s at most, so
+            // the node reaches a new leader well within SPEC §13's lease + 2 s.
+            socket.set_reconnect_ivl_max(if list.len() > 1 { 500 } else { 5_000 })?;
+            if list.len() > 1 {
+                // A master that froze (a paused old leader) would take its share of the
+                // round robin into a pipe nobody reads: ZMTP heartbeats close such a connection
+                // within 5 s. (Not with one master: its push-back must not cost the connection.)
+                socket.set_heartbeat_ivl(1_000)?;
+                socket.set_heartbeat_timeout(5_000)?;
+                socket.set_heartbeat_ttl(10_000)?;
+            }
             socket.set_tcp_keepalive(1)?;
             // A master that vanished without a FIN is noticed within about a minute and
             // redialled. (Not ZMTP heartbeats: a master pushing back stops reading, PONGs too.)
@@ -106,31 +121,37 @@ impl PushSocket {
             socket.monitor(
                 MONITOR_ENDPOINT,
                 (zmq::SocketEvent::HANDSHAKE_SUCCEEDED as i32)
+                    | (zmq::SocketEvent::DISCONNECTED as i32)
                     | (zmq::SocketEvent::HANDSHAKE_FAILED_NO_DETAIL as i32)
                     | (zmq::SocketEvent::HANDSHAKE_FAILED_PROTOCOL as i32)
                     | (zmq::SocketEvent::HANDSHAKE_FAILED_AUTH as i32),
             )?;
             let monitor = ctx.socket(zmq::PAIR)?;
             monitor.connect(MONITOR_ENDPOINT)?;
-            socket.connect(endpoint)?;
+            for endpoint in &list {
+                socket.connect(endpoint)?;
+            }
             Ok((socket, monitor))
         };
         let (socket, monitor) = setup().map_err(|source| SocketError {
-            endpoint: endpoint.to_owned(),
+            endpoint: endpoints.to_owned(),
             source,
         })?;
         Ok(PushSocket {
             socket,
             monitor,
-            endpoint: endpoint.to_owned(),
-            redial: Redial::new(),
+            endpoints: list
+                .iter()
+                .map(|e| (e.to_string(), Redial::new()))
+                .collect(),
             key_source: curve.source,
             _ctx: ctx,
         })
     }
 
     /// Reads the socket's handshake events and dials again when a refused handshake's backoff
-    /// ran out. Call it every turn. Returns whether a handshake succeeded since the last call.
+    /// ran out. Call it every turn. Returns whether a handshake succeeded since the last call
+    /// (with any master: each newly completed connection gets a fresh snapshot).
     pub fn service(&mut self, now: Instant) -> bool {
         let mut connected = false;
         while let Ok(frames) = self.monitor.recv_multipart(zmq::DONTWAIT) {
@@ -139,15 +160,37 @@ impl PushSocket {
             };
             let event = u16::from_ne_bytes([head[0], head[1]]);
             let is = |e: zmq::SocketEvent| event == e as u16;
-            if is(zmq::SocketEvent::HANDSHAKE_SUCCEEDED) {
-                connected = true;
-                if self.redial.backoff.grown() {
-                    tracing::info!(endpoint = %self.endpoint, "CURVE handshake with the master succeeded");
+            // The event's second frame names the endpoint; with one endpoint it is that one.
+            let address = frames
+                .get(1)
+                .map(|a| String::from_utf8_lossy(a).into_owned());
+            let single = self.endpoints.len() == 1;
+            let Some((endpoint, redial)) = self
+                .endpoints
+                .iter_mut()
+                .find(|(e, _)| single || address.as_deref() == Some(e.as_str()))
+            else {
+                continue;
+            };
+            if is(zmq::SocketEvent::DISCONNECTED) {
+                // With several masters, what was queued on the lost connection is gone while
+                // the others stay up: send a fresh snapshot through them (with one master, the
+                // reconnection's handshake does it).
+                if !single {
+                    tracing::info!(endpoint = %endpoint, "connection to a master lost; sending a fresh snapshot through the others");
+                    connected = true;
                 }
-                self.redial.succeeded();
                 continue;
             }
-            let wait = self.redial.refused(now);
+            if is(zmq::SocketEvent::HANDSHAKE_SUCCEEDED) {
+                connected = true;
+                if redial.backoff.grown() {
+                    tracing::info!(endpoint = %endpoint, "CURVE handshake with the master succeeded");
+                }
+                redial.succeeded();
+                continue;
+            }
+            let wait = redial.refused(now);
             let cause = if is(zmq::SocketEvent::HANDSHAKE_FAILED_AUTH) {
                 match self.key_source {
                     crate::config::KeySource::NodeKey => "the master refused this node's key: it is not enrolled there (run `vmwatch-master enroll NODE_ID` or the enrollment API), it was revoked, or node_key/master_key are not the ones the master printed",
@@ -157,13 +200,15 @@ impl PushSocket {
             } else {
                 "the CURVE handshake failed: master_key is probably not this master's public key (compare it with what `vmwatch-master enroll NODE_ID` prints), or the endpoint is not a vmwatch master"
             };
-            tracing::error!(endpoint = %self.endpoint, retry_in_s = wait.as_secs(), "cannot connect to the master: {cause}");
+            tracing::error!(endpoint = %endpoint, retry_in_s = wait.as_secs(), "cannot connect to the master: {cause}");
         }
-        if self.redial.due(now) {
-            // libzmq gave this endpoint up; connecting again starts a new attempt.
-            let _ = self.socket.disconnect(&self.endpoint);
-            if let Err(e) = self.socket.connect(&self.endpoint) {
-                tracing::error!(endpoint = %self.endpoint, error = %e, "cannot dial the master again");
+        for (endpoint, redial) in &mut self.endpoints {
+            if redial.due(now) {
+                // libzmq gave this endpoint up; connecting again starts a new attempt.
+                let _ = self.socket.disconnect(endpoint);
+                if let Err(e) = self.socket.connect(endpoint) {
+                    tracing::error!(endpoint = %endpoint, error = %e, "cannot dial the master again");
+                }
             }
         }
         connected

@@ -9,6 +9,7 @@
 //! handlers use [`Reader`]s on their own connections, which see every committed transaction and
 //! never block the writer.
 
+mod lease;
 mod migrate;
 mod postgres;
 mod sqlite;
@@ -22,13 +23,14 @@ use serde::Serialize;
 
 use crate::rules::{Effect, Entry, Inventory, Node, Vm};
 
+pub use self::lease::{Claim, Lease};
 pub use self::migrate::{migrate, Copied};
 pub use self::postgres::{placeholders as postgres_placeholders, Target as PostgresTarget};
 pub use self::sqlite::tune_writer;
 
 /// The schema version both backends are at (SQLite's `user_version`, PostgreSQL's
 /// `settings.schema_version`).
-pub const SCHEMA_VERSION: i64 = 6;
+pub const SCHEMA_VERSION: i64 = 7;
 
 /// Where the master's state lives (`database=`).
 #[derive(Clone)]
@@ -63,6 +65,14 @@ impl Database {
             "database={}: expected sqlite:///path or postgres://user@host/dbname",
             postgres::mask(text)
         ))
+    }
+
+    /// With a PostgreSQL backend, sessions named `name` (`application_name`).
+    pub fn named(&self, name: &str) -> Database {
+        match self {
+            Database::Sqlite(p) => Database::Sqlite(p.clone()),
+            Database::Postgres(t) => Database::Postgres(Arc::new(t.named(name))),
+        }
     }
 
     /// The SQLite file, if that is the backend.
@@ -152,6 +162,32 @@ pub enum StoreError {
     },
     #[error("{step}: {error}")]
     Database { step: &'static str, error: DbError },
+    /// A leader's write after another master took the lease over: rolled back (SPEC §13).
+    #[error("this master's leader lease (epoch {mine}) was taken over (epoch {current}); nothing was written")]
+    Fenced { mine: i64, current: i64 },
+}
+
+impl StoreError {
+    /// Whether the leader lease was lost (the master must step down).
+    pub fn is_fenced(&self) -> bool {
+        matches!(self, StoreError::Fenced { .. })
+    }
+}
+
+/// Inside a leader's write transaction: its epoch is still the lease's, and stays so until the
+/// transaction ends (the row is share-locked, so a takeover waits for this commit).
+fn check_fence(conn: &mut Conn, fence: Option<i64>) -> Result<(), StoreError> {
+    let Some(mine) = fence else {
+        return Ok(());
+    };
+    let current = conn
+        .query_int("SELECT epoch FROM leader_lease WHERE id = 1 FOR SHARE", &[])
+        .map_err(ctx("check the leader lease"))?;
+    if current == mine {
+        Ok(())
+    } else {
+        Err(StoreError::Fenced { mine, current })
+    }
 }
 
 fn ctx(step: &'static str) -> impl Fn(DbError) -> StoreError {
@@ -326,6 +362,7 @@ pub enum Purpose {
     Registry,
     Reader,
     Migrate,
+    Lease,
 }
 
 impl Purpose {
@@ -337,6 +374,7 @@ impl Purpose {
             Purpose::Registry => "for the node registry",
             Purpose::Reader => "for reading",
             Purpose::Migrate => "to migrate",
+            Purpose::Lease => "for the leader lease",
         }
     }
 }
@@ -505,6 +543,8 @@ pub struct Store {
     outbox: bool,
     /// Whether retention waits for the event bus (`bus_url` is set).
     bus: bool,
+    /// The leader lease's epoch every write checks (HA), or none.
+    fence: Option<i64>,
 }
 
 impl Store {
@@ -514,7 +554,13 @@ impl Store {
             conn: Conn::open(&db.into(), Purpose::Writer)?,
             outbox: false,
             bus: false,
+            fence: None,
         })
+    }
+
+    /// Makes every write transaction check that the leader lease still has `epoch`.
+    pub fn fence(&mut self, epoch: i64) {
+        self.fence = Some(epoch);
     }
 
     /// The connection (the benchmarks' references and the migration use it directly).
@@ -558,8 +604,9 @@ impl Store {
     /// Writes effects and commits them as one durable transaction; returns the new journal
     /// ids.
     pub fn commit(&mut self, effects: &[Effect]) -> Result<Vec<i64>, StoreError> {
-        let outbox = self.outbox;
+        let (outbox, fence) = (self.outbox, self.fence);
         self.conn.transaction("commit", |conn| {
+            check_fence(conn, fence)?;
             let ids = apply(conn, effects)?;
             if outbox {
                 for id in &ids {
@@ -580,29 +627,35 @@ impl Store {
     /// panel), so no index on `received_at` costs every write. An entry is never purged early;
     /// one written while the master's clock stood behind waits for its neighbours.
     pub fn purge_journal(&mut self, cutoff: u64) -> Result<usize, StoreError> {
-        self.conn
-            .execute(
+        let (bus, fence) = (self.bus, self.fence);
+        self.conn.transaction("purge journal", |conn| {
+            check_fence(conn, fence)?;
+            conn.execute(
                 "DELETE FROM journal WHERE id < coalesce(\
                    (SELECT id FROM journal WHERE received_at >= ?1 ORDER BY id LIMIT 1), \
                    (SELECT max(id) + 1 FROM journal)) \
                  AND id NOT IN (SELECT journal_id FROM outbox) \
                  AND id NOT IN (SELECT journal_id FROM dead_letters) \
                  AND (?2 = 0 OR id <= (SELECT journal_id FROM bus_cursor))",
-                args![cutoff as i64, self.bus],
+                args![cutoff as i64, bus],
             )
             .map(|n| n as usize)
             .map_err(ctx("purge journal"))
+        })
     }
 
     /// Deletes activity rows of days before `cutoff_day`; returns how many went.
     pub fn purge_activity(&mut self, cutoff_day: u64) -> Result<usize, StoreError> {
-        self.conn
-            .execute(
+        let fence = self.fence;
+        self.conn.transaction("purge activity", |conn| {
+            check_fence(conn, fence)?;
+            conn.execute(
                 "DELETE FROM activity WHERE day < ?1",
                 args![cutoff_day as i64],
             )
             .map(|n| n as usize)
             .map_err(ctx("purge activity"))
+        })
     }
 
     /// Loads the inventory the rules decide over.
@@ -849,13 +902,20 @@ fn journal_rows(rows: Vec<Row>) -> Result<Vec<JournalRow>, DbError> {
 /// Nodes, VMs and the journal are only ever written by the core.
 pub struct Outbox {
     conn: Conn,
+    fence: Option<i64>,
 }
 
 impl Outbox {
     pub fn open(db: impl Into<Database>) -> Result<Outbox, StoreError> {
         Ok(Outbox {
             conn: Conn::open(&db.into(), Purpose::Outbox)?,
+            fence: None,
         })
+    }
+
+    /// Makes acknowledgements and dead letters check the leader lease's `epoch`.
+    pub fn fence(&mut self, epoch: i64) {
+        self.fence = Some(epoch);
     }
 
     /// The oldest undelivered entries, in journal order.
@@ -874,7 +934,9 @@ impl Outbox {
 
     /// Removes delivered entries from the outbox (one transaction).
     pub fn ack(&mut self, ids: &[i64]) -> Result<(), StoreError> {
+        let fence = self.fence;
         self.conn.transaction("ack outbox", |conn| {
+            check_fence(conn, fence)?;
             for id in ids {
                 conn.execute("DELETE FROM outbox WHERE journal_id = ?1", args![*id])
                     .map_err(ctx("ack outbox"))?;
@@ -891,7 +953,9 @@ impl Outbox {
         attempts: u32,
         now: u64,
     ) -> Result<(), StoreError> {
+        let fence = self.fence;
         self.conn.transaction("write dead letter", |conn| {
+            check_fence(conn, fence)?;
             conn.execute(
                 "INSERT INTO dead_letters (journal_id, status, attempts, dead_at) VALUES (?1, ?2, ?3, ?4) \
                  ON CONFLICT (journal_id) DO UPDATE SET status = excluded.status, \
@@ -944,13 +1008,20 @@ impl Outbox {
 /// cursor, and the cursor, moved once the broker confirmed them.
 pub struct BusCursor {
     conn: Conn,
+    fence: Option<i64>,
 }
 
 impl BusCursor {
     pub fn open(db: impl Into<Database>) -> Result<BusCursor, StoreError> {
         Ok(BusCursor {
             conn: Conn::open(&db.into(), Purpose::Bus)?,
+            fence: None,
         })
+    }
+
+    /// Makes moving the cursor check the leader lease's `epoch`.
+    pub fn fence(&mut self, epoch: i64) {
+        self.fence = Some(epoch);
     }
 
     /// The last journal id the broker confirmed (0 before any).
@@ -985,8 +1056,10 @@ impl BusCursor {
 
     /// Moves the cursor to `id`, durably: everything up to it is confirmed. Never backwards.
     pub fn advance(&mut self, id: i64) -> Result<(), StoreError> {
-        self.conn
-            .execute(
+        let fence = self.fence;
+        self.conn.transaction("move the bus cursor", |conn| {
+            check_fence(conn, fence)?;
+            conn.execute(
                 "INSERT INTO bus_cursor (id, journal_id) VALUES (1, ?1) \
                  ON CONFLICT (id) DO UPDATE SET journal_id = CASE \
                  WHEN excluded.journal_id > bus_cursor.journal_id THEN excluded.journal_id \
@@ -995,6 +1068,7 @@ impl BusCursor {
             )
             .map(|_| ())
             .map_err(ctx("move the bus cursor"))
+        })
     }
 }
 
@@ -1235,6 +1309,13 @@ impl Reader {
         Ok(Reader {
             conn: Conn::open(&db.into(), Purpose::Reader)?,
         })
+    }
+
+    /// The newest journal id (0 if the journal is empty).
+    pub fn journal_end(&mut self) -> Result<i64, StoreError> {
+        self.conn
+            .query_int("SELECT coalesce(max(id), 0) FROM journal", &[])
+            .map_err(ctx("read the journal end"))
     }
 
     /// A page of VM rows and the total count matching the filter.

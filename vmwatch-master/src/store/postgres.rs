@@ -112,8 +112,20 @@ CREATE TABLE enrollment (
 INSERT INTO settings (key, value) VALUES ('registry_version', 1), ('fleet_transport', 0);
 ";
 
+/// Schema 7: the leader lease of a high-availability group (SPEC §13), one row: the epoch
+/// (the fencing token every leader write checks), its holder (`ha_name`) and when it expires,
+/// in ms by the database's clock.
+const SCHEMA_7: &str = "
+CREATE TABLE leader_lease (
+    id BIGINT PRIMARY KEY CHECK (id = 1),
+    epoch BIGINT NOT NULL,
+    holder TEXT NOT NULL,
+    expires_at BIGINT NOT NULL
+);
+";
+
 /// Each schema version PostgreSQL has, and the SQL that reaches it from the one before.
-const MIGRATIONS: &[(i64, &str)] = &[(6, SCHEMA_6)];
+const MIGRATIONS: &[(i64, &str)] = &[(6, SCHEMA_6), (7, SCHEMA_7)];
 
 /// The advisory lock that serialises two masters migrating one database at once (held for the
 /// migration's transaction only; the leader lease of SPEC §13 does not use advisory locks).
@@ -263,6 +275,22 @@ impl Target {
             tls: MakeRustlsConnect::new(tls),
             shown,
         })
+    }
+}
+
+impl Target {
+    /// The same target with the sessions named `name` (`application_name`, as
+    /// `pg_stat_activity` shows it), unless the URL named them itself.
+    pub fn named(&self, name: &str) -> Target {
+        let mut config = self.config.clone();
+        if config.get_application_name() == Some("vmwatch-master") {
+            config.application_name(name);
+        }
+        Target {
+            config,
+            tls: self.tls.clone(),
+            shown: self.shown.clone(),
+        }
     }
 }
 
@@ -464,6 +492,9 @@ impl Conn {
                 }
                 Purpose::Reader => "SET default_transaction_read_only = on",
                 Purpose::Migrate => "SET synchronous_commit = on",
+                // A renewal that cannot finish in 2 s is a failed one (the leader steps down
+                // before its lease runs out rather than wait on a stuck server).
+                Purpose::Lease => "SET synchronous_commit = on; SET statement_timeout = 2000",
             };
             client.batch_execute(setup)?;
             self.client = Some(client);
@@ -571,6 +602,21 @@ impl Conn {
         }
         let done = self.client()?.batch_execute(sql);
         done.map_err(|e| self.failed(e))
+    }
+}
+
+/// A client closes its connection on a runtime of its own, which cannot start on a thread
+/// that drives tokio tasks (the API's reader pool is dropped there when the standby's server
+/// stops): there the close happens on a thread of its own.
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if let Some(client) = self.client.take() {
+            if tokio::runtime::Handle::try_current().is_ok() {
+                let _ = std::thread::Builder::new()
+                    .name("pg-close".into())
+                    .spawn(move || drop(client));
+            }
+        }
     }
 }
 

@@ -147,9 +147,11 @@ pub struct Conn {
 impl Conn {
     pub fn open(path: &Path, purpose: Purpose) -> Result<Conn, DbError> {
         let conn = match purpose {
-            Purpose::Writer | Purpose::Outbox | Purpose::Bus | Purpose::Migrate => {
-                Connection::open(path)?
-            }
+            Purpose::Writer
+            | Purpose::Outbox
+            | Purpose::Bus
+            | Purpose::Migrate
+            | Purpose::Lease => Connection::open(path)?,
             Purpose::Registry => Connection::open_with_flags(
                 path,
                 OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
@@ -171,7 +173,7 @@ impl Conn {
                 conn.busy_timeout(Duration::from_secs(10))?;
                 conn.pragma_update(None, "synchronous", "FULL")?;
             }
-            Purpose::Registry | Purpose::Reader | Purpose::Migrate => {
+            Purpose::Registry | Purpose::Reader | Purpose::Migrate | Purpose::Lease => {
                 conn.busy_timeout(Duration::from_secs(5))?;
             }
         }
@@ -200,6 +202,8 @@ impl Conn {
             (4, MIGRATE_TO_4),
             (5, MIGRATE_TO_5),
             (6, MIGRATE_TO_6),
+            // Schema 7 is the leader lease, which only PostgreSQL has (HA needs it).
+            (7, ""),
         ] {
             if version < to {
                 tx.execute_batch(sql)?;
