@@ -30,6 +30,94 @@ fn fires(prom: &Prometheus, alert: &str, labels: &[(&str, &str)], timeout: Durat
     t0.elapsed()
 }
 
+/// The shipped rules with every `for:` cut to 1 s, written in `dir`.
+fn shortened_rules(rules: &std::path::Path, dir: &std::path::Path) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(rules).expect("rules");
+    let short: String = text
+        .lines()
+        .map(|l| {
+            if l.trim_start().starts_with("for:") {
+                format!("{}for: 1s", &l[..l.len() - l.trim_start().len()])
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let test_rules = dir.join("vmwatch.rules.yml");
+    std::fs::write(&test_rules, short).expect("rules copy");
+    check_rules(&test_rules).expect("the shortened rules");
+    test_rules
+}
+
+/// SPEC §13's alerts: two masters that both lead (two without `ha`), and a group whose only
+/// answering master is a standby (the lease held by one that is gone).
+#[test]
+fn ha_alerts_fire_for_two_leaders_and_for_none() {
+    let test = "ha_alerts_fire_for_two_leaders_and_for_none";
+    if !require_root_env(test) || !require_prometheus(test) {
+        return;
+    }
+    let rules = shipped("packaging/prometheus/vmwatch.rules.yml");
+    let dir = temp_dir("prom-ha");
+    let test_rules = shortened_rules(&rules, &dir);
+    for d in ["a", "b", "standby"] {
+        std::fs::create_dir_all(dir.join(d)).expect("dir");
+    }
+    let a = Master::start(&dir.join("a"), &[]).expect("master a");
+    let b = Master::start(&dir.join("b"), &[]).expect("master b");
+    // Two targets in the one job.
+    let two = format!("127.0.0.1:{}\", \"127.0.0.1:{}", a.http_port, b.http_port);
+    let prom =
+        Prometheus::start(&dir.join("prometheus-two"), &two, &test_rules).expect("prometheus");
+    let t = fires(
+        &prom,
+        "VmwatchTwoLeaders",
+        &[("severity", "critical")],
+        Duration::from_secs(30),
+    );
+    eprintln!("VmwatchTwoLeaders fired {t:?} after two leading masters were scraped");
+    assert!(!prom.firing("VmwatchNoLeader", &[]));
+    drop(prom);
+
+    // A group whose lease a master that is gone still holds: the one that answers stands by.
+    let cluster = vmwatch_tests::pg::cluster().expect("cluster");
+    let url = cluster.create_database("prom_ha").expect("database");
+    let db =
+        vmwatch_master::store::Database::parse(&url, Some(&cluster.password_file)).expect("url");
+    drop(vmwatch_master::store::Store::open(&db).expect("schema"));
+    let mut conn = vmwatch_master::store::Conn::open(&db, vmwatch_master::store::Purpose::Migrate)
+        .expect("conn");
+    conn.batch("INSERT INTO leader_lease VALUES (1, 7, 'gone', 9000000000000)")
+        .expect("a held lease");
+    let pw = cluster.password_file.display().to_string();
+    let standby = Master::start(
+        &dir.join("standby"),
+        &[
+            ("database", &url),
+            ("database_password_file", &pw),
+            ("ha", "yes"),
+            ("ha_name", "here"),
+        ],
+    )
+    .expect("standby");
+    let prom = Prometheus::start(
+        &dir.join("prometheus-none"),
+        &format!("127.0.0.1:{}", standby.http_port),
+        &test_rules,
+    )
+    .expect("prometheus");
+    let t = fires(
+        &prom,
+        "VmwatchNoLeader",
+        &[("severity", "critical")],
+        Duration::from_secs(30),
+    );
+    eprintln!("VmwatchNoLeader fired {t:?} after the standby was scraped");
+    let epoch = standby.metric("vmwatch_ha_epoch").expect("epoch");
+    assert_eq!(epoch, 7.0, "the standby reports the lease's epoch");
+}
+
 #[test]
 fn alert_rules_fire_and_resolve_and_every_dashboard_query_returns_data() {
     let test = "alert_rules_fire_and_resolve_and_every_dashboard_query_returns_data";
@@ -55,21 +143,7 @@ fn alert_rules_fire_and_resolve_and_every_dashboard_query_returns_data() {
     .expect("node");
     master.wait_matches_libvirt(&lv, "prom-hv", Duration::from_secs(30));
 
-    let text = std::fs::read_to_string(&rules).expect("rules");
-    let short: String = text
-        .lines()
-        .map(|l| {
-            if l.trim_start().starts_with("for:") {
-                format!("{}for: 1s", &l[..l.len() - l.trim_start().len()])
-            } else {
-                l.to_owned()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("\n");
-    let test_rules = dir.join("vmwatch.rules.yml");
-    std::fs::write(&test_rules, short).expect("rules copy");
-    check_rules(&test_rules).expect("the shortened rules");
+    let test_rules = shortened_rules(&rules, &dir);
     let prom = Prometheus::start(
         &dir.join("prometheus"),
         &format!("127.0.0.1:{}", master.http_port),
