@@ -147,6 +147,28 @@ fn a_killed_leader_is_replaced_within_the_lease_and_nothing_is_lost() {
         Some("running")
     );
 
+    // /wait on the standby ends on the leader's commit.
+    let waiter = {
+        let url = group.masters[1].url(&format!("/api/v1/vms/{uuid}/wait?state=paused&timeout=20"));
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            let body = ureq::get(&url).call().map(|r| r.into_string());
+            (started.elapsed(), body)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    lv.virsh(&["suspend", "flip"]).expect("suspend");
+    let (took, body) = waiter.join().expect("waiter");
+    let body = body.expect("wait answered 200").expect("body");
+    assert!(body.contains("\"reached\":true"), "{body}");
+    eprintln!("/wait on the standby answered {took:?} after it was called");
+    lv.virsh(&["resume", "flip"]).expect("resume");
+    wait_for(Duration::from_secs(10), "running again", || {
+        group.masters[0]
+            .vm_state(&uuid, "hakill")
+            .filter(|s| s == "running")
+    });
+
     let mut times = Vec::new();
     let mut leader = 0;
     for trial in 0..10 {

@@ -61,6 +61,18 @@ pub struct Health {
     /// With `bus_url` set: journal entries the broker has not confirmed.
     #[serde(default)]
     pub bus_lag: Option<i64>,
+    /// With `ha=yes`: `leader` or `standby`.
+    #[serde(default)]
+    pub role: Option<String>,
+    /// With `ha=yes`: this master's `ha_name`.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// With `ha=yes`: the leader's `ha_name` (null while the lease is expired).
+    #[serde(default)]
+    pub leader: Option<String>,
+    /// With `ha=yes`: the leader lease's epoch.
+    #[serde(default)]
+    pub epoch: Option<i64>,
 }
 
 /// A node (`GET /api/v1/nodes`).
