@@ -180,17 +180,7 @@ fn standby(
     // The schema, the lease's table included (migrations wait for each other).
     drop(Store::open(&config.database)?);
     metrics.ha_leader.set(0);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .map_err(MasterError::Runtime)?;
-    let listener = runtime
-        .block_on(tokio::net::TcpListener::bind(config.http_listen))
-        .map_err(|source| MasterError::Http {
-            addr: config.http_listen,
-            source,
-        })?;
+    let (runtime, listener) = runtime_and_listener(config, 1)?;
     let readers = Arc::new(api::ReaderPool::open(&config.database, 2)?);
     let (registry, _, _) = open_registry(config)?;
     // The standby's own stop: the daemon's shutdown, or this master taking the lease.
@@ -281,17 +271,7 @@ fn start(
     let (registry, registry_db, fleet) = open_registry(&config)?;
     let max_connections = ingest::raise_fd_limit(config.max_connections);
     let node_port = ingest::bind(&config, max_connections, fleet)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(MasterError::Runtime)?;
-    let listener = runtime
-        .block_on(tokio::net::TcpListener::bind(config.http_listen))
-        .map_err(|source| MasterError::Http {
-            addr: config.http_listen,
-            source,
-        })?;
+    let (runtime, listener) = runtime_and_listener(&config, 2)?;
 
     let reject_log = Arc::new(metrics::RejectLog::new(Duration::from_secs(10)));
     let shared = Arc::new(core::Shared {
@@ -455,6 +435,25 @@ fn open_database(
         None => None,
     };
     Ok((store, inventory, outbox, bus_cursor))
+}
+
+/// The async runtime (`workers` threads) and the HTTP listener it serves on.
+fn runtime_and_listener(
+    config: &MasterConfig,
+    workers: usize,
+) -> Result<(tokio::runtime::Runtime, tokio::net::TcpListener), MasterError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .map_err(MasterError::Runtime)?;
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind(config.http_listen))
+        .map_err(|source| MasterError::Http {
+            addr: config.http_listen,
+            source,
+        })?;
+    Ok((runtime, listener))
 }
 
 /// The API's state, the same for a leader and a standby.
