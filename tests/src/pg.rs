@@ -141,7 +141,8 @@ impl Cluster {
             .args(["-w", "-t", "60", "-o"])
             .arg(format!(
                 "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=400 \
-                 -c shared_buffers=64MB -c synchronous_commit=on",
+                 -c shared_buffers=1GB -c max_wal_size=4GB -c checkpoint_timeout=15min \
+                 -c synchronous_commit=on",
                 self.port,
                 self.dir.display()
             ))

@@ -57,17 +57,20 @@ pub fn sqlite_events(
             let state = if k % 2 == 0 { "paused" } else { "running" };
             let (node, vm) = (node_id(n), uuid(n, k % vms));
             write_vm(&tx, &node, &vm, state, i as i64)?;
-            tx.prepare_cached(store::JOURNAL_INSERT)?.query_row(params![
-                i as i64,
-                i as i64,
-                node,
-                vm,
-                format!("vm-{vm}"),
-                "lifecycle",
-                "suspended",
-                "paused",
-                state
-            ], |r| r.get::<_, i64>(0))?;
+            tx.prepare_cached(store::JOURNAL_INSERT)?.query_row(
+                params![
+                    i as i64,
+                    i as i64,
+                    node,
+                    vm,
+                    format!("vm-{vm}"),
+                    "lifecycle",
+                    "suspended",
+                    "paused",
+                    state
+                ],
+                |r| r.get::<_, i64>(0),
+            )?;
         }
         tx.commit().context("commit")?;
         done = end;
@@ -314,17 +317,20 @@ pub fn sqlite_commit_latency(
             if i % 2 == 0 { "paused" } else { "running" },
             i as i64,
         )?;
-        tx.prepare_cached(store::JOURNAL_INSERT)?.query_row(params![
-            i as i64,
-            i as i64,
-            node,
-            vm,
-            format!("vm-{vm}"),
-            "lifecycle",
-            "suspended",
-            "paused",
-            "paused"
-        ], |r| r.get::<_, i64>(0))?;
+        tx.prepare_cached(store::JOURNAL_INSERT)?.query_row(
+            params![
+                i as i64,
+                i as i64,
+                node,
+                vm,
+                format!("vm-{vm}"),
+                "lifecycle",
+                "suspended",
+                "paused",
+                "paused"
+            ],
+            |r| r.get::<_, i64>(0),
+        )?;
         tx.commit()?;
         out.push(t0.elapsed().as_micros() as u64);
         std::thread::sleep(pace.saturating_sub(t0.elapsed()));

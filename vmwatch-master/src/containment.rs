@@ -61,6 +61,9 @@ pub struct Conn {
     pub closing: bool,
     /// Bytes received and not yet read, at the last check.
     pub pending: u64,
+    /// `delivered` at the last check: a connection ingest keeps reading whole messages from is
+    /// a fast sender, not one stuck in an unfinished message.
+    pub delivered_at_check: u64,
 }
 
 /// Why a connection is to be closed.
@@ -192,10 +195,19 @@ impl Connections {
 
     /// One check: `received` gives the bytes the kernel received on each connection. Returns
     /// the connections to close (marked closing) and the bytes pending over all.
+    ///
+    /// A connection alone is closed only when it is over its bound *and* ingest read no whole
+    /// message of it since the last check: a message that never finishes stops its
+    /// connection's progress (ZMTP frames of one message come in order), while a fast sender's
+    /// backlog is whole messages ingest keeps reading. `pushing_back`: ingest stopped reading
+    /// lately (the core's queue was full: a slow or failing database), so whole messages wait
+    /// in libzmq's pipes and no connection is judged alone. The total bound holds the memory
+    /// in every case.
     pub fn check(
         &mut self,
         received: impl Fn(RawFd) -> Option<u64>,
         limits: Limits,
+        pushing_back: bool,
     ) -> (Vec<Verdict>, u64) {
         let mut out = Vec::new();
         let mut total = 0u64;
@@ -207,11 +219,13 @@ impl Connections {
             // reused) is dropped at each check, so it never hides more than one interval.
             c.delivered = c.delivered.min(got);
             c.pending = got - c.delivered;
+            let progressed = c.delivered > c.delivered_at_check;
+            c.delivered_at_check = c.delivered;
             if c.closing {
                 continue;
             }
             total = total.saturating_add(c.pending);
-            if c.pending > limits.per_connection + SLACK {
+            if !pushing_back && !progressed && c.pending > limits.per_connection + SLACK {
                 c.closing = true;
                 total = total.saturating_sub(c.pending);
                 out.push(Verdict {
@@ -264,7 +278,7 @@ mod tests {
         c.delivered(6, 500, Some("hv-2"));
         // fd 5 holds an unfinished message past its bound; fd 6 read everything it sent.
         let got = |fd| Some(if fd == 5 { 2000 + SLACK } else { 500 });
-        let (v, _) = c.check(got, LIMITS);
+        let (v, _) = c.check(got, LIMITS, false);
         assert_eq!(
             v,
             vec![Verdict {
@@ -273,8 +287,20 @@ mod tests {
                 why: Why::Connection
             }]
         );
+        // A connection ingest read from since the last check is a fast sender: judged only
+        // once it stops making progress.
+        let mut f = Connections::default();
+        f.accepted(5, None);
+        f.delivered(5, 100, Some("hv-5"));
+        assert!(f.check(got, LIMITS, false).0.is_empty());
+        assert_eq!(f.check(got, LIMITS, false).0.len(), 1);
+        // While ingest pushes back, a big backlog is whole messages waiting: not judged alone.
+        let mut d = Connections::default();
+        d.accepted(5, None);
+        assert!(d.check(got, LIMITS, true).0.is_empty());
+        assert_eq!(d.check(got, LIMITS, false).0.len(), 1);
         // Closing: not reported again while libzmq tears it down.
-        assert!(c.check(got, LIMITS).0.is_empty());
+        assert!(c.check(got, LIMITS, false).0.is_empty());
         c.gone(5);
         assert_eq!(c.len(), 1);
         // Per address: counted on accept, released on close.
@@ -295,7 +321,7 @@ mod tests {
         }
         // Each under its own bound, together over the total.
         let got = |fd: RawFd| Some(fd as u64 * 200 + SLACK);
-        let (v, total) = c.check(got, LIMITS);
+        let (v, total) = c.check(got, LIMITS, false);
         assert_eq!(v.len(), 1);
         assert_eq!((v[0].fd, v[0].why), (4, Why::Total));
         assert!(total <= LIMITS.total);
@@ -307,9 +333,9 @@ mod tests {
         c.accepted(7, None);
         // Credit for a message of a previous connection on the same descriptor.
         c.delivered(7, 10_000, None);
-        assert!(c.check(|_| Some(100), LIMITS).0.is_empty());
+        assert!(c.check(|_| Some(100), LIMITS, false).0.is_empty());
         // From here every byte counts.
-        let (v, _) = c.check(|_| Some(100 + 1001 + SLACK), LIMITS);
+        let (v, _) = c.check(|_| Some(100 + 1001 + SLACK), LIMITS, false);
         assert_eq!(v.len(), 1);
     }
 }

@@ -56,6 +56,9 @@ const FD_RESERVE: u64 = 1024;
 const RCVBUF: i32 = 256 * 1024;
 /// How often the registry's version is read (a CLI enrollment or revocation is seen within it).
 const REGISTRY_POLL: Duration = Duration::from_millis(200);
+/// How long after a push-back libzmq's pipes may still hold whole messages ingest has not read
+/// (it drains them within a few turns once the core takes messages again).
+const PUSH_BACK_MEMORY: Duration = Duration::from_secs(1);
 /// The containment check runs at least this often, and at once when the process grew by
 /// [`GROWTH_TRIGGER`] since the last check.
 const CHECK_MIN: Duration = Duration::from_millis(20);
@@ -266,6 +269,9 @@ struct Ingest {
     keyring: Keyring,
     /// A message the core had no room for yet; while it waits, nothing more is read.
     pending: Option<Received>,
+    /// When ingest last found the core's queue full (containment spares single connections
+    /// for [`PUSH_BACK_MEMORY`] after it).
+    pushed_back_at: Option<Instant>,
     /// Every node-port connection, for the cap, containment and revocation.
     conns: Connections,
     /// The registry as of this turn (read once a turn, not once a message).
@@ -322,6 +328,7 @@ fn run(port: NodePort, parts: Parts) {
         port,
         parts,
         pending: None,
+        pushed_back_at: None,
         conns: Connections::default(),
         registry,
         rss_read_at: Instant::now(),
@@ -402,6 +409,7 @@ impl Ingest {
                 Ok(()) => {}
                 Err(TrySendError::Full(r)) => {
                     self.pending = Some(r);
+                    self.pushed_back_at = Some(Instant::now());
                     return Ok(());
                 }
                 Err(TrySendError::Disconnected(_)) => return Err(CoreGone),
@@ -479,6 +487,7 @@ impl Ingest {
                         Ok(()) => {}
                         Err(TrySendError::Full(r)) => {
                             self.pending = Some(r);
+                            self.pushed_back_at = Some(Instant::now());
                             break;
                         }
                         Err(TrySendError::Disconnected(_)) => return Err(CoreGone),
@@ -640,9 +649,14 @@ impl Ingest {
             (CHECK_MIN + Duration::from_micros(50) * self.conns.len() as u32).min(CHECK_MAX);
         self.next_check = now + every;
         self.rss_at_check = rss;
-        let (verdicts, total) = self
-            .conns
-            .check(crate::raw::tcp_bytes_received, self.limits);
+        // Pushing back within the last second: libzmq's pipes hold whole messages then.
+        let pushing_back = self.pending.is_some()
+            || self
+                .pushed_back_at
+                .is_some_and(|t| now.duration_since(t) < PUSH_BACK_MEMORY);
+        let (verdicts, total) =
+            self.conns
+                .check(crate::raw::tcp_bytes_received, self.limits, pushing_back);
         self.parts.metrics.zmq_pending_bytes.set(total as i64);
         for v in verdicts {
             let (node, peer) = self.describe(v.fd);
