@@ -72,7 +72,7 @@ impl Broker {
         );
         let tls = if tls {
             let tls_port = free_port();
-            make_certificates(dir)?;
+            make_certificates(dir, "vmwatch test CA", "DNS:localhost,IP:127.0.0.1")?;
             conf.push_str(&format!(
                 "listeners.ssl.default = 127.0.0.1:{tls_port}\n\
                  ssl_options.cacertfile = {d}/ca.pem\nssl_options.certfile = {d}/server.pem\n\
@@ -207,8 +207,11 @@ impl Broker {
     }
 }
 
-/// A CA and a server certificate for `localhost` and `127.0.0.1` it signed, in `dir`.
-fn make_certificates(dir: &Path) -> Result<()> {
+/// A CA named `ca_name` (`ca.pem`, `ca.key`) and a server certificate (`server.pem`,
+/// `server.key`) it signed for `san` (an openssl subjectAltName value, e.g.
+/// `DNS:localhost,IP:127.0.0.1`), in `dir`.
+pub fn make_certificates(dir: &Path, ca_name: &str, san: &str) -> Result<()> {
+    let ca_subject = format!("/CN={ca_name}");
     let run = |args: &[&str]| -> Result<()> {
         let out = Command::new("openssl")
             .args(args)
@@ -238,7 +241,7 @@ fn make_certificates(dir: &Path) -> Result<()> {
             "-days",
             "2",
             "-subj",
-            "/CN=vmwatch test CA",
+            &ca_subject,
         ],
     ]
     .concat())?;
@@ -255,10 +258,7 @@ fn make_certificates(dir: &Path) -> Result<()> {
         ],
     ]
     .concat())?;
-    std::fs::write(
-        dir.join("san.ext"),
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
-    )?;
+    std::fs::write(dir.join("san.ext"), format!("subjectAltName={san}\n"))?;
     run(&[
         "x509",
         "-req",

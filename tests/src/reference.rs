@@ -57,25 +57,36 @@ pub fn sqlite_events(
             let state = if k % 2 == 0 { "paused" } else { "running" };
             let (node, vm) = (node_id(n), uuid(n, k % vms));
             write_vm(&tx, &node, &vm, state, i as i64)?;
-            tx.prepare_cached(store::JOURNAL_INSERT)?.query_row(
-                params![
-                    i as i64,
-                    i as i64,
-                    node,
-                    vm,
-                    format!("vm-{vm}"),
-                    "lifecycle",
-                    "suspended",
-                    "paused",
-                    state
-                ],
-                |r| r.get::<_, i64>(0),
-            )?;
+            write_journal(&tx, i as i64, &node, &vm, state)?;
         }
         tx.commit().context("commit")?;
         done = end;
     }
     Ok(count as f64 / t0.elapsed().as_secs_f64())
+}
+
+/// A `suspended` lifecycle entry of `vm`, as the core writes it; returns its id.
+fn write_journal(
+    tx: &rusqlite::Transaction<'_>,
+    at: i64,
+    node: &str,
+    vm: &str,
+    state: &str,
+) -> rusqlite::Result<i64> {
+    tx.prepare_cached(store::JOURNAL_INSERT)?.query_row(
+        params![
+            at,
+            at,
+            node,
+            vm,
+            format!("vm-{vm}"),
+            "lifecycle",
+            "suspended",
+            "paused",
+            state
+        ],
+        |r| r.get::<_, i64>(0),
+    )
 }
 
 fn write_node(tx: &rusqlite::Transaction<'_>, node_id: &str, seq: i64) -> rusqlite::Result<usize> {
@@ -317,20 +328,7 @@ pub fn sqlite_commit_latency(
             if i % 2 == 0 { "paused" } else { "running" },
             i as i64,
         )?;
-        tx.prepare_cached(store::JOURNAL_INSERT)?.query_row(
-            params![
-                i as i64,
-                i as i64,
-                node,
-                vm,
-                format!("vm-{vm}"),
-                "lifecycle",
-                "suspended",
-                "paused",
-                "paused"
-            ],
-            |r| r.get::<_, i64>(0),
-        )?;
+        write_journal(&tx, i as i64, &node, &vm, "paused")?;
         tx.commit()?;
         out.push(t0.elapsed().as_micros() as u64);
         std::thread::sleep(pace.saturating_sub(t0.elapsed()));

@@ -156,7 +156,11 @@ fn a_killed_leader_is_replaced_within_the_lease_and_nothing_is_lost() {
             (started.elapsed(), body)
         })
     };
-    std::thread::sleep(Duration::from_millis(300));
+    wait_for(
+        Duration::from_secs(5),
+        "the /wait call waiting on the standby",
+        || (group.masters[1].metric("vmwatch_api_waiters").ok()? >= 1.0).then_some(()),
+    );
     lv.virsh(&["suspend", "flip"]).expect("suspend");
     let (took, body) = waiter.join().expect("waiter");
     let body = body.expect("wait answered 200").expect("body");

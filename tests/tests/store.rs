@@ -476,65 +476,13 @@ fn tls_verify_full_connects_and_a_wrong_ca_is_refused() {
         .expect("a second private cluster");
     let dir = cluster.dir.join("tls");
     std::fs::create_dir_all(&dir).unwrap();
-    let openssl = |args: &[&str]| {
-        let out = std::process::Command::new("openssl")
-            .args(args)
-            .current_dir(&dir)
-            .output()
-            .expect("openssl");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    for ca in ["ca", "other-ca"] {
-        openssl(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            &format!("/CN=vmwatch test {ca}"),
-            "-keyout",
-            &format!("{ca}.key"),
-            "-out",
-            &format!("{ca}.pem"),
-        ]);
-    }
-    openssl(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-subj",
-        "/CN=localhost",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-    ]);
-    std::fs::write(dir.join("san.ext"), "subjectAltName=DNS:localhost\n").unwrap();
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-extfile",
-        "san.ext",
-        "-out",
-        "server.pem",
-    ]);
+    // The server's certificate names only `localhost`; another CA signs nothing of it.
+    vmwatch_tests::broker::make_certificates(&dir, "vmwatch test CA", "DNS:localhost")
+        .expect("certificates");
+    let other = dir.join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    vmwatch_tests::broker::make_certificates(&other, "another CA", "DNS:localhost")
+        .expect("another CA");
     let chown = std::process::Command::new("chown")
         .args(["-R", "postgres:postgres"])
         .arg(&dir)
@@ -558,18 +506,19 @@ fn tls_verify_full_connects_and_a_wrong_ca_is_refused() {
     cluster.stop().unwrap();
     cluster.restart().unwrap();
 
-    let url = |host: &str, ca: &str| {
+    let (right, wrong) = (dir.join("ca.pem"), other.join("ca.pem"));
+    let url = |host: &str, ca: &std::path::Path| {
         format!(
             "postgres://postgres@{host}:{}/postgres?sslmode=verify-full&sslrootcert={}",
             cluster.port,
-            dir.join(format!("{ca}.pem")).display()
+            ca.display()
         )
     };
     let open = |u: &str| {
         let db = Database::parse(u, Some(&cluster.password_file)).unwrap();
         Conn::open(&db, Purpose::Reader)
     };
-    let mut conn = open(&url("localhost", "ca")).expect("verify-full with the right CA");
+    let mut conn = open(&url("localhost", &right)).expect("verify-full with the right CA");
     let ssl = conn
         .query_row(
             "SELECT CASE WHEN ssl THEN 1 ELSE 0 END FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
@@ -580,7 +529,7 @@ fn tls_verify_full_connects_and_a_wrong_ca_is_refused() {
         .int(0)
         .unwrap();
     assert_eq!(ssl, 1, "the session is encrypted");
-    let wrong_ca = open(&url("localhost", "other-ca"))
+    let wrong_ca = open(&url("localhost", &wrong))
         .err()
         .expect("refused")
         .to_string();
@@ -589,14 +538,14 @@ fn tls_verify_full_connects_and_a_wrong_ca_is_refused() {
         wrong_ca.contains("certificate") && wrong_ca.contains("UnknownIssuer"),
         "{wrong_ca}"
     );
-    let wrong_name = open(&url("127.0.0.1", "ca"))
+    let wrong_name = open(&url("127.0.0.1", &right))
         .err()
         .expect("refused")
         .to_string();
     eprintln!("wrong name: {wrong_name}");
     assert!(wrong_name.contains("certificate"), "{wrong_name}");
     // verify-ca accepts the right CA under any name.
-    let verify_ca = url("127.0.0.1", "ca").replace("verify-full", "verify-ca");
+    let verify_ca = url("127.0.0.1", &right).replace("verify-full", "verify-ca");
     open(&verify_ca).expect("verify-ca with the right CA");
 }
 

@@ -82,10 +82,10 @@ impl Lease {
                 step: "read the leader lease",
                 error: DbError::Config("no lease row".into()),
             })?;
-        let read = |e| ctx("read the leader lease")(e);
-        let epoch = row.int(0).map_err(read)?;
-        let holder = row.text(1).map_err(read)?;
-        let live = row.bool(2).map_err(read)?;
+        let read = ctx("read the leader lease");
+        let epoch = row.int(0).map_err(&read)?;
+        let holder = row.text(1).map_err(&read)?;
+        let live = row.bool(2).map_err(&read)?;
         Ok(Claim {
             leader: false,
             epoch,
