@@ -28,5 +28,6 @@ VMWATCH_TEST_DATABASE=postgres VMWATCH_BIN_DIR="$PWD/target/release" cargo test 
 bash tests/packages.sh
 # systemd: both .debs in a debootstrapped Debian 12 root booted with systemd-nspawn.
 bash tests/systemd.sh
-# Mixed fleets: the node's .deb on Debian 11 and 13 (debootstrap roots, cached), reporting here.
+# Mixed fleets: the node's .deb on Debian 11, 12 and 13 (debootstrap roots, cached), each with its own
+# libvirtd and real QEMU guests, reporting here.
 bash tests/mixed.sh
