@@ -73,20 +73,17 @@ fn write_journal(
     vm: &str,
     state: &str,
 ) -> rusqlite::Result<i64> {
-    tx.prepare_cached(store::JOURNAL_INSERT)?.query_row(
-        params![
-            at,
-            at,
-            node,
-            vm,
-            format!("vm-{vm}"),
-            "lifecycle",
-            "suspended",
-            "paused",
-            state
-        ],
-        |r| r.get::<_, i64>(0),
-    )
+    tx.prepare_cached(store::JOURNAL_INSERT)?.insert(params![
+        at,
+        at,
+        node,
+        vm,
+        format!("vm-{vm}"),
+        "lifecycle",
+        "suspended",
+        "paused",
+        state
+    ])
 }
 
 fn write_node(tx: &rusqlite::Transaction<'_>, node_id: &str, seq: i64) -> rusqlite::Result<usize> {
@@ -476,7 +473,7 @@ impl PgStatements {
         Ok(PgStatements {
             node: pg(client, store::NODE_UPSERT)?,
             vm: pg(client, store::VM_UPSERT)?,
-            journal: pg(client, store::JOURNAL_INSERT)?,
+            journal: pg(client, store::JOURNAL_INSERT_RETURNING)?,
         })
     }
 

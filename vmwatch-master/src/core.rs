@@ -1,9 +1,13 @@
-//! The core thread: the one writer. Feeds authenticated messages to the rules in batches,
-//! writes the effects in one transaction per batch, then updates metrics and wakes waiters.
+//! The core thread and its writer. The core feeds authenticated messages to the rules in
+//! batches; the writer thread, the one writer of the store, commits each decided batch in one
+//! transaction, in order, then updates metrics and wakes waiters. The two overlap: the core
+//! decides batch k+1 while the writer commits batch k, and hands k+1 over only once k is
+//! committed (a rendezvous channel), so at most one batch waits and ingest pushes back behind
+//! a database that refuses writes.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -15,7 +19,7 @@ use vmwatch_common::time::now_ms;
 use crate::ingest::Received;
 use crate::metrics::{KindLabel, Metrics, NodeLabel, RejectLog, ResourceLabel, StateLabel};
 use crate::rules::{self, Effect, Inventory, Rules, VmChange};
-use crate::store::Store;
+use crate::store::{Prepared, Store};
 
 /// Most messages applied in one transaction.
 pub const MAX_BATCH: usize = 4096;
@@ -39,24 +43,24 @@ pub struct Shared {
 
 /// A decided batch: its effects and what to count once it is committed.
 pub struct Decided {
-    effects: Vec<Effect>,
+    batch: Prepared,
     accepted: Vec<(&'static str, u64)>,
     gaps: Vec<(String, u64)>,
 }
 
 pub struct Core {
-    /// A batch whose commit failed (disk full, I/O error): retried before anything new is
-    /// read, so ingest pushes back and nothing accepted is lost.
-    pending: Option<Decided>,
-    store: Store,
+    /// Until the core thread starts it.
+    writer: Option<Writer>,
+    /// The batch last handed to the writer (the core frees each batch, not the writer).
+    handed_over: Option<Arc<Decided>>,
     inventory: Inventory,
     rules: Rules,
     metrics: Arc<Metrics>,
     reject_log: Arc<RejectLog>,
-    /// From when every node is given a full node_timeout (the start, or the end of an outage).
-    started_at: u64,
+    /// From when every node is given a full node_timeout (the start, or the end of an outage):
+    /// unix ms, moved on by the writer when the database takes writes again.
+    started_at: Arc<AtomicU64>,
     shared: Arc<Shared>,
-    retention: crate::retention::Retention,
     /// The VM gauges' counts per node.
     tally: Tally,
     /// The agent counters of the heartbeats since the gauges were last updated (a gauge per
@@ -78,16 +82,23 @@ impl Core {
         reject_log: Arc<RejectLog>,
         shared: Arc<Shared>,
     ) -> Core {
+        let started_at = Arc::new(AtomicU64::new(now_ms()));
         Core {
-            pending: None,
-            store,
+            writer: Some(Writer {
+                store,
+                metrics: metrics.clone(),
+                shared: shared.clone(),
+                retention,
+                started_at: started_at.clone(),
+                abandoned: false,
+            }),
+            handed_over: None,
             inventory,
             rules,
             metrics,
             reject_log,
-            started_at: now_ms(),
+            started_at,
             shared,
-            retention,
             agents: HashMap::new(),
             tally: Tally::default(),
             registry_seen: i64::MIN,
@@ -105,33 +116,28 @@ impl Core {
     }
 
     fn run(mut self, rx: Receiver<Received>) {
+        let Some(writer) = self.writer.take() else {
+            return;
+        };
+        // Rendezvous: a batch is handed over only when the writer has committed the one before.
+        let (to_writer, jobs) = std::sync::mpsc::sync_channel::<Job>(0);
+        let writer = match std::thread::Builder::new()
+            .name("writer".into())
+            .spawn(move || writer.run(jobs))
+        {
+            Ok(handle) => handle,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the writer thread");
+                self.shared.shutdown.trigger();
+                return;
+            }
+        };
         let mut next_liveness = Instant::now();
         let mut next_gauges = Instant::now();
         // Once at start (a master that was down may be behind), then hourly.
         let mut next_purge = Instant::now();
         loop {
             self.shared.pulse.beat(now_ms());
-            if let Some(decided) = self.pending.take() {
-                let stopping = self.shared.shutdown.is_triggered();
-                if let Err(decided) = self.commit(decided) {
-                    if stopping {
-                        let n = decided.effects.len();
-                        tracing::error!(
-                            writes = n,
-                            "stopping with a batch the database still refuses; it is lost"
-                        );
-                        return;
-                    }
-                    self.pending = Some(decided);
-                    std::thread::sleep(Duration::from_millis(500));
-                    continue;
-                }
-                // Messages queued meanwhile carry their arrival times: judged by the clock now,
-                // every node would look silent for the whole outage. Like after a restart, each
-                // node gets a full node_timeout from here.
-                self.started_at = now_ms();
-                tracing::info!("database writes succeed again; the held batch is committed");
-            }
             let mut batch = Vec::new();
             let mut closed = false;
             match rx.recv_timeout(Duration::from_millis(250)) {
@@ -147,18 +153,17 @@ impl Core {
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => closed = true,
             }
-            if self.pending.is_none() {
-                self.follow_registry();
-            }
+            self.follow_registry(&to_writer);
             let liveness_due = Instant::now() >= next_liveness;
             if !batch.is_empty() || liveness_due {
-                self.process(batch, liveness_due);
+                self.process(batch, liveness_due, &to_writer);
                 if liveness_due {
                     next_liveness = Instant::now() + Duration::from_secs(1);
                 }
             }
             if Instant::now() >= next_purge {
-                self.purge();
+                // The writer is gone only if it panicked; the core then stops below.
+                let _ = to_writer.send(Job::Purge);
                 next_purge =
                     Instant::now() + Duration::from_millis(crate::retention::PURGE_EVERY_MS);
             }
@@ -166,17 +171,33 @@ impl Core {
                 self.update_gauges();
                 next_gauges = Instant::now() + Duration::from_secs(1);
             }
-            // A batch this turn could not commit is retried (or reported lost) first.
-            if closed && self.pending.is_none() {
+            if closed {
+                // The writer commits (or, stopping behind a refusing database, reports lost)
+                // what it holds, then ends.
+                drop(to_writer);
+                if writer.join().is_err() {
+                    tracing::error!("the writer thread panicked");
+                }
                 self.update_gauges();
                 return;
             }
         }
     }
 
+    /// Hands a decided batch to the writer (waiting for the one before it to commit).
+    fn submit(&mut self, to_writer: &SyncSender<Job>, decided: Decided) {
+        let decided = Arc::new(decided);
+        if to_writer.send(Job::Commit(decided.clone())).is_err() {
+            tracing::error!("the writer thread is gone; stopping");
+            self.shared.shutdown.trigger();
+        }
+        // The writer took this batch, so it is done with the one before: that one is freed here.
+        self.handed_over = Some(decided);
+    }
+
     /// Journals every enrollment and revocation not yet journaled, and removes revoked nodes
     /// from the inventory (SPEC §10), when the registry changed.
-    fn follow_registry(&mut self) {
+    fn follow_registry(&mut self, to_writer: &SyncSender<Job>) {
         let snapshot = self.shared.registry.get();
         if snapshot.version == self.registry_seen {
             return;
@@ -210,16 +231,14 @@ impl Core {
         self.inventory.copies.note(&effects);
         self.tally.note(&effects);
         let decided = Decided {
-            effects,
+            batch: Prepared::new(effects),
             accepted: Vec::new(),
             gaps: Vec::new(),
         };
-        if let Err(decided) = self.commit(decided) {
-            self.pending = Some(decided);
-        }
+        self.submit(to_writer, decided);
     }
 
-    fn process(&mut self, batch: Vec<Received>, liveness: bool) {
+    fn process(&mut self, batch: Vec<Received>, liveness: bool, to_writer: &SyncSender<Job>) {
         let now = now_ms();
         let mut effects: Vec<Effect> = Vec::new();
         let mut accepted: Vec<(&'static str, u64)> = Vec::with_capacity(batch.len());
@@ -263,8 +282,8 @@ impl Core {
         // The duplicate rule re-evaluates the uuids of the rows written here.
         self.inventory.copies.note(&effects);
         if liveness {
-            let live =
-                rules::check_liveness(&mut self.inventory, &self.rules, now, self.started_at);
+            let started_at = self.started_at.load(Ordering::Relaxed);
+            let live = rules::check_liveness(&mut self.inventory, &self.rules, now, started_at);
             self.inventory.copies.note(&live);
             effects.extend(live);
             effects.extend(crate::duplicate::check(
@@ -279,25 +298,92 @@ impl Core {
             return;
         }
         let decided = Decided {
-            effects: rules::coalesce(effects),
+            batch: Prepared::new(rules::coalesce(effects)),
             accepted,
             gaps,
         };
-        if let Err(decided) = self.commit(decided) {
-            self.pending = Some(decided);
+        self.submit(to_writer, decided);
+    }
+}
+
+/// What the core hands the writer.
+enum Job {
+    /// Shared with the core, which drops it (freeing thousands of rows is off the writer's path).
+    Commit(Arc<Decided>),
+    /// Retention's hourly purge (in the writer: it writes).
+    Purge,
+}
+
+/// The writer thread: owns the store, commits decided batches in the order they come.
+struct Writer {
+    store: Store,
+    metrics: Arc<Metrics>,
+    shared: Arc<Shared>,
+    retention: crate::retention::Retention,
+    /// The core's liveness start, moved on at the end of an outage.
+    started_at: Arc<AtomicU64>,
+    /// Stopping while the database refused a batch: what follows is reported lost too.
+    abandoned: bool,
+}
+
+impl Writer {
+    fn run(mut self, jobs: Receiver<Job>) {
+        let _guard = self.shared.shutdown.guard("the writer thread");
+        while let Ok(job) = jobs.recv() {
+            match job {
+                Job::Commit(decided) => self.commit_until_done(&decided),
+                Job::Purge => self.purge(),
+            }
         }
     }
 
-    /// Commits one decided batch, then counts, logs and wakes waiters; on failure hands the
-    /// batch back to be retried (the in-memory inventory already reflects it).
-    fn commit(&mut self, decided: Decided) -> Result<(), Decided> {
+    /// Commits a batch, retrying every 0.5 s while the database refuses it (disk full, I/O
+    /// error, PostgreSQL away): the core waits to hand over the next one meanwhile, so ingest
+    /// pushes back and nothing accepted is lost, unless the master stops first.
+    fn commit_until_done(&mut self, decided: &Decided) {
+        let mut failed = false;
+        loop {
+            if self.abandoned {
+                tracing::error!(
+                    writes = decided.batch.effects().len(),
+                    "stopping with a batch the database refused; it is lost"
+                );
+                return;
+            }
+            match self.commit(decided) {
+                Ok(()) => break,
+                Err(()) => {
+                    failed = true;
+                    if self.shared.shutdown.is_triggered() {
+                        self.abandoned = true;
+                        continue;
+                    }
+                    // Alive, and doing its job: the watchdog and /healthz see the retries.
+                    self.shared.pulse.beat(now_ms());
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+            }
+        }
+        if failed {
+            // Messages queued meanwhile carry their arrival times: judged by the clock now,
+            // every node would look silent for the whole outage. Like after a restart, each
+            // node gets a full node_timeout from here.
+            self.started_at.store(now_ms(), Ordering::Relaxed);
+            tracing::info!("database writes succeed again; the held batch is committed");
+        }
+    }
+
+    /// Commits one decided batch, then counts, logs and wakes waiters; on failure the batch
+    /// stays the caller's, to be retried (the in-memory inventory already reflects it).
+    fn commit(&mut self, decided: &Decided) -> Result<(), ()> {
         let Decided {
-            effects,
+            batch,
             accepted,
             gaps,
-        } = &decided;
+        } = decided;
+        let effects = batch.effects();
         let started = Instant::now();
-        let ids = match self.store.commit(effects) {
+        let ids = match self.store.commit_prepared(batch) {
             Ok(ids) => ids,
             Err(e) => {
                 self.metrics.db_errors.inc();
@@ -305,7 +391,7 @@ impl Core {
                 if self.shared.db_ok.swap(false, Ordering::Relaxed) {
                     tracing::error!(error = %e, "database write failed; holding the batch and retrying every 0.5 s (ingest pushes back meanwhile)");
                 }
-                return Err(decided);
+                return Err(());
             }
         };
         self.shared.db_ok.store(true, Ordering::Relaxed);
@@ -340,7 +426,13 @@ impl Core {
             }
         }
         self.shared.committed.send_modify(|n| *n += 1);
-        let changes = rules::vm_changes(effects);
+        // Built only for listening long-polls (each subscribes before it reads the row, so
+        // one that subscribed after this check reads what was just committed).
+        let changes = if self.shared.vm_changes.receiver_count() > 0 {
+            rules::vm_changes(effects)
+        } else {
+            Vec::new()
+        };
         if !changes.is_empty() {
             // No receiver (no waiter) is fine.
             let _ = self.shared.vm_changes.send(Arc::new(changes));
@@ -376,7 +468,9 @@ impl Core {
             }
         }
     }
+}
 
+impl Core {
     fn update_gauges(&mut self) {
         for (node, agent) in self.agents.drain() {
             self.metrics.set_agent(&node, &agent);

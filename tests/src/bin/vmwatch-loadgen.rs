@@ -269,11 +269,20 @@ fn main() -> Result<()> {
             // The reference sends this very message (its 4 frames, each encrypted by CURVE).
             let sample = messages.first().cloned().context("no message")?;
             let before = accepted(&master, kind);
+            let commits_before = master.metric("vmwatch_db_commit_seconds_count").unwrap_or(0.0);
+            let commit_secs_before = master.metric("vmwatch_db_commit_seconds_sum").unwrap_or(0.0);
             let usage = Usage::start(&master)?;
             let t0 = Instant::now();
             let _senders = blast(&ctx, &master, messages)?;
             wait_applied(&master, kind, before + count as f64);
             let secs = t0.elapsed().as_secs_f64();
+            let commits = master.metric("vmwatch_db_commit_seconds_count").unwrap_or(0.0) - commits_before;
+            let commit_secs = master.metric("vmwatch_db_commit_seconds_sum").unwrap_or(0.0) - commit_secs_before;
+            println!(
+                "{mode}: {commits:.0} commits, {:.0} messages per commit on average, {commit_secs:.2} s in commits ({:.0} % of the run)",
+                count as f64 / commits.max(1.0),
+                commit_secs / secs * 100.0
+            );
             let per_msg = if mode == "stats" { vms } else { 1 };
             println!(
                 "{mode}: {count} messages ({} {}) from {nodes} nodes ingested and committed in {secs:.2} s = {:.0} messages/s ({:.0} {}/s); {}",

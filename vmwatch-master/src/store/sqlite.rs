@@ -235,6 +235,12 @@ impl Conn {
         Ok(stmt.execute(rusqlite::params_from_iter(args.iter()))? as u64)
     }
 
+    /// Runs an insert; returns the new row's rowid.
+    pub fn insert(&mut self, sql: &str, args: &[Value<'_>]) -> Result<i64, DbError> {
+        let mut stmt = self.conn.prepare_cached(sql)?;
+        Ok(stmt.insert(rusqlite::params_from_iter(args.iter()))?)
+    }
+
     pub fn query(&mut self, sql: &str, args: &[Value<'_>]) -> Result<Vec<Row>, DbError> {
         let mut stmt = self.conn.prepare_cached(sql)?;
         let columns = stmt.column_count();
