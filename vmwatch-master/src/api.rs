@@ -513,6 +513,8 @@ async fn wait_vm(
         let key = uuid.clone();
         let rows = read(&state, move |r| r.vm(&key)).await?;
         if rows.iter().any(|r| r.state == q.state) {
+            // A hop of `vmwatch-bench-latency`'s breakdown.
+            tracing::debug!(uuid, state = q.state, "wait answered");
             return Ok(Json(view::VmRows {
                 uuid,
                 reached: Some(true),

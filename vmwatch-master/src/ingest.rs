@@ -473,6 +473,8 @@ impl Ingest {
             });
             match verified {
                 Ok(message) => {
+                    // A hop of `vmwatch-bench-latency`'s breakdown.
+                    tracing::debug!(node_id = %message.node_id().as_str(), kind = message.payload().body.kind(), seq = message.payload().seq, "authenticated");
                     // Checked once per node id, not once a message.
                     if incoming.user_id.is_none()
                         && self.port.fleet_public.is_some()

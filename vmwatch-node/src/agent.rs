@@ -129,7 +129,10 @@ impl Shell {
             self.perform(action);
         }
         while let Some(m) = self.core.poll_transmit() {
+            let (kind, seq) = (m.kind, m.seq);
             let result = self.socket.try_send(m);
+            // A hop of `vmwatch-bench-latency`'s breakdown.
+            tracing::debug!(kind, seq, result = ?result, "handed to the socket");
             let full = result == Transmit::Full;
             self.core.transmitted(result);
             if full {

@@ -212,6 +212,8 @@ unsafe extern "C" fn on_lifecycle(
     opaque: *mut c_void,
 ) -> c_int {
     let event_ts = now_ms();
+    // A hop of `vmwatch-bench-latency`'s breakdown.
+    tracing::debug!(event, detail, "lifecycle callback");
     // SAFETY: opaque is the Box<Sender<Raw>> registered with this callback, alive until
     // free_sender runs; dom is valid during the callback.
     let tx = unsafe { &*(opaque as *const Sender<Raw>) };

@@ -12,6 +12,12 @@
 //! The floor is measured in the same run, on the same actions: a bare lifecycle-callback
 //! listener (`virsh event --loop --event lifecycle`, libvirt's own client, connected before the
 //! first action) and the moment it prints each event. No agent can see an event before that.
+//!
+//! Then the breakdown per hop, from the daemons' debug lines (µs time stamps, one clock): the
+//! action → the node's lifecycle callback → the node's core has the facts (the domain's state
+//! read back from libvirtd) → the message handed to the socket → the master authenticated it →
+//! the writer committed it → the long-poll answered → the client has the answer. Both daemons
+//! log at debug level for this (a few µs a line).
 
 use std::time::{Duration, Instant};
 
@@ -32,13 +38,13 @@ fn main() -> Result<()> {
     lv.start_guest("bench-writer", GuestKind::DiskWriter)?;
     lv.start_guest("bench-pxe", GuestKind::Pxe)?;
     let dir = temp_dir("bench");
-    let master = Master::start(&dir, &[("log_level", "info")])?;
+    let master = Master::start(&dir, &[("log_level", "debug")])?;
     let node = Node::start(
         &dir,
         "bench",
         &master.endpoint(),
         &lv.uri(),
-        &[("log_level", "info"), ("stats_interval", "600")],
+        &[("log_level", "debug"), ("stats_interval", "600")],
     )?;
     wait_for(Duration::from_secs(30), "node up", || {
         master.node("bench").filter(|n| n["libvirt_up"] == true)
@@ -99,10 +105,16 @@ fn main() -> Result<()> {
     );
     let mut samples = Vec::with_capacity(rounds);
     let mut floor = Vec::with_capacity(rounds);
+    let mut spans = Vec::with_capacity(rounds);
     for i in action..action + rounds {
+        let started = unix_us();
         let (product, bare) = bench.round(i, Duration::from_secs(10))?;
+        spans.push((started, started + product.as_micros() as i64));
         samples.push(product);
         floor.push(bare.context("the bare listener saw no event")?);
+        // The next action waits for this round's lines (the long-poll may answer before the
+        // writer's line is written).
+        std::thread::sleep(Duration::from_millis(20));
     }
     drop(bench);
     let _ = virsh.wait();
@@ -128,6 +140,8 @@ fn main() -> Result<()> {
         q(&samples, 0.5) - q(&floor, 0.5),
         q(&samples, 0.99) - q(&floor, 0.99)
     );
+
+    print_hops(&spans, &node.log_text(), &master.log_text());
 
     let (node_cpu, master_cpu) = (
         CpuMeter::start(node.pid().context("node pid")?),
@@ -195,5 +209,107 @@ impl Bench<'_> {
             }
         };
         Ok((visible.saturating_duration_since(t0), bare))
+    }
+}
+
+/// Unix time in µs.
+fn unix_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+/// A log line's time stamp (`2026-12-07T05:25:17.934105Z …`) as unix µs.
+fn line_us(line: &str) -> Option<i64> {
+    let b = line.as_bytes();
+    if b.len() < 27 || b[10] != b'T' || b[26] != b'Z' {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| line.get(r)?.parse::<i64>().ok();
+    let (y, m, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
+    let days = era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468;
+    let secs = days * 86_400 + num(11..13)? * 3600 + num(14..16)? * 60 + num(17..19)?;
+    Some(secs * 1_000_000 + num(20..26)?)
+}
+
+/// Prints the median and p90 of each hop of the actions in `spans` (start and answer, unix µs).
+fn print_hops(spans: &[(i64, i64)], node_log: &str, master_log: &str) {
+    let lines = |log: &str, marks: &[&str]| -> Vec<i64> {
+        log.lines()
+            .filter(|l| marks.iter().all(|m| l.contains(m)))
+            .filter_map(line_us)
+            .collect()
+    };
+    // Each hop's lines, in order; a round takes the first of each at or after the hop before.
+    let hops: [(&str, Vec<i64>); 6] = [
+        (
+            "action -> node's lifecycle callback",
+            lines(node_log, &["lifecycle callback"]),
+        ),
+        (
+            "callback -> facts in the node's core (state read back)",
+            lines(node_log, &["DEBUG event uuid="]),
+        ),
+        (
+            "facts -> handed to the socket",
+            lines(node_log, &["handed to the socket", "event"]),
+        ),
+        (
+            "socket -> master authenticated it",
+            lines(master_log, &["authenticated", "kind=\"event\""]),
+        ),
+        (
+            "authenticated -> committed",
+            lines(master_log, &["committed journal_entries=1"]),
+        ),
+        (
+            "committed -> long-poll answered",
+            lines(master_log, &["wait answered"]),
+        ),
+    ];
+    let mut per_hop: Vec<Vec<i64>> = vec![Vec::new(); hops.len() + 1];
+    let mut complete = 0;
+    'round: for &(start, answered) in spans {
+        let mut at = start;
+        let mut deltas = Vec::with_capacity(hops.len() + 1);
+        for (_, times) in &hops {
+            let Some(&t) = times.iter().find(|&&t| t >= at) else {
+                continue 'round;
+            };
+            deltas.push(t - at);
+            at = t;
+        }
+        deltas.push(answered - at);
+        for (h, d) in deltas.into_iter().enumerate() {
+            per_hop[h].push(d);
+        }
+        complete += 1;
+    }
+    println!(
+        "per hop ({complete} of {} actions found in both logs; median / p90):",
+        spans.len()
+    );
+    let names = hops
+        .iter()
+        .map(|(n, _)| *n)
+        .chain(["answered -> the client has it"]);
+    for (name, mut v) in names.zip(per_hop) {
+        v.sort();
+        let q = |p: f64| {
+            v.get(((v.len() as f64 - 1.0) * p).round() as usize)
+                .copied()
+                .unwrap_or(0)
+        };
+        println!(
+            "  {name}: {:.2} / {:.2} ms",
+            q(0.5) as f64 / 1000.0,
+            q(0.9) as f64 / 1000.0
+        );
     }
 }
