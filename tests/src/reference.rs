@@ -644,7 +644,7 @@ pub fn postgres_steady(
     let secs = t0.elapsed().as_secs_f64();
     Ok((
         (thread_cpu() - cpu0).as_secs_f64() * 100.0 / secs,
-        (postgres_server_cpu() - server0).as_secs_f64() * 100.0 / secs,
+        postgres_server_cpu().saturating_sub(server0).as_secs_f64() * 100.0 / secs,
     ))
 }
 

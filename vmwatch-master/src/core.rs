@@ -23,6 +23,9 @@ use crate::store::{Prepared, Store};
 
 /// Most messages applied in one transaction.
 pub const MAX_BATCH: usize = 4096;
+/// Most row writes and journal entries decided into one transaction (a snapshot is a row per
+/// VM: 4096 snapshots of 50 VMs would be 200,000).
+const MAX_BATCH_ROWS: usize = 65_536;
 
 /// Shared signals between the core and the HTTP side.
 pub struct Shared {
@@ -276,6 +279,17 @@ impl Core {
                         self.agents.insert(outcome.node_id, agent);
                     }
                     effects.extend(outcome.effects);
+                    // Snapshots carry a row per VM: a batch is bounded in rows too, so a
+                    // burst of them (10,000 nodes connecting) is not decided whole in memory.
+                    if effects.len() >= MAX_BATCH_ROWS {
+                        self.inventory.copies.note(&effects);
+                        let (e, a, g) = (
+                            std::mem::take(&mut effects),
+                            std::mem::take(&mut accepted),
+                            std::mem::take(&mut gaps),
+                        );
+                        self.hold(e, a, g, to_writer);
+                    }
                 }
                 Err(refused) => {
                     self.metrics.count_reject(refused.reason);
@@ -300,6 +314,18 @@ impl Core {
                 self.rules.duplicate_grace_ms,
             ));
         }
+        self.hold(effects, accepted, gaps, to_writer);
+    }
+
+    /// Adds decided effects to what is held, and hands it all over if one is a journal entry
+    /// or a batch is full.
+    fn hold(
+        &mut self,
+        effects: Vec<Effect>,
+        accepted: Vec<(&'static str, u64)>,
+        gaps: Vec<(String, u64)>,
+        to_writer: &SyncSender<Job>,
+    ) {
         // The gauges recount the nodes whose rows are written.
         self.tally.note(&effects);
         if effects.is_empty() {
@@ -311,7 +337,7 @@ impl Core {
         held.effects.extend(effects);
         held.accepted.extend(accepted);
         held.gaps.extend(gaps);
-        if journals || held.accepted.len() >= MAX_BATCH {
+        if journals || held.accepted.len() >= MAX_BATCH || held.effects.len() >= MAX_BATCH_ROWS {
             self.hand_over(to_writer);
         }
     }
