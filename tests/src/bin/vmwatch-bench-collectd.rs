@@ -19,7 +19,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use vmwatch_tests::guests::GuestKind;
 use vmwatch_tests::libvirtd::PrivateLibvirtd;
-use vmwatch_tests::product::{proc_kib, temp_dir, wait_for, CpuMeter, Master, Node};
+use vmwatch_tests::product::{proc_kib, temp_dir, wait_for, Master, Node};
 
 const WARM_UP: Duration = Duration::from_secs(30);
 
@@ -166,16 +166,52 @@ fn start_collectd(dir: &Path, uri: &str) -> Result<Child> {
 
 /// Two processes' CPU over the same `seconds`, in % of one core.
 fn cpu_of_two(a: u32, b: u32, seconds: u64) -> (f64, f64) {
-    let (a, b) = (CpuMeter::start(a), CpuMeter::start(b));
+    let (a, b) = (SchedMeter::start(a), SchedMeter::start(b));
     std::thread::sleep(Duration::from_secs(seconds));
     (a.percent(), b.percent())
 }
 
 /// One process's CPU over `seconds`, in % of one core.
 fn cpu_over(pid: u32, seconds: u64) -> f64 {
-    let meter = CpuMeter::start(pid);
+    let meter = SchedMeter::start(pid);
     std::thread::sleep(Duration::from_secs(seconds));
     meter.percent()
+}
+
+/// CPU time in ns from the scheduler (`/proc/PID/task/*/schedstat`), not in 10 ms ticks: at
+/// 0.1 % of a core a minute is 6 ticks, too coarse for a ratio. A thread that ends within the
+/// window takes its time with it; the node's, collectd's and libvirtd's threads live on.
+struct SchedMeter {
+    pid: u32,
+    ns: u64,
+    at: std::time::Instant,
+}
+
+impl SchedMeter {
+    fn start(pid: u32) -> SchedMeter {
+        SchedMeter {
+            pid,
+            ns: sched_ns(pid),
+            at: std::time::Instant::now(),
+        }
+    }
+
+    fn percent(&self) -> f64 {
+        let used = sched_ns(self.pid).saturating_sub(self.ns) as f64 / 1e9;
+        used / self.at.elapsed().as_secs_f64() * 100.0
+    }
+}
+
+/// The on-CPU time of every thread of `pid`, in ns (0 if it is gone).
+fn sched_ns(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
 }
 
 /// Resident memory of a process, in KiB, from `/proc/PID/smaps_rollup`.
