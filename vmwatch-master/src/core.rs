@@ -175,7 +175,9 @@ impl Core {
                 self.hand_over(&to_writer);
             }
             if Instant::now() >= next_purge {
-                // The writer is gone only if it panicked; the core then stops below.
+                // What is held was decided before the purge.
+                self.hand_over(&to_writer);
+                // The writer is gone only if it ended, which triggers the shutdown.
                 let _ = to_writer.send(Job::Purge);
                 next_purge =
                     Instant::now() + Duration::from_millis(crate::retention::PURGE_EVERY_MS);
@@ -332,6 +334,12 @@ impl Core {
             return;
         }
         let journals = effects.iter().any(|e| matches!(e, Effect::Journal(_)));
+        // Within the bounds: what is held goes first if these would overfill its batch.
+        if self.held.effects.len() + effects.len() > MAX_BATCH_ROWS
+            || self.held.accepted.len() + accepted.len() > MAX_BATCH
+        {
+            self.hand_over(to_writer);
+        }
         let held = &mut self.held;
         held.since.get_or_insert_with(Instant::now);
         held.effects.extend(effects);
@@ -420,6 +428,8 @@ impl Writer {
     /// pushes back and nothing accepted is lost, unless the master stops first.
     fn commit_until_done(&mut self, decided: &Decided) {
         let mut failed = false;
+        // Stopping, a refused batch gets one more try before it (and all after it) is lost.
+        let mut last_try = false;
         loop {
             if self.abandoned {
                 tracing::error!(
@@ -433,8 +443,11 @@ impl Writer {
                 Err(()) => {
                     failed = true;
                     if self.shared.shutdown.is_triggered() {
-                        self.abandoned = true;
-                        continue;
+                        if last_try {
+                            self.abandoned = true;
+                            continue;
+                        }
+                        last_try = true;
                     }
                     // Alive, and doing its job: the watchdog and /healthz see the retries.
                     self.shared.pulse.beat(now_ms());
