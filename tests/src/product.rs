@@ -51,14 +51,45 @@ pub fn free_port() -> u16 {
     l.local_addr().expect("local addr").port()
 }
 
-/// A fresh directory under the system temp dir.
-pub fn temp_dir(name: &str) -> PathBuf {
+/// A fresh directory under the system temp dir, removed when the guard drops, unless the thread
+/// is panicking (a failed test keeps its logs and databases, and says where) or
+/// `VMWATCH_KEEP_TEST_DIRS=1`. Declared before the processes that write into it, it outlives
+/// them: locals drop in reverse order. A run of the whole suite once left 10 GB behind in /tmp.
+pub fn temp_dir(name: &str) -> Scratch {
     static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let dir = std::env::temp_dir().join(format!("vmwatch-e2e-{name}-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("create temp dir");
-    dir
+    Scratch(dir)
+}
+
+/// A test's directory (see [`temp_dir`]); derefs to its path.
+#[derive(Debug)]
+pub struct Scratch(PathBuf);
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for Scratch {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let keep = std::env::var("VMWATCH_KEEP_TEST_DIRS").is_ok_and(|v| v == "1");
+        if std::thread::panicking() || keep {
+            eprintln!("kept {}", self.0.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
 }
 
 /// Polls `f` every 20 ms until it returns `Some`, or panics after `timeout` naming `what`.

@@ -12,7 +12,7 @@ use vmwatch_master::store::{Conn, Purpose};
 use vmwatch_tests::broker::{require_broker, Broker, BusMessage, BusQueue, PASSWORD};
 use vmwatch_tests::guests::GuestKind;
 use vmwatch_tests::libvirtd::PrivateLibvirtd;
-use vmwatch_tests::product::{temp_dir, wait_for, Master, Node};
+use vmwatch_tests::product::{temp_dir, wait_for, Master, Node, Scratch};
 use vmwatch_tests::require_root_env;
 
 const EXCHANGE: &str = "vmwatch-test";
@@ -32,6 +32,8 @@ struct Rig {
     broker: Broker,
     uuid: String,
     node_id: String,
+    /// Last: outlives the processes writing into it (see `temp_dir`).
+    _dir: Scratch,
 }
 
 impl Rig {
@@ -74,6 +76,7 @@ impl Rig {
                 broker,
                 uuid,
                 node_id,
+                _dir: dir,
             },
             queues,
         )

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use vmwatch_tests::guests::GuestKind;
 use vmwatch_tests::libvirtd::PrivateLibvirtd;
-use vmwatch_tests::product::{temp_dir, wait_for, Master, Node};
+use vmwatch_tests::product::{temp_dir, wait_for, Master, Node, Scratch};
 use vmwatch_tests::receiver::{assert_signed_and_ordered, Delivery, PanelReceiver};
 use vmwatch_tests::require_root_env;
 
@@ -31,6 +31,8 @@ struct Setup {
     lv: PrivateLibvirtd,
     master: Master,
     node: Node,
+    /// Outlives the processes writing into it (see `temp_dir`).
+    _dir: Scratch,
 }
 
 fn setup(name: &str, node_extra: &[(&str, &str)]) -> Setup {
@@ -39,7 +41,12 @@ fn setup(name: &str, node_extra: &[(&str, &str)]) -> Setup {
     let master = Master::start(&dir, &[]).expect("master");
     let node = Node::start(&dir, name, &master.endpoint(), &lv.uri(), node_extra).expect("node");
     wait_node_libvirt(&master, name, true, Duration::from_secs(30));
-    Setup { lv, master, node }
+    Setup {
+        lv,
+        master,
+        node,
+        _dir: dir,
+    }
 }
 
 #[test]
@@ -47,7 +54,12 @@ fn lifecycle_changes_reach_the_api_within_two_seconds() {
     if !require_root_env("lifecycle_changes_reach_the_api_within_two_seconds") {
         return;
     }
-    let Setup { lv, master, node } = setup("life", &[]);
+    let Setup {
+        lv,
+        master,
+        node,
+        _dir,
+    } = setup("life", &[]);
     let uuid = lv
         .define_guest("e2e-life", GuestKind::Idle)
         .expect("define");
@@ -105,6 +117,7 @@ fn libvirtd_killed_and_restarted() {
         mut lv,
         master,
         node: _node,
+        _dir,
     } = setup("lvkill", &[("heartbeat_interval", "2")]);
     lv.start_guest("e2e-kill-run", GuestKind::Idle)
         .expect("start guest");
@@ -144,6 +157,7 @@ fn node_restart_resyncs_changes_made_behind_its_back() {
         lv,
         master,
         mut node,
+        _dir,
     } = setup("resync", &[]);
     let gone = lv
         .define_guest("e2e-gone", GuestKind::Idle)
@@ -182,6 +196,7 @@ fn master_sigkill_keeps_inventory_and_traffic_resumes() {
         lv,
         mut master,
         mut node,
+        _dir,
     } = setup("mkill", &[("heartbeat_interval", "1")]);
     let uuid = lv
         .define_guest("e2e-mkill", GuestKind::Idle)
@@ -569,10 +584,10 @@ fn background_writes_under_the_threshold_are_idle_and_over_it_are_not() {
             &[("stats_interval", "3")],
         )
         .expect("node");
-        (master, node)
+        (master, node, dir)
     };
-    let (under, _n1) = run("noise-under", "10");
-    let (over, _n2) = run("noise-over", "1");
+    let (under, _n1, _d1) = run("noise-under", "10");
+    let (over, _n2, _d2) = run("noise-over", "1");
     let t0 = Instant::now();
     wait_for(
         Duration::from_secs(60),
@@ -1027,6 +1042,7 @@ fn wait_for_state_releases_promptly_and_times_out_with_408() {
         lv,
         master,
         node: _node,
+        _dir,
     } = setup("wait", &[]);
     let uuid = lv
         .define_guest("e2e-wait", GuestKind::Idle)

@@ -6,13 +6,15 @@ use std::time::Duration;
 
 use vmwatch_tests::guests::GuestKind;
 use vmwatch_tests::libvirtd::PrivateLibvirtd;
-use vmwatch_tests::product::{temp_dir, wait_for, Master, Node};
+use vmwatch_tests::product::{temp_dir, wait_for, Master, Node, Scratch};
 use vmwatch_tests::require_root_env;
 
 struct Setup {
     lv: PrivateLibvirtd,
     master: Master,
     _node: Node,
+    /// Outlives the processes writing into it (see `temp_dir`).
+    _dir: Scratch,
 }
 
 fn setup(name: &str) -> Setup {
@@ -30,6 +32,7 @@ fn setup(name: &str) -> Setup {
         lv,
         master,
         _node: node,
+        _dir: dir,
     }
 }
 
@@ -51,7 +54,12 @@ fn a_guest_that_powers_itself_off_ends_the_wait() {
     if !require_root_env("a_guest_that_powers_itself_off_ends_the_wait") {
         return;
     }
-    let Setup { lv, master, _node } = setup("poweroff");
+    let Setup {
+        lv,
+        master,
+        _node,
+        _dir,
+    } = setup("poweroff");
     let uuid = lv
         .define_guest("installer", GuestKind::PowersOff)
         .expect("define");
@@ -89,7 +97,12 @@ fn a_guest_that_resets_itself_is_reported_and_stays_running() {
     if !require_root_env("a_guest_that_resets_itself_is_reported_and_stays_running") {
         return;
     }
-    let Setup { lv, master, _node } = setup("reboot");
+    let Setup {
+        lv,
+        master,
+        _node,
+        _dir,
+    } = setup("reboot");
     let uuid = lv
         .start_guest("rebooter", GuestKind::Reboots)
         .expect("start");
@@ -106,7 +119,12 @@ fn a_guest_that_panics_reads_crashed() {
     if !require_root_env("a_guest_that_panics_reads_crashed") {
         return;
     }
-    let Setup { lv, master, _node } = setup("panic");
+    let Setup {
+        lv,
+        master,
+        _node,
+        _dir,
+    } = setup("panic");
     let uuid = lv
         .start_guest("panicker", GuestKind::Panics)
         .expect("start");
@@ -128,7 +146,12 @@ fn the_node_connects_to_libvirt_read_only() {
     if !require_root_env("the_node_connects_to_libvirt_read_only") {
         return;
     }
-    let Setup { lv, master, _node } = setup("readonly");
+    let Setup {
+        lv,
+        master,
+        _node,
+        _dir,
+    } = setup("readonly");
     let pid = _node.pid().expect("node pid");
     let uuid = lv.start_guest("ro-guest", GuestKind::Idle).expect("start");
     wait_for(

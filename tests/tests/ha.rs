@@ -11,7 +11,7 @@ use vmwatch_master::store::{Conn, Purpose};
 use vmwatch_tests::guests::GuestKind;
 use vmwatch_tests::libvirtd::PrivateLibvirtd;
 use vmwatch_tests::pg;
-use vmwatch_tests::product::{free_port, temp_dir, wait_for, Master, Node};
+use vmwatch_tests::product::{free_port, temp_dir, wait_for, Master, Node, Scratch};
 use vmwatch_tests::receiver::PanelReceiver;
 use vmwatch_tests::require_root_env;
 
@@ -22,6 +22,8 @@ struct Group {
     masters: Vec<Master>,
     url: String,
     password_file: String,
+    /// Last: outlives the masters writing into them (see `temp_dir`).
+    _dirs: Vec<Scratch>,
 }
 
 impl Group {
@@ -29,6 +31,7 @@ impl Group {
         let url = cluster.create_database(name).expect("database");
         let password_file = cluster.password_file.display().to_string();
         let mut masters = Vec::new();
+        let mut dirs = Vec::new();
         for m in ["m1", "m2"] {
             let dir = temp_dir(&format!("{name}-{m}"));
             let mut extra = vec![
@@ -43,6 +46,7 @@ impl Group {
                 extra.push(("panel_secret", "panel-key-for-the-ha-tests-000"));
             }
             masters.push(Master::start(&dir, &extra).expect("master"));
+            dirs.push(dir);
             // m1 takes the lease first, so the roles are known.
             if m == "m1" {
                 wait_for(Duration::from_secs(10), "m1 leading", || {
@@ -54,6 +58,7 @@ impl Group {
             masters,
             url,
             password_file,
+            _dirs: dirs,
         }
     }
 

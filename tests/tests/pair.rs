@@ -12,7 +12,7 @@ use vmwatch_master::rules::{self, Inventory, Rules};
 use vmwatch_master::store::{EventFilter, Reader, Store};
 use vmwatch_node::core::{Action, CoreConfig, Input, NodeCore, Now, Transmit};
 use vmwatch_node::facts::{DomainFacts, EventFacts};
-use vmwatch_tests::product::temp_dir;
+use vmwatch_tests::product::{temp_dir, Scratch};
 use vmwatch_tests::sim::node_key;
 
 const NODE: &str = "pair-hv";
@@ -31,6 +31,8 @@ struct Pair {
     master_started: u64,
     /// Rejections by reason, as the master counted them.
     rejected: BTreeMap<&'static str, u64>,
+    /// Last: outlives the store in it (see `temp_dir`).
+    _dir: Scratch,
 }
 
 impl Pair {
@@ -51,7 +53,8 @@ impl Pair {
             "pair-host".into(),
             now,
         );
-        let db = temp_dir(&format!("pair-{name}")).join("master.db");
+        let dir = temp_dir(&format!("pair-{name}"));
+        let db = dir.join("master.db");
         Pair {
             node,
             now,
@@ -74,6 +77,7 @@ impl Pair {
             key: node_key(NODE),
             master_started: now.unix_ms,
             rejected: BTreeMap::new(),
+            _dir: dir,
         }
     }
 
