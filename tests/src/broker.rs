@@ -130,10 +130,15 @@ impl Broker {
                     self.log_tail()
                 );
             }
+            // A broker still booting can accept the TCP connection and never answer the AMQP
+            // handshake, and lapin's connect has no deadline of its own: a CI run once hung
+            // here for good. Each attempt gets 5 s.
             if runtime()?.block_on(async {
-                Connection::connect(&url, ConnectionProperties::default())
-                    .await
-                    .is_ok()
+                let attempt = Connection::connect(&url, ConnectionProperties::default());
+                matches!(
+                    tokio::time::timeout(Duration::from_secs(5), attempt).await,
+                    Ok(Ok(_))
+                )
             }) {
                 return Ok(());
             }
@@ -330,7 +335,13 @@ impl BusQueue {
     pub fn bind(url: &str, exchange: &str, queue: &str, binding: &str) -> Result<BusQueue> {
         let runtime = runtime()?;
         let (connection, channel) = runtime.block_on(async {
-            let connection = Connection::connect(url, ConnectionProperties::default()).await?;
+            // Bounded, as in `spawn`: lapin's connect has no deadline of its own.
+            let connection = tokio::time::timeout(
+                Duration::from_secs(30),
+                Connection::connect(url, ConnectionProperties::default()),
+            )
+            .await
+            .map_err(|_| anyhow!("no AMQP handshake from {url} within 30 s"))??;
             let channel = connection.create_channel().await?;
             channel
                 .exchange_declare(
@@ -359,7 +370,7 @@ impl BusQueue {
                     FieldTable::default(),
                 )
                 .await?;
-            Ok::<_, lapin::Error>((connection, channel))
+            Ok::<_, anyhow::Error>((connection, channel))
         })?;
         Ok(BusQueue {
             runtime,
