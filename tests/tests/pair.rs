@@ -144,7 +144,7 @@ impl Pair {
             .nodes()
             .unwrap()
             .iter()
-            .for_each(|n| assert_eq!(n.node_id, NODE));
+            .for_each(|n| assert_eq!(&*n.node_id, NODE));
         ["u1", "u2"]
             .iter()
             .flat_map(|u| reader.vm(u).unwrap())

@@ -675,16 +675,16 @@ impl Tally {
     fn note(&mut self, effects: &[Effect]) {
         for e in effects {
             let (set, node_id) = match e {
-                Effect::UpsertNode(n) => (&mut self.node_rows, &n.node_id),
-                Effect::UpsertVm(vm) => (&mut self.vm_rows, &vm.node_id),
-                Effect::RemoveVm { node_id, .. } => (&mut self.vm_rows, node_id),
-                Effect::RemoveNode { node_id } => (&mut self.node_rows, node_id),
+                Effect::UpsertNode(n) => (&mut self.node_rows, &*n.node_id),
+                Effect::UpsertVm(vm) => (&mut self.vm_rows, vm.node_id.as_str()),
+                Effect::RemoveVm { node_id, .. } => (&mut self.vm_rows, node_id.as_str()),
+                Effect::RemoveNode { node_id } => (&mut self.node_rows, node_id.as_str()),
                 Effect::Journal(_)
                 | Effect::Activity { .. }
                 | Effect::EnrollmentJournaled { .. } => continue,
             };
             if !set.contains(node_id) {
-                set.insert(node_id.clone());
+                set.insert(node_id.to_owned());
             }
         }
     }

@@ -113,17 +113,17 @@ impl Serialize for View<'_, Node> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let n = self.0;
         let mut m = s.serialize_struct("Node", 15)?;
-        m.serialize_field("node_id", &n.node_id)?;
+        m.serialize_field("node_id", &*n.node_id)?;
         m.serialize_field("up", &n.up)?;
         m.serialize_field("libvirt_up", &n.libvirt_up)?;
         m.serialize_field("first_seen", &n.first_seen)?;
         m.serialize_field("last_seen", &n.last_seen)?;
-        m.serialize_field("boot", &n.boot)?;
+        m.serialize_field("boot", &*n.boot)?;
         m.serialize_field("boot_ts", &n.boot_ts)?;
         m.serialize_field("last_seq", &n.last_seq)?;
-        m.serialize_field("version", &n.version)?;
-        m.serialize_field("hostname", &n.hostname)?;
-        m.serialize_field("libvirt_version", &n.libvirt_version)?;
+        m.serialize_field("version", &*n.version)?;
+        m.serialize_field("hostname", &*n.hostname)?;
+        m.serialize_field("libvirt_version", &*n.libvirt_version)?;
         m.serialize_field("domains", &n.domains)?;
         m.serialize_field("gaps", &n.gaps)?;
         m.serialize_field("lost", &n.lost)?;

@@ -702,7 +702,7 @@ impl Store {
             .map_err(ctx("load nodes"))?;
         for row in nodes {
             let n = node_from_row(row).map_err(ctx("load nodes"))?;
-            inv.nodes.insert(n.node_id.clone(), n);
+            inv.nodes.insert(n.node_id.to_string(), n);
         }
         let vms = self
             .conn
@@ -810,17 +810,17 @@ fn write_node(conn: &mut Conn, n: &Node, superseded: &str) -> Result<(), StoreEr
     conn.execute(
         NODE_UPSERT,
         args![
-            &n.node_id,
+            &*n.node_id,
             n.up,
             n.libvirt_up,
             n.first_seen as i64,
             n.last_seen as i64,
-            &n.boot,
+            &*n.boot,
             n.boot_ts as i64,
             n.last_seq as i64,
-            &n.version,
-            &n.hostname,
-            &n.libvirt_version,
+            &*n.version,
+            &*n.hostname,
+            &*n.libvirt_version,
             n.domains as i64,
             n.gaps as i64,
             n.lost as i64,
@@ -879,17 +879,17 @@ fn write_journal(conn: &mut Conn, e: &Entry) -> Result<i64, StoreError> {
 
 fn node_from_row(mut row: Row) -> Result<Node, DbError> {
     Ok(Node {
-        node_id: row.text(0)?,
+        node_id: row.text(0)?.into(),
         up: row.bool(1)?,
         libvirt_up: row.bool(2)?,
         first_seen: row.u64(3)?,
         last_seen: row.u64(4)?,
-        boot: row.text(5)?,
+        boot: row.text(5)?.into(),
         boot_ts: row.u64(6)?,
         last_seq: row.u64(7)?,
-        version: row.text(8)?,
-        hostname: row.text(9)?,
-        libvirt_version: row.text(10)?,
+        version: row.text(8)?.into(),
+        hostname: row.text(9)?.into(),
+        libvirt_version: row.text(10)?.into(),
         domains: row.u64(11)?,
         gaps: row.u64(12)?,
         lost: row.u64(13)?,
