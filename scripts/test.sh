@@ -11,11 +11,11 @@ bash scripts/install-deps.sh
 export CI=1
 # A one-off build gains nothing from incremental state (it was 7 GB of target/ here).
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
-# The run needs about 6 GB of disk (target/, guests, databases); say so before a linker dies of
+# The run needs about 7 GB of disk (target/, guests, databases); say so before a linker dies of
 # a full disk with SIGBUS.
 avail_kib=$(df -Pk . | awk 'NR==2 {print $4}')
 if [ "${avail_kib:-0}" -lt $((8 * 1024 * 1024)) ]; then
-  echo "warning: only $((avail_kib / 1024)) MiB free on $(df -P . | awk 'NR==2 {print $6}'); the tests need about 6 GB" >&2
+  echo "warning: only $((avail_kib / 1024)) MiB free on $(df -P . | awk 'NR==2 {print $6}'); the tests need about 7 GB" >&2
 fi
 # Cases per property of the fuzzer (vmwatch-master/src/fuzz.rs).
 export FUZZ_CASES="${FUZZ_CASES:-3000}"

@@ -36,7 +36,7 @@ fn vm(node: &str, uuid: &str) -> Vm {
     Vm {
         node_id: node.into(),
         uuid: uuid.into(),
-        name: format!("vm-{uuid}"),
+        name: format!("vm-{uuid}").into(),
         state: "running".into(),
         reason: "booted".into(),
         state_since: 5,

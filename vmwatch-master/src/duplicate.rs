@@ -154,11 +154,11 @@ pub fn check(inv: &mut Inventory, now: u64, grace_ms: u64) -> Vec<Effect> {
                 event_ts: now,
                 node_id: node_id.clone(),
                 uuid: vm.uuid.clone(),
-                name: vm.name.clone(),
+                name: vm.name.to_string(),
                 kind: EntryType::Duplicate,
                 event: if flagged { "flagged" } else { "cleared" }.to_owned(),
                 detail: detail(),
-                state: vm.state.clone(),
+                state: vm.state.to_string(),
             }));
             effects.push(Effect::UpsertVm(vm.clone()));
         }

@@ -9,6 +9,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+use compact_str::CompactString;
+
 use vmwatch_common::protocol::{
     AgentCounters, Authenticated, Body, DomainEvent, Heartbeat, Payload, Reject, Snapshot, Stats,
 };
@@ -82,9 +84,9 @@ pub struct Node {
 pub struct Vm {
     pub node_id: String,
     pub uuid: String,
-    pub name: String,
-    pub state: String,
-    pub reason: String,
+    pub name: CompactString,
+    pub state: CompactString,
+    pub reason: CompactString,
     pub state_since: u64,
     pub updated_at: u64,
     /// Counters and idle flags (see `idle.rs`).
@@ -93,7 +95,7 @@ pub struct Vm {
     pub duplicate: bool,
     /// While the row reads `unknown`: the state last seen, since when, and why
     /// (`node-down` or `libvirt-down`); all `None` otherwise.
-    pub last_state: Option<String>,
+    pub last_state: Option<CompactString>,
     pub unknown_since: Option<u64>,
     pub unknown_reason: Option<String>,
 }
@@ -217,7 +219,7 @@ impl Vm {
         Vm {
             node_id: node.into(),
             uuid: uuid.into(),
-            name: format!("vm-{uuid}"),
+            name: format!("vm-{uuid}").into(),
             state: state.into(),
             reason: "unknown".into(),
             state_since: 0,
@@ -276,7 +278,7 @@ pub fn vm_changes(effects: &[Effect]) -> Vec<VmChange> {
         .filter_map(|e| match e {
             Effect::UpsertVm(vm) => Some(VmChange {
                 uuid: vm.uuid.clone(),
-                state: Some(vm.state.clone()),
+                state: Some(vm.state.to_string()),
             }),
             Effect::RemoveVm { uuid, .. } => Some(VmChange {
                 uuid: uuid.clone(),
@@ -498,8 +500,8 @@ pub fn revoke_node(inv: &mut Inventory, node_id: &str, now: u64) -> Vec<Effect> 
         });
         effects.push(Effect::Journal(Entry {
             uuid,
-            name: vm.name,
-            state: vm.state,
+            name: vm.name.into(),
+            state: vm.state.into(),
             detail: "node revoked".into(),
             ..entry(now, node_id, EntryType::Vanished, "vanished")
         }));
@@ -685,8 +687,8 @@ fn apply_snapshot(
             });
             out.effects.push(Effect::Journal(Entry {
                 uuid,
-                name: vm.name,
-                state: vm.state,
+                name: vm.name.into(),
+                state: vm.state.into(),
                 ..entry(now, node_id, EntryType::Vanished, "vanished")
             }));
         }
@@ -710,9 +712,9 @@ fn apply_snapshot(
         let vm = Vm {
             node_id: node_id.to_owned(),
             uuid: d.uuid.clone(),
-            name: d.name.clone(),
-            state: d.state.clone(),
-            reason: d.reason.clone(),
+            name: d.name.as_str().into(),
+            state: d.state.as_str().into(),
+            reason: d.reason.as_str().into(),
             state_since,
             updated_at: now,
             usage,
@@ -775,9 +777,9 @@ fn apply_event(
     let vm = Vm {
         node_id: node_id.to_owned(),
         uuid: e.uuid.clone(),
-        name: e.name,
-        state: e.state,
-        reason: e.reason,
+        name: e.name.into(),
+        state: e.state.into(),
+        reason: e.reason.into(),
         state_since,
         updated_at: now,
         usage,
@@ -866,9 +868,9 @@ fn apply_stats(
             let detail = idle_detail(&c, stats.interval_s);
             out.effects.push(Effect::Journal(Entry {
                 uuid: vm.uuid.clone(),
-                name: vm.name.clone(),
+                name: vm.name.to_string(),
                 detail,
-                state: vm.state.clone(),
+                state: vm.state.to_string(),
                 ..entry(now, node_id, kind, c.resource)
             }));
         }
@@ -972,14 +974,14 @@ fn mark_unknown(
     effects: &mut Vec<Effect>,
 ) {
     for vm in vms.values_mut().filter(|vm| vm.state != UNKNOWN) {
-        vm.last_state = Some(std::mem::replace(&mut vm.state, UNKNOWN.to_owned()));
+        vm.last_state = Some(std::mem::replace(&mut vm.state, UNKNOWN.into()));
         vm.unknown_since = Some(now);
         vm.unknown_reason = Some(reason.to_owned());
         vm.state_since = now;
         vm.updated_at = now;
         effects.push(Effect::Journal(Entry {
             uuid: vm.uuid.clone(),
-            name: vm.name.clone(),
+            name: vm.name.to_string(),
             detail: reason.to_owned(),
             state: UNKNOWN.to_owned(),
             ..entry(now, node_id, EntryType::Lifecycle, UNKNOWN)

@@ -839,9 +839,9 @@ fn write_vm(conn: &mut Conn, vm: &Vm, usage: &str) -> Result<(), StoreError> {
         args![
             &vm.node_id,
             &vm.uuid,
-            &vm.name,
-            &vm.state,
-            &vm.reason,
+            vm.name.as_str(),
+            vm.state.as_str(),
+            vm.reason.as_str(),
             vm.state_since as i64,
             vm.updated_at as i64,
             vm.usage.net.idle,
@@ -903,15 +903,15 @@ fn vm_from_row(mut row: Row) -> Result<Vm, DbError> {
     Ok(Vm {
         node_id: row.text(0)?,
         uuid: row.text(1)?,
-        name: row.text(2)?,
-        state: row.text(3)?,
-        reason: row.text(4)?,
+        name: row.text(2)?.into(),
+        state: row.text(3)?.into(),
+        reason: row.text(4)?.into(),
         state_since: row.u64(5)?,
         updated_at: row.u64(6)?,
         // A usage column we cannot read costs only the idle history, never the row.
         usage: usage_column::decode(&row.text(7)?),
         duplicate: row.bool(8)?,
-        last_state: row.opt_text(9)?,
+        last_state: row.opt_text(9)?.map(Into::into),
         unknown_since: row.opt_u64(10)?,
         unknown_reason: row.opt_text(11)?,
     })
