@@ -54,7 +54,9 @@ pub fn free_port() -> u16 {
 /// A fresh directory under the system temp dir, removed when the guard drops, unless the thread
 /// is panicking (a failed test keeps its logs and databases, and says where) or
 /// `VMWATCH_KEEP_TEST_DIRS=1`. Declared before the processes that write into it, it outlives
-/// them: locals drop in reverse order. A run of the whole suite once left 10 GB behind in /tmp.
+/// them: locals drop in reverse order, and so do the bindings of one pattern (write the guard
+/// first in `let Setup { _dir, .. }`), while a struct's fields drop in declaration order (put it
+/// last). A run of the whole suite once left 10 GB behind in /tmp.
 pub fn temp_dir(name: &str) -> Scratch {
     static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

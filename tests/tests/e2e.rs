@@ -55,10 +55,10 @@ fn lifecycle_changes_reach_the_api_within_two_seconds() {
         return;
     }
     let Setup {
+        _dir,
         lv,
         master,
         node,
-        _dir,
     } = setup("life", &[]);
     let uuid = lv
         .define_guest("e2e-life", GuestKind::Idle)
@@ -114,10 +114,10 @@ fn libvirtd_killed_and_restarted() {
         return;
     }
     let Setup {
+        _dir,
         mut lv,
         master,
         node: _node,
-        _dir,
     } = setup("lvkill", &[("heartbeat_interval", "2")]);
     lv.start_guest("e2e-kill-run", GuestKind::Idle)
         .expect("start guest");
@@ -154,10 +154,10 @@ fn node_restart_resyncs_changes_made_behind_its_back() {
         return;
     }
     let Setup {
+        _dir,
         lv,
         master,
         mut node,
-        _dir,
     } = setup("resync", &[]);
     let gone = lv
         .define_guest("e2e-gone", GuestKind::Idle)
@@ -193,10 +193,10 @@ fn master_sigkill_keeps_inventory_and_traffic_resumes() {
         return;
     }
     let Setup {
+        _dir,
         lv,
         mut master,
         mut node,
-        _dir,
     } = setup("mkill", &[("heartbeat_interval", "1")]);
     let uuid = lv
         .define_guest("e2e-mkill", GuestKind::Idle)
@@ -584,10 +584,11 @@ fn background_writes_under_the_threshold_are_idle_and_over_it_are_not() {
             &[("stats_interval", "3")],
         )
         .expect("node");
-        (master, node, dir)
+        // The guard first: bindings drop in reverse order, so it outlives the processes.
+        (dir, master, node)
     };
-    let (under, _n1, _d1) = run("noise-under", "10");
-    let (over, _n2, _d2) = run("noise-over", "1");
+    let (_d1, under, _n1) = run("noise-under", "10");
+    let (_d2, over, _n2) = run("noise-over", "1");
     let t0 = Instant::now();
     wait_for(
         Duration::from_secs(60),
@@ -1039,10 +1040,10 @@ fn wait_for_state_releases_promptly_and_times_out_with_408() {
         return;
     }
     let Setup {
+        _dir,
         lv,
         master,
         node: _node,
-        _dir,
     } = setup("wait", &[]);
     let uuid = lv
         .define_guest("e2e-wait", GuestKind::Idle)

@@ -55,10 +55,10 @@ fn a_guest_that_powers_itself_off_ends_the_wait() {
         return;
     }
     let Setup {
+        _dir,
         lv,
         master,
         _node,
-        _dir,
     } = setup("poweroff");
     let uuid = lv
         .define_guest("installer", GuestKind::PowersOff)
@@ -98,10 +98,10 @@ fn a_guest_that_resets_itself_is_reported_and_stays_running() {
         return;
     }
     let Setup {
+        _dir,
         lv,
         master,
         _node,
-        _dir,
     } = setup("reboot");
     let uuid = lv
         .start_guest("rebooter", GuestKind::Reboots)
@@ -120,10 +120,10 @@ fn a_guest_that_panics_reads_crashed() {
         return;
     }
     let Setup {
+        _dir,
         lv,
         master,
         _node,
-        _dir,
     } = setup("panic");
     let uuid = lv
         .start_guest("panicker", GuestKind::Panics)
@@ -147,10 +147,10 @@ fn the_node_connects_to_libvirt_read_only() {
         return;
     }
     let Setup {
+        _dir,
         lv,
         master,
         _node,
-        _dir,
     } = setup("readonly");
     let pid = _node.pid().expect("node pid");
     let uuid = lv.start_guest("ro-guest", GuestKind::Idle).expect("start");
