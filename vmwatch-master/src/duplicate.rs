@@ -6,12 +6,12 @@
 //! row (a host that cannot be seen) is not active either; when that node returns still running
 //! the VM that meanwhile runs elsewhere (the zombie after an HA restart), it is flagged.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use smallvec::SmallVec;
 
-use crate::rules::{Effect, Entry, EntryType, Inventory, Vm};
+use crate::rules::{Effect, Entry, EntryType, Inventory, Node, Vm};
 
 /// Reasons of a `paused` copy that a migration is bringing in (or carrying out): not a second
 /// copy, however long the migration takes.
@@ -37,10 +37,6 @@ type Holders = SmallVec<[Arc<str>; 1]>;
 pub struct Copies {
     /// Sorted node ids per uuid; nearly every uuid is on one node, so one id is held inline.
     by_uuid: HashMap<Box<str>, Holders>,
-    /// The node ids `by_uuid` shares: one allocation per node, not one per row (at 10,000
-    /// nodes × 50 VMs the index held 500,000 copies of the node ids). An id stays after its
-    /// node is gone: there are only as many as nodes ever enrolled.
-    node_ids: HashSet<Arc<str>>,
     /// (uuid, node) of every row written or removed since the last check.
     touched: BTreeSet<(String, String)>,
     /// Whether `by_uuid` has been built from the whole inventory (the first check does it).
@@ -69,23 +65,26 @@ impl Copies {
         }
     }
 
-    /// The shared copy of `node_id`.
-    fn node_id(&mut self, node_id: &str) -> Arc<str> {
-        if let Some(id) = self.node_ids.get(node_id) {
-            return id.clone();
-        }
-        let id: Arc<str> = node_id.into();
-        self.node_ids.insert(id.clone());
-        id
-    }
-
     /// Brings `by_uuid` up to date; returns the uuids to re-evaluate (all of them the first
     /// time).
-    fn refresh(&mut self, vms: &HashMap<String, BTreeMap<String, Vm>>) -> BTreeSet<String> {
+    ///
+    /// The holders are the node rows' own ids (`Node::node_id`), shared: one allocation per
+    /// node, not one per row (at 10,000 nodes × 50 VMs the index held 500,000 copies).
+    fn refresh(
+        &mut self,
+        nodes: &HashMap<String, Node>,
+        vms: &HashMap<String, BTreeMap<String, Vm>>,
+    ) -> BTreeSet<String> {
+        // A VM map without its node row does not happen (the rules insert both); a copy then.
+        let shared = |node_id: &str| -> Arc<str> {
+            nodes
+                .get(node_id)
+                .map_or_else(|| node_id.into(), |n| n.node_id.clone())
+        };
         if !self.built {
             self.built = true;
             for (node_id, rows) in vms {
-                let id = self.node_id(node_id);
+                let id = shared(node_id);
                 for uuid in rows.keys() {
                     self.by_uuid
                         .entry(uuid.as_str().into())
@@ -103,18 +102,26 @@ impl Copies {
             let exists = vms
                 .get(&node_id)
                 .is_some_and(|rows| rows.contains_key(&uuid));
-            let id = self.node_id(&node_id);
-            // Kept sorted: node order makes the journal order deterministic.
-            let nodes = self.by_uuid.entry(uuid.as_str().into()).or_default();
-            match (exists, nodes.binary_search(&id)) {
-                (true, Err(i)) => nodes.insert(i, id),
-                (false, Ok(i)) => {
-                    nodes.remove(i);
+            // Kept sorted: node order makes the journal order deterministic. Looked up before
+            // inserting: a row already indexed (nearly every write) allocates no key.
+            match self.by_uuid.get_mut(uuid.as_str()) {
+                Some(holders) => {
+                    match (exists, holders.binary_search_by(|h| (**h).cmp(&node_id))) {
+                        (true, Err(i)) => holders.insert(i, shared(&node_id)),
+                        (false, Ok(i)) => {
+                            holders.remove(i);
+                        }
+                        _ => {}
+                    }
+                    if holders.is_empty() {
+                        self.by_uuid.remove(uuid.as_str());
+                    }
                 }
-                _ => {}
-            }
-            if nodes.is_empty() {
-                self.by_uuid.remove(uuid.as_str());
+                None if exists => {
+                    let holders: Holders = smallvec::smallvec![shared(&node_id)];
+                    self.by_uuid.insert(uuid.as_str().into(), holders);
+                }
+                None => {}
             }
             uuids.insert(uuid);
         }
@@ -126,7 +133,7 @@ impl Copies {
 /// their grace; returns the rows whose flag changed and their journal entries. `dup_since` in
 /// the inventory remembers since when each uuid has been active twice.
 pub fn check(inv: &mut Inventory, now: u64, grace_ms: u64) -> Vec<Effect> {
-    let mut uuids = inv.copies.refresh(&inv.vms);
+    let mut uuids = inv.copies.refresh(&inv.nodes, &inv.vms);
     uuids.extend(inv.dup_since.keys().cloned());
     let mut effects = Vec::new();
     for uuid in uuids {

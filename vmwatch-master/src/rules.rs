@@ -402,24 +402,12 @@ pub fn handle(
         gap: None,
         effects: Vec::new(),
     };
-    // Looked up before inserting, so that a known node (every message but a new node's
-    // first) costs no key allocation.
-    if !inv.nodes.contains_key(&node_id) {
-        inv.nodes.insert(node_id.clone(), new_node(&node_id, now));
-    }
-    let Some(node) = inv.nodes.get_mut(&node_id) else {
-        unreachable!("the node row was inserted above");
-    };
+    let node = get_or_insert(&mut inv.nodes, &node_id, || new_node(&node_id, now));
     record_arrival(node, admission, &payload, now, rules, &mut out);
     // First what the message says about the node itself, then the node row, then its VMs.
     node_facts(node, &payload.body, now, &mut out);
     out.effects.push(Effect::UpsertNode(node.clone()));
-    if !inv.vms.contains_key(&node_id) {
-        inv.vms.insert(node_id.clone(), BTreeMap::new());
-    }
-    let Some(vms) = inv.vms.get_mut(&node_id) else {
-        unreachable!("the node's VM map was inserted above");
-    };
+    let vms = get_or_insert(&mut inv.vms, &node_id, BTreeMap::new);
     match payload.body {
         Body::Snapshot(s) => apply_snapshot(vms, &node_id, s, now, &mut out),
         Body::Event(e) => apply_event(vms, &node_id, e, now, &mut out),
@@ -438,6 +426,22 @@ pub fn handle(
     }
     out.node_id = node_id;
     Ok(out)
+}
+
+/// The value under `key`, made and inserted when missing. Looked up first, so that a known key
+/// (every message but a new node's first) allocates nothing: `entry` takes an owned key.
+fn get_or_insert<'a, V>(
+    map: &'a mut HashMap<String, V>,
+    key: &str,
+    make: impl FnOnce() -> V,
+) -> &'a mut V {
+    if !map.contains_key(key) {
+        map.insert(key.to_owned(), make());
+    }
+    let Some(value) = map.get_mut(key) else {
+        unreachable!("inserted above");
+    };
+    value
 }
 
 /// The bounds one node's messages may not push the master past (SPEC §11), checked after
