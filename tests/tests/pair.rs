@@ -148,7 +148,7 @@ impl Pair {
         ["u1", "u2"]
             .iter()
             .flat_map(|u| reader.vm(u).unwrap())
-            .map(|vm| (vm.uuid.clone(), vm.state.to_string()))
+            .map(|vm| (vm.uuid.to_string(), vm.state.to_string()))
             .collect()
     }
 

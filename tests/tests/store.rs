@@ -43,9 +43,11 @@ fn vm(node: &str, uuid: &str) -> Vm {
         updated_at: 6,
         usage: Default::default(),
         duplicate: false,
-        last_state: Some("running".into()),
-        unknown_since: Some(u64::MAX >> 1),
-        unknown_reason: Some("node-down".into()),
+        unknown: vmwatch_master::rules::Unknown::boxed(
+            Some("running".into()),
+            Some(u64::MAX >> 1),
+            Some("node-down".into()),
+        ),
     }
 }
 

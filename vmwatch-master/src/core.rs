@@ -676,7 +676,7 @@ impl Tally {
         for e in effects {
             let (set, node_id) = match e {
                 Effect::UpsertNode(n) => (&mut self.node_rows, &*n.node_id),
-                Effect::UpsertVm(vm) => (&mut self.vm_rows, vm.node_id.as_str()),
+                Effect::UpsertVm(vm) => (&mut self.vm_rows, &*vm.node_id),
                 Effect::RemoveVm { node_id, .. } => (&mut self.vm_rows, node_id.as_str()),
                 Effect::RemoveNode { node_id } => (&mut self.node_rows, node_id.as_str()),
                 Effect::Journal(_)
@@ -734,7 +734,7 @@ mod tests {
             inv.vms
                 .entry(node.into())
                 .or_default()
-                .insert(uuid.into(), vm(node, uuid, state));
+                .insert(vm(node, uuid, state));
         }
         let mut tally = Tally::default();
         assert_eq!(tally.update(&inv).totals, recount(&inv));
@@ -747,10 +747,7 @@ mod tests {
         let mut changed = vm("a", "1", "paused");
         changed.duplicate = true;
         changed.usage.net.idle = true;
-        inv.vms
-            .get_mut("a")
-            .unwrap()
-            .insert("1".into(), changed.clone());
+        inv.vms.get_mut("a").unwrap().insert(changed.clone());
         inv.vms.get_mut("b").unwrap().remove("3");
         tally.note(&[
             Effect::UpsertVm(changed),

@@ -6,11 +6,10 @@
 //! row (a host that cannot be seen) is not active either; when that node returns still running
 //! the VM that meanwhile runs elsewhere (the zombie after an HA restart), it is flagged.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
-use smallvec::SmallVec;
-
+use crate::rows::VmRows;
 use crate::rules::{Effect, Entry, EntryType, Inventory, Node, Vm};
 
 /// Reasons of a `paused` copy that a migration is bringing in (or carrying out): not a second
@@ -27,16 +26,89 @@ pub fn is_active(vm: &Vm) -> bool {
     }
 }
 
-/// The nodes holding one uuid, sorted.
-type Holders = SmallVec<[Arc<str>; 1]>;
+/// Which nodes hold a row of each uuid. Nearly every uuid is on one node: those are a map entry
+/// of two shared strings (32 bytes; a small vector per uuid made it 48, 16 MB more at 500,000
+/// rows), and only the uuids on two or more nodes have a sorted list.
+#[derive(Debug, Default, Clone)]
+struct Holders {
+    /// The uuids on exactly one node, with it.
+    sole: HashMap<Arc<str>, Arc<str>>,
+    /// The uuids on two or more nodes, with them sorted.
+    several: HashMap<Arc<str>, Vec<Arc<str>>>,
+}
+
+impl Holders {
+    /// The nodes holding `uuid`, sorted.
+    fn of(&self, uuid: &str) -> &[Arc<str>] {
+        if let Some(nodes) = self.several.get(uuid) {
+            return nodes;
+        }
+        self.sole.get(uuid).map_or(&[], std::slice::from_ref)
+    }
+
+    /// The shared uuid string the index holds for `uuid`, if it holds one.
+    fn key(&self, uuid: &str) -> Option<&Arc<str>> {
+        self.sole
+            .get_key_value(uuid)
+            .map(|(k, _)| k)
+            .or_else(|| self.several.get_key_value(uuid).map(|(k, _)| k))
+    }
+
+    fn add(&mut self, uuid: &Arc<str>, node: Arc<str>) {
+        if let Some(nodes) = self.several.get_mut(&**uuid) {
+            if let Err(i) = nodes.binary_search(&node) {
+                nodes.insert(i, node);
+            }
+            return;
+        }
+        match self.sole.get(&**uuid) {
+            Some(held) if *held == node => {}
+            Some(_) => {
+                let Some((key, held)) = self.sole.remove_entry(&**uuid) else {
+                    return;
+                };
+                let mut nodes = vec![held, node];
+                nodes.sort();
+                self.several.insert(key, nodes);
+            }
+            None => {
+                self.sole.insert(uuid.clone(), node);
+            }
+        }
+    }
+
+    fn remove(&mut self, uuid: &str, node: &str) {
+        if let Some(nodes) = self.several.get_mut(uuid) {
+            if let Ok(i) = nodes.binary_search_by(|n| (**n).cmp(node)) {
+                nodes.remove(i);
+            }
+            if nodes.len() < 2 {
+                if let Some((key, mut nodes)) = self.several.remove_entry(uuid) {
+                    if let Some(last) = nodes.pop() {
+                        self.sole.insert(key, last);
+                    }
+                }
+            }
+            return;
+        }
+        if self.sole.get(uuid).is_some_and(|held| **held == *node) {
+            self.sole.remove(uuid);
+        }
+    }
+
+    fn uuids(&self) -> impl Iterator<Item = &Arc<str>> {
+        self.sole.keys().chain(self.several.keys())
+    }
+}
 
 /// Which nodes hold a row of each uuid, and the rows written since the last check: the rule
 /// re-evaluates only the uuids of those rows and the uuids in their grace, never every row
 /// (a scan of 500,000 rows a second was a third of an idle master's CPU).
 #[derive(Debug, Default, Clone)]
 pub struct Copies {
-    /// Sorted node ids per uuid; nearly every uuid is on one node, so one id is held inline.
-    by_uuid: HashMap<Box<str>, Holders>,
+    /// The keys are the rows' own shared uuids (`Vm::uuid`), the nodes the node rows' own
+    /// shared ids (`Node::node_id`): the index allocates no string of its own.
+    by_uuid: Holders,
     /// (uuid, node) of every row written or removed since the last check.
     touched: BTreeSet<(String, String)>,
     /// Whether `by_uuid` has been built from the whole inventory (the first check does it).
@@ -67,14 +139,11 @@ impl Copies {
 
     /// Brings `by_uuid` up to date; returns the uuids to re-evaluate (all of them the first
     /// time).
-    ///
-    /// The holders are the node rows' own ids (`Node::node_id`), shared: one allocation per
-    /// node, not one per row (at 10,000 nodes × 50 VMs the index held 500,000 copies).
     fn refresh(
         &mut self,
         nodes: &HashMap<String, Node>,
-        vms: &HashMap<String, BTreeMap<String, Vm>>,
-    ) -> BTreeSet<String> {
+        vms: &HashMap<String, VmRows>,
+    ) -> BTreeSet<Arc<str>> {
         // A VM map without its node row does not happen (the rules insert both); a copy then.
         let shared = |node_id: &str| -> Arc<str> {
             nodes
@@ -85,45 +154,34 @@ impl Copies {
             self.built = true;
             for (node_id, rows) in vms {
                 let id = shared(node_id);
-                for uuid in rows.keys() {
-                    self.by_uuid
-                        .entry(uuid.as_str().into())
-                        .or_default()
-                        .push(id.clone());
+                for vm in rows.values() {
+                    self.by_uuid.add(&vm.uuid, id.clone());
                 }
             }
-            for nodes in self.by_uuid.values_mut() {
-                nodes.sort();
-            }
-            return self.by_uuid.keys().map(|u| u.to_string()).collect();
+            return self.by_uuid.uuids().cloned().collect();
         }
         let mut uuids = BTreeSet::new();
         for (uuid, node_id) in std::mem::take(&mut self.touched) {
-            let exists = vms
-                .get(&node_id)
-                .is_some_and(|rows| rows.contains_key(&uuid));
-            // Kept sorted: node order makes the journal order deterministic. Looked up before
-            // inserting: a row already indexed (nearly every write) allocates no key.
-            match self.by_uuid.get_mut(uuid.as_str()) {
-                Some(holders) => {
-                    match (exists, holders.binary_search_by(|h| (**h).cmp(&node_id))) {
-                        (true, Err(i)) => holders.insert(i, shared(&node_id)),
-                        (false, Ok(i)) => {
-                            holders.remove(i);
-                        }
-                        _ => {}
-                    }
-                    if holders.is_empty() {
-                        self.by_uuid.remove(uuid.as_str());
-                    }
+            let row = vms.get(&node_id).and_then(|rows| rows.get(&uuid));
+            // The shared uuid: the row's, else the index's, else (a row removed and never
+            // indexed) a new one. Kept sorted: node order makes the journal order
+            // deterministic.
+            let key: Arc<str> = match row {
+                Some(vm) => {
+                    self.by_uuid.add(&vm.uuid, shared(&node_id));
+                    vm.uuid.clone()
                 }
-                None if exists => {
-                    let holders: Holders = smallvec::smallvec![shared(&node_id)];
-                    self.by_uuid.insert(uuid.as_str().into(), holders);
+                None => {
+                    let key = self
+                        .by_uuid
+                        .key(&uuid)
+                        .cloned()
+                        .unwrap_or_else(|| uuid.as_str().into());
+                    self.by_uuid.remove(&uuid, &node_id);
+                    key
                 }
-                None => {}
-            }
-            uuids.insert(uuid);
+            };
+            uuids.insert(key);
         }
         uuids
     }
@@ -137,11 +195,7 @@ pub fn check(inv: &mut Inventory, now: u64, grace_ms: u64) -> Vec<Effect> {
     uuids.extend(inv.dup_since.keys().cloned());
     let mut effects = Vec::new();
     for uuid in uuids {
-        let nodes: &[Arc<str>] = inv
-            .copies
-            .by_uuid
-            .get(uuid.as_str())
-            .map_or(&[], |h| h.as_slice());
+        let nodes: &[Arc<str>] = inv.copies.by_uuid.of(&uuid);
         let active: Vec<&str> = nodes
             .iter()
             .map(|n| &**n)
@@ -187,7 +241,7 @@ pub fn check(inv: &mut Inventory, now: u64, grace_ms: u64) -> Vec<Effect> {
                 received_at: now,
                 event_ts: now,
                 node_id: node_id.to_string(),
-                uuid: vm.uuid.clone(),
+                uuid: vm.uuid.to_string(),
                 name: vm.name.to_string(),
                 kind: EntryType::Duplicate,
                 event: if flagged { "flagged" } else { "cleared" }.to_owned(),
@@ -203,6 +257,7 @@ pub fn check(inv: &mut Inventory, now: u64, grace_ms: u64) -> Vec<Effect> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
 
     fn put(inv: &mut Inventory, node: &str, uuid: &str, state: &str) {
         let vm = Vm::for_test(node, uuid, state);
@@ -213,13 +268,10 @@ mod tests {
             .map(|v| v.duplicate)
             .unwrap_or(false);
         inv.copies.touch(node, uuid);
-        inv.vms.entry(node.into()).or_default().insert(
-            uuid.into(),
-            Vm {
-                duplicate: old,
-                ..vm
-            },
-        );
+        inv.vms.entry(node.into()).or_default().insert(Vm {
+            duplicate: old,
+            ..vm
+        });
     }
 
     fn flags(inv: &Inventory, uuid: &str) -> Vec<(String, bool)> {
@@ -339,5 +391,40 @@ mod tests {
                 ("c".into(), "flagged".into())
             ]
         );
+    }
+
+    proptest::proptest! {
+        /// The holder index answers as a map of sorted node sets does, under any sequence of
+        /// adds and removals (a uuid moving between one holder and several included).
+        #[test]
+        fn holders_behave_as_sorted_sets(ops in proptest::collection::vec((proptest::bool::ANY, 0u8..4, 0u8..4), 0..300)) {
+            let mut index = Holders::default();
+            let mut model: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+            for (add, u, n) in ops {
+                let (uuid, node) = (format!("u{u}"), format!("n{n}"));
+                if add {
+                    index.add(&Arc::from(uuid.as_str()), Arc::from(node.as_str()));
+                    model.entry(uuid.clone()).or_default().insert(node);
+                } else {
+                    index.remove(&uuid, &node);
+                    if let Some(set) = model.get_mut(&uuid) {
+                        set.remove(&node);
+                        if set.is_empty() {
+                            model.remove(&uuid);
+                        }
+                    }
+                }
+                for u in 0..4 {
+                    let uuid = format!("u{u}");
+                    let got: Vec<String> = index.of(&uuid).iter().map(|n| n.to_string()).collect();
+                    let want: Vec<String> = model.get(&uuid).map(|s| s.iter().cloned().collect()).unwrap_or_default();
+                    proptest::prop_assert_eq!(got, want);
+                    proptest::prop_assert_eq!(index.key(&uuid).is_some(), model.contains_key(&uuid));
+                }
+                let mut uuids: Vec<String> = index.uuids().map(|u| u.to_string()).collect();
+                uuids.sort();
+                proptest::prop_assert!(uuids.iter().eq(model.keys()));
+            }
+        }
     }
 }

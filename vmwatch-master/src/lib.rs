@@ -29,6 +29,7 @@ mod metrics;
 mod raw;
 pub mod registry;
 pub mod retention;
+pub mod rows;
 pub mod rules;
 pub mod run;
 mod serve;

@@ -5,6 +5,7 @@
 //!   key). `zmq::Message` hides its `zmq_msg_t`, so the frame is received through `zmq-sys`.
 //! - [`tcp_bytes_received`]: `tcpi_bytes_received` of a TCP socket (`TCP_INFO`), which the
 //!   `libc` crate's `tcp_info` does not have.
+//! - [`release_free_memory`]: glibc's `malloc_trim`, which no safe crate wraps.
 #![allow(unsafe_code)]
 
 use std::ffi::CStr;
@@ -108,4 +109,17 @@ pub fn tcp_bytes_received(fd: RawFd) -> Option<u64> {
         .try_into()
         .ok()?;
     Some(u64::from_ne_bytes(bytes))
+}
+
+/// Gives the pages of freed heap memory back to the kernel (glibc's `malloc_trim(0)`, every
+/// arena, not only the top of the main heap). glibc keeps what its per-thread arenas freed:
+/// after 10,000 nodes' snapshots the master held 753 MiB resident for 411 MB in use, and one
+/// call brought it to 517 MiB. Returns how long the call took.
+pub fn release_free_memory() -> std::time::Duration {
+    let t0 = std::time::Instant::now();
+    // SAFETY: malloc_trim takes no pointers; it only walks glibc's own arenas under their locks.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+    t0.elapsed()
 }

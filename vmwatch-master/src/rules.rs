@@ -6,7 +6,8 @@
 //! in one transaction. Nothing here reads a clock, a socket or a file, so the tests below drive
 //! it directly.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
+use std::hash::BuildHasher;
 use std::sync::Arc;
 
 use compact_str::CompactString;
@@ -16,6 +17,7 @@ use vmwatch_common::protocol::{
 };
 
 use crate::idle::{self, Usage};
+use crate::rows::VmRows;
 
 /// Parameters of the rules, from the configuration.
 #[derive(Debug, Clone, Copy)]
@@ -49,7 +51,12 @@ pub struct StatsWindow {
     boot: String,
     ts: u64,
     arrived: u64,
-    seen: std::collections::HashSet<String>,
+    /// Keyed hashes of the uuids listed so far: 8 bytes a VM, not a copy of each uuid (every
+    /// node of a fleet always has a current window: 500,000 copies at 10,000 × 50). Two uuids
+    /// of one node colliding would only make a part of a split collection look like a second
+    /// window (`too_frequent`): 2^-64 a pair, under a key random to this master.
+    seen: std::collections::HashSet<u64>,
+    keys: std::hash::RandomState,
 }
 
 /// What the master knows of one node.
@@ -82,8 +89,10 @@ pub struct Node {
 /// One VM row: one domain on one node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Vm {
-    pub node_id: String,
-    pub uuid: String,
+    /// The node row's own id, shared (one allocation per node, not per row).
+    pub node_id: Arc<str>,
+    /// Shared with the duplicate index, and cloned into every effect without allocating.
+    pub uuid: Arc<str>,
     pub name: CompactString,
     pub state: CompactString,
     pub reason: CompactString,
@@ -93,11 +102,52 @@ pub struct Vm {
     pub usage: Usage,
     /// Active on two or more nodes for longer than the grace (see `duplicate.rs`).
     pub duplicate: bool,
-    /// While the row reads `unknown`: the state last seen, since when, and why
-    /// (`node-down` or `libvirt-down`); all `None` otherwise.
+    /// While the row reads `unknown`: the state last seen, since when, and why; `None`
+    /// otherwise. Boxed: nearly every row is known, and three inline fields cost every row 64
+    /// bytes (32 MB at 10,000 nodes × 50 VMs).
+    pub unknown: Option<Box<Unknown>>,
+}
+
+/// What a row whose host cannot be seen keeps (API fields `last_state`, `unknown_since`,
+/// `unknown_reason`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Unknown {
     pub last_state: Option<CompactString>,
-    pub unknown_since: Option<u64>,
-    pub unknown_reason: Option<String>,
+    pub since: Option<u64>,
+    /// `node-down` or `libvirt-down`.
+    pub reason: Option<String>,
+}
+
+impl Unknown {
+    /// `None` when all three are `None` (a known row).
+    pub fn boxed(
+        last_state: Option<CompactString>,
+        since: Option<u64>,
+        reason: Option<String>,
+    ) -> Option<Box<Unknown>> {
+        if last_state.is_none() && since.is_none() && reason.is_none() {
+            return None;
+        }
+        Some(Box::new(Unknown {
+            last_state,
+            since,
+            reason,
+        }))
+    }
+}
+
+impl Vm {
+    pub fn last_state(&self) -> Option<&str> {
+        self.unknown.as_ref()?.last_state.as_deref()
+    }
+
+    pub fn unknown_since(&self) -> Option<u64> {
+        self.unknown.as_ref()?.since
+    }
+
+    pub fn unknown_reason(&self) -> Option<&str> {
+        self.unknown.as_ref()?.reason.as_deref()
+    }
 }
 
 /// The state of a VM row whose host cannot be seen.
@@ -191,10 +241,10 @@ pub enum Effect {
 #[derive(Debug, Default, Clone)]
 pub struct Inventory {
     pub nodes: HashMap<String, Node>,
-    pub vms: HashMap<String, BTreeMap<String, Vm>>,
+    pub vms: HashMap<String, VmRows>,
     /// Since when each uuid has been active on two or more nodes (kept in memory: after a
     /// master restart the grace starts again).
-    pub dup_since: HashMap<String, u64>,
+    pub dup_since: HashMap<Arc<str>, u64>,
     /// The duplicate rule's index of which nodes hold each uuid (see `duplicate.rs`).
     pub copies: crate::duplicate::Copies,
     /// Each node's current stats window (memory only: after a restart the first window is new).
@@ -226,16 +276,14 @@ impl Vm {
             updated_at: 0,
             usage: Default::default(),
             duplicate: false,
-            last_state: None,
-            unknown_since: None,
-            unknown_reason: None,
+            unknown: None,
         }
     }
 }
 
 impl Inventory {
     pub fn vm_count(&self) -> usize {
-        self.vms.values().map(BTreeMap::len).sum()
+        self.vms.values().map(VmRows::len).sum()
     }
 }
 
@@ -277,7 +325,7 @@ pub fn vm_changes(effects: &[Effect]) -> Vec<VmChange> {
         .iter()
         .filter_map(|e| match e {
             Effect::UpsertVm(vm) => Some(VmChange {
-                uuid: vm.uuid.clone(),
+                uuid: vm.uuid.to_string(),
                 state: Some(vm.state.to_string()),
             }),
             Effect::RemoveVm { uuid, .. } => Some(VmChange {
@@ -407,14 +455,15 @@ pub fn handle(
     // First what the message says about the node itself, then the node row, then its VMs.
     node_facts(node, &payload.body, now, &mut out);
     out.effects.push(Effect::UpsertNode(node.clone()));
-    let vms = get_or_insert(&mut inv.vms, &node_id, BTreeMap::new);
+    let shared_id = node.node_id.clone();
+    let vms = get_or_insert(&mut inv.vms, &node_id, VmRows::default);
     match payload.body {
-        Body::Snapshot(s) => apply_snapshot(vms, &node_id, s, now, &mut out),
-        Body::Event(e) => apply_event(vms, &node_id, e, now, &mut out),
+        Body::Snapshot(s) => apply_snapshot(vms, &shared_id, s, now, &mut out),
+        Body::Event(e) => apply_event(vms, &shared_id, e, now, &mut out),
         Body::Stats(stats) => apply_stats(
             vms,
             &mut inv.activity_pending,
-            &node_id,
+            &shared_id,
             stats,
             payload.ts,
             now,
@@ -459,7 +508,7 @@ fn check_bounds(
         Body::Snapshot(s) if s.domains.len() > rules.max_vms_per_node => Err(Reject::TooManyVms),
         Body::Event(e) => {
             let known = rows.is_some_and(|v| v.contains_key(&e.uuid));
-            let full = rows.map_or(0, BTreeMap::len) >= rules.max_vms_per_node;
+            let full = rows.map_or(0, VmRows::len) >= rules.max_vms_per_node;
             if !known && full && !(e.event == "undefined" && e.state == "shutoff") {
                 return Err(Reject::TooManyVms);
             }
@@ -480,11 +529,17 @@ fn check_bounds(
                 w.ts = payload.ts;
                 w.arrived = now;
                 w.seen.clear();
-            } else if st.domains.iter().any(|d| w.seen.contains(&d.uuid)) {
+            } else if st
+                .domains
+                .iter()
+                .any(|d| w.seen.contains(&w.keys.hash_one(&d.uuid)))
+            {
                 // A part of a split collection lists other VMs; a second window lists the same.
                 return Err(Reject::TooFrequent);
             }
-            w.seen.extend(st.domains.iter().map(|d| d.uuid.clone()));
+            let keys = &w.keys;
+            w.seen
+                .extend(st.domains.iter().map(|d| keys.hash_one(&d.uuid)));
             Ok(())
         }
         _ => Ok(()),
@@ -495,7 +550,8 @@ fn check_bounds(
 /// `node`/`revoked` entry (SPEC §10).
 pub fn revoke_node(inv: &mut Inventory, node_id: &str, now: u64) -> Vec<Effect> {
     let mut effects = Vec::new();
-    for (uuid, vm) in inv.vms.remove(node_id).unwrap_or_default() {
+    for vm in inv.vms.remove(node_id).unwrap_or_default() {
+        let uuid = vm.uuid.to_string();
         inv.activity_pending
             .remove(&(node_id.to_owned(), uuid.clone()));
         effects.push(Effect::RemoveVm {
@@ -669,53 +725,40 @@ fn set_libvirt(node: &mut Node, out: &mut Outcome, now: u64, up: bool) {
     }
 }
 
-fn apply_snapshot(
-    vms: &mut BTreeMap<String, Vm>,
-    node_id: &str,
-    s: Snapshot,
-    now: u64,
-    out: &mut Outcome,
-) {
+fn apply_snapshot(vms: &mut VmRows, node_id: &Arc<str>, s: Snapshot, now: u64, out: &mut Outcome) {
     let listed: std::collections::HashSet<&str> =
         s.domains.iter().map(|d| d.uuid.as_str()).collect();
-    let gone: Vec<String> = vms
-        .keys()
-        .filter(|u| !listed.contains(u.as_str()))
-        .cloned()
-        .collect();
-    for uuid in gone {
-        if let Some(vm) = vms.remove(&uuid) {
-            out.effects.push(Effect::RemoveVm {
-                node_id: node_id.to_owned(),
-                uuid: uuid.clone(),
-            });
-            out.effects.push(Effect::Journal(Entry {
-                uuid,
-                name: vm.name.into(),
-                state: vm.state.into(),
-                ..entry(now, node_id, EntryType::Vanished, "vanished")
-            }));
-        }
+    for vm in vms.take_unless(|vm| listed.contains(&*vm.uuid)) {
+        out.effects.push(Effect::RemoveVm {
+            node_id: node_id.to_string(),
+            uuid: vm.uuid.to_string(),
+        });
+        out.effects.push(Effect::Journal(Entry {
+            uuid: vm.uuid.to_string(),
+            name: vm.name.into(),
+            state: vm.state.into(),
+            ..entry(now, node_id, EntryType::Vanished, "vanished")
+        }));
     }
     for d in s.domains {
-        let (detail, changed_state) = match vms.get(&d.uuid) {
+        let old = vms.get(&d.uuid);
+        let (detail, changed_state) = match old {
             None => ("new", true),
             Some(vm) if vm.state == UNKNOWN => ("known", true),
             Some(vm) if vm.state != d.state => ("changed", true),
             Some(vm) if vm.name != d.name || vm.reason != d.reason => ("", false),
             Some(_) => continue,
         };
-        let state_since = match vms.get(&d.uuid) {
+        let state_since = match old {
             Some(vm) if !changed_state => vm.state_since,
             _ => now,
         };
-        let (usage, duplicate) = vms
-            .get(&d.uuid)
-            .map(|vm| (vm.usage, vm.duplicate))
-            .unwrap_or_default();
+        let (usage, duplicate) = old.map(|vm| (vm.usage, vm.duplicate)).unwrap_or_default();
+        // A known row keeps its shared uuid; a new one allocates it once.
+        let uuid = old.map_or_else(|| Arc::from(d.uuid.as_str()), |vm| vm.uuid.clone());
         let vm = Vm {
-            node_id: node_id.to_owned(),
-            uuid: d.uuid.clone(),
+            node_id: node_id.clone(),
+            uuid,
             name: d.name.as_str().into(),
             state: d.state.as_str().into(),
             reason: d.reason.as_str().into(),
@@ -723,82 +766,81 @@ fn apply_snapshot(
             updated_at: now,
             usage,
             duplicate,
-            last_state: None,
-            unknown_since: None,
-            unknown_reason: None,
+            unknown: None,
         };
         if changed_state {
             // The snapshot found a change no event told us about (or a domain not seen before).
             out.effects.push(Effect::Journal(Entry {
-                uuid: d.uuid.clone(),
-                name: d.name.clone(),
+                uuid: d.uuid,
+                name: d.name,
                 detail: detail.to_owned(),
-                state: d.state.clone(),
+                state: d.state,
                 ..entry(now, node_id, EntryType::Lifecycle, "snapshot")
             }));
         }
         out.effects.push(Effect::UpsertVm(vm.clone()));
-        vms.insert(d.uuid, vm);
+        vms.insert(vm);
     }
 }
 
-fn apply_event(
-    vms: &mut BTreeMap<String, Vm>,
-    node_id: &str,
-    e: DomainEvent,
-    now: u64,
-    out: &mut Outcome,
-) {
-    out.effects.push(Effect::Journal(Entry {
-        received_at: now,
-        event_ts: e.event_ts,
-        node_id: node_id.to_owned(),
-        uuid: e.uuid.clone(),
-        name: e.name.clone(),
-        kind: EntryType::Lifecycle,
-        event: e.event.clone(),
-        detail: e.detail.clone(),
-        state: e.state.clone(),
-    }));
+fn apply_event(vms: &mut VmRows, node_id: &Arc<str>, e: DomainEvent, now: u64, out: &mut Outcome) {
     // Undefining a running domain only makes it transient: the row goes only when inactive.
     if e.event == "undefined" && e.state == "shutoff" {
-        if vms.remove(&e.uuid).is_some() {
+        let removed = vms.remove(&e.uuid).is_some();
+        out.effects
+            .push(Effect::Journal(event_entry(node_id, now, e.clone())));
+        if removed {
             out.effects.push(Effect::RemoveVm {
-                node_id: node_id.to_owned(),
+                node_id: node_id.to_string(),
                 uuid: e.uuid,
             });
         }
         return;
     }
-    let state_since = match vms.get(&e.uuid) {
+    let old = vms.get(&e.uuid);
+    let state_since = match old {
         Some(vm) if vm.state == e.state => vm.state_since,
         _ => e.event_ts,
     };
-    let (usage, duplicate) = vms
-        .get(&e.uuid)
-        .map(|vm| (vm.usage, vm.duplicate))
-        .unwrap_or_default();
+    let (usage, duplicate) = old.map(|vm| (vm.usage, vm.duplicate)).unwrap_or_default();
+    // A known row keeps its shared uuid; a new one allocates it once.
+    let uuid = old.map_or_else(|| Arc::from(e.uuid.as_str()), |vm| vm.uuid.clone());
     let vm = Vm {
-        node_id: node_id.to_owned(),
-        uuid: e.uuid.clone(),
-        name: e.name.into(),
-        state: e.state.into(),
-        reason: e.reason.into(),
+        node_id: node_id.clone(),
+        uuid,
+        name: e.name.as_str().into(),
+        state: e.state.as_str().into(),
+        reason: e.reason.as_str().into(),
         state_since,
         updated_at: now,
         usage,
         duplicate,
-        last_state: None,
-        unknown_since: None,
-        unknown_reason: None,
+        unknown: None,
     };
+    out.effects
+        .push(Effect::Journal(event_entry(node_id, now, e)));
     out.effects.push(Effect::UpsertVm(vm.clone()));
-    vms.insert(e.uuid, vm);
+    vms.insert(vm);
+}
+
+/// The `lifecycle` journal entry of a domain event, as the node reported it.
+fn event_entry(node_id: &str, now: u64, e: DomainEvent) -> Entry {
+    Entry {
+        received_at: now,
+        event_ts: e.event_ts,
+        node_id: node_id.to_owned(),
+        uuid: e.uuid,
+        name: e.name,
+        kind: EntryType::Lifecycle,
+        event: e.event,
+        detail: e.detail,
+        state: e.state,
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
 fn apply_stats(
-    vms: &mut BTreeMap<String, Vm>,
+    vms: &mut VmRows,
     pending: &mut HashMap<(String, String), crate::activity::Point>,
     node_id: &str,
     stats: Stats,
@@ -848,15 +890,15 @@ fn apply_stats(
             crate::activity::point(&p, &sample, vm.usage.net.idle, vm.usage.disk.idle)
         }) {
             // One point per `activity_min_window`: finer windows merge first (sums kept).
-            let key = (node_id.to_owned(), vm.uuid.clone());
+            let key = (node_id.to_string(), vm.uuid.to_string());
             let merged = match pending.remove(&key) {
                 Some(acc) => crate::activity::merge(&acc, &point),
                 None => point,
             };
             if merged.window_ms >= rules.activity_min_window_ms {
                 out.effects.push(Effect::Activity {
-                    node_id: node_id.to_owned(),
-                    uuid: vm.uuid.clone(),
+                    node_id: node_id.to_string(),
+                    uuid: vm.uuid.to_string(),
                     point: merged,
                 });
             } else {
@@ -871,7 +913,7 @@ fn apply_stats(
             };
             let detail = idle_detail(&c, stats.interval_s);
             out.effects.push(Effect::Journal(Entry {
-                uuid: vm.uuid.clone(),
+                uuid: vm.uuid.to_string(),
                 name: vm.name.to_string(),
                 detail,
                 state: vm.state.to_string(),
@@ -971,20 +1013,22 @@ pub fn check_liveness(
 /// the state last seen is kept in `last_state`, and one `lifecycle`/`unknown` journal entry per
 /// VM tells the panel. The node's next snapshot puts every row back to what libvirt says.
 fn mark_unknown(
-    vms: &mut BTreeMap<String, Vm>,
+    vms: &mut VmRows,
     node_id: &str,
     now: u64,
     reason: &str,
     effects: &mut Vec<Effect>,
 ) {
     for vm in vms.values_mut().filter(|vm| vm.state != UNKNOWN) {
-        vm.last_state = Some(std::mem::replace(&mut vm.state, UNKNOWN.into()));
-        vm.unknown_since = Some(now);
-        vm.unknown_reason = Some(reason.to_owned());
+        vm.unknown = Some(Box::new(Unknown {
+            last_state: Some(std::mem::replace(&mut vm.state, UNKNOWN.into())),
+            since: Some(now),
+            reason: Some(reason.to_owned()),
+        }));
         vm.state_since = now;
         vm.updated_at = now;
         effects.push(Effect::Journal(Entry {
-            uuid: vm.uuid.clone(),
+            uuid: vm.uuid.to_string(),
             name: vm.name.to_string(),
             detail: reason.to_owned(),
             state: UNKNOWN.to_owned(),
@@ -1224,9 +1268,9 @@ mod tests {
         assert_eq!(
             (
                 u1.state.as_str(),
-                u1.last_state.as_deref(),
-                u1.unknown_since,
-                u1.unknown_reason.as_deref()
+                u1.last_state(),
+                u1.unknown_since(),
+                u1.unknown_reason()
             ),
             (UNKNOWN, Some("running"), Some(later), Some("node-down"))
         );
@@ -1248,7 +1292,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(inv.vms["hv1"]["u1"].state, "running");
-        assert_eq!(inv.vms["hv1"]["u1"].last_state, None);
+        assert_eq!(inv.vms["hv1"]["u1"].last_state(), None);
         assert!(journal(&o).contains(&(EntryType::Lifecycle, "snapshot".into(), "known".into())));
         // libvirt down: unknown only once it has been down longer than node_timeout.
         let t = later + 1000;
@@ -1262,10 +1306,7 @@ mod tests {
         )
         .unwrap();
         check_liveness(&mut inv, &RULES, t + RULES.node_timeout_ms + 1, NOW);
-        assert_eq!(
-            inv.vms["hv1"]["u2"].unknown_reason.as_deref(),
-            Some("libvirt-down")
-        );
+        assert_eq!(inv.vms["hv1"]["u2"].unknown_reason(), Some("libvirt-down"));
         // A bye makes them unknown at once.
         let mut inv = Inventory::default();
         feed(&mut inv, 1, snap(&[("u1", "running")])).unwrap();
@@ -1509,9 +1550,9 @@ mod tests {
             3,
             "one node row, a's last upsert, b's removal: {rows:?}"
         );
-        assert!(rows
-            .iter()
-            .any(|e| matches!(e, Effect::UpsertVm(vm) if vm.uuid == "a" && vm.state == "running")));
+        assert!(rows.iter().any(
+            |e| matches!(e, Effect::UpsertVm(vm) if &*vm.uuid == "a" && vm.state == "running")
+        ));
         assert!(rows
             .iter()
             .any(|e| matches!(e, Effect::RemoveVm { uuid, .. } if uuid == "b")));

@@ -297,6 +297,21 @@ fn start(
     );
     let spawn_error = |thread| move |source| MasterError::Spawn { thread, source };
     let core_thread = core.spawn(from_ingest).map_err(spawn_error("core"))?;
+    // Off the core's path: one call takes 7-9 ms at 500,000 rows (39 ms after a fleet's
+    // snapshots). It ends with the shutdown token; nothing waits for it.
+    let shutdown = ctx.shutdown.clone();
+    std::thread::Builder::new()
+        .name("trim".into())
+        .spawn(move || {
+            while !shutdown.wait_timeout(TRIM_EVERY) {
+                let took = crate::raw::release_free_memory();
+                tracing::debug!(
+                    took_us = took.as_micros() as u64,
+                    "freed heap memory given back to the kernel"
+                );
+            }
+        })
+        .map_err(spawn_error("trim"))?;
     let ingest_thread = ingest::spawn(
         node_port,
         ingest::Parts {
@@ -356,6 +371,11 @@ fn start(
         core_thread,
     })
 }
+
+/// How often freed heap memory is given back to the kernel (see
+/// [`crate::raw::release_free_memory`]): bursts (a fleet's snapshots, a backlog after an outage)
+/// leave it in glibc's per-thread arenas otherwise.
+const TRIM_EVERY: Duration = Duration::from_secs(10);
 
 /// The registry of enrolled nodes: public keys a migration could not compute are filled in,
 /// and whether the fleet key is still accepted is decided (the setting, else the database's

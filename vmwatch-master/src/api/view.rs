@@ -137,8 +137,8 @@ impl Serialize for View<'_, Vm> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let v = self.0;
         let mut m = s.serialize_struct("Vm", 12)?;
-        m.serialize_field("node_id", &v.node_id)?;
-        m.serialize_field("uuid", &v.uuid)?;
+        m.serialize_field("node_id", &*v.node_id)?;
+        m.serialize_field("uuid", &*v.uuid)?;
         m.serialize_field("name", &v.name)?;
         m.serialize_field("state", &v.state)?;
         m.serialize_field("reason", &v.reason)?;
@@ -146,9 +146,9 @@ impl Serialize for View<'_, Vm> {
         m.serialize_field("updated_at", &v.updated_at)?;
         m.serialize_field("usage", &View(&v.usage))?;
         m.serialize_field("duplicate", &v.duplicate)?;
-        m.serialize_field("last_state", &v.last_state)?;
-        m.serialize_field("unknown_since", &v.unknown_since)?;
-        m.serialize_field("unknown_reason", &v.unknown_reason)?;
+        m.serialize_field("last_state", &v.last_state())?;
+        m.serialize_field("unknown_since", &v.unknown_since())?;
+        m.serialize_field("unknown_reason", &v.unknown_reason())?;
         m.end()
     }
 }
@@ -224,9 +224,7 @@ pub mod tests_support {
                 ..Usage::default()
             },
             duplicate: false,
-            last_state: None,
-            unknown_since: None,
-            unknown_reason: None,
+            unknown: None,
         }
     }
 

@@ -14,14 +14,14 @@ mod migrate;
 mod postgres;
 mod sqlite;
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::rules::{Effect, Entry, Inventory, Node, Vm};
+use crate::rules::{Effect, Entry, Inventory, Node, Unknown, Vm};
 
 pub use self::lease::{Claim, Lease};
 pub use self::migrate::{migrate, Copied};
@@ -708,13 +708,24 @@ impl Store {
             .conn
             .query(&format!("SELECT {VM_COLUMNS} FROM vms"), &[])
             .map_err(ctx("load vms"))?;
+        let mut by_node: HashMap<String, Vec<Vm>> = HashMap::new();
         for row in vms {
-            let vm = vm_from_row(row).map_err(ctx("load vms"))?;
-            inv.vms
-                .entry(vm.node_id.clone())
-                .or_insert_with(BTreeMap::new)
-                .insert(vm.uuid.clone(), vm);
+            let mut vm = vm_from_row(row).map_err(ctx("load vms"))?;
+            // One shared id per node, as the rules make them.
+            if let Some(node) = inv.nodes.get(&*vm.node_id) {
+                vm.node_id = node.node_id.clone();
+            }
+            match by_node.get_mut(&*vm.node_id) {
+                Some(rows) => rows.push(vm),
+                None => {
+                    by_node.insert(vm.node_id.to_string(), vec![vm]);
+                }
+            }
         }
+        inv.vms = by_node
+            .into_iter()
+            .map(|(node_id, rows)| (node_id, rows.into_iter().collect()))
+            .collect();
         Ok(inv)
     }
 }
@@ -837,8 +848,8 @@ fn write_vm(conn: &mut Conn, vm: &Vm, usage: &str) -> Result<(), StoreError> {
     conn.execute(
         VM_UPSERT,
         args![
-            &vm.node_id,
-            &vm.uuid,
+            &*vm.node_id,
+            &*vm.uuid,
             vm.name.as_str(),
             vm.state.as_str(),
             vm.reason.as_str(),
@@ -848,9 +859,9 @@ fn write_vm(conn: &mut Conn, vm: &Vm, usage: &str) -> Result<(), StoreError> {
             vm.usage.disk.idle,
             vm.duplicate,
             usage,
-            vm.last_state.as_deref(),
-            vm.unknown_since.map(|t| t as i64),
-            vm.unknown_reason.as_deref()
+            vm.last_state(),
+            vm.unknown_since().map(|t| t as i64),
+            vm.unknown_reason()
         ],
     )
     .map(|_| ())
@@ -901,8 +912,8 @@ fn node_from_row(mut row: Row) -> Result<Node, DbError> {
 
 fn vm_from_row(mut row: Row) -> Result<Vm, DbError> {
     Ok(Vm {
-        node_id: row.text(0)?,
-        uuid: row.text(1)?,
+        node_id: row.text(0)?.into(),
+        uuid: row.text(1)?.into(),
         name: row.text(2)?.into(),
         state: row.text(3)?.into(),
         reason: row.text(4)?.into(),
@@ -911,9 +922,11 @@ fn vm_from_row(mut row: Row) -> Result<Vm, DbError> {
         // A usage column we cannot read costs only the idle history, never the row.
         usage: usage_column::decode(&row.text(7)?),
         duplicate: row.bool(8)?,
-        last_state: row.opt_text(9)?.map(Into::into),
-        unknown_since: row.opt_u64(10)?,
-        unknown_reason: row.opt_text(11)?,
+        unknown: Unknown::boxed(
+            row.opt_text(9)?.map(Into::into),
+            row.opt_u64(10)?,
+            row.opt_text(11)?,
+        ),
     })
 }
 

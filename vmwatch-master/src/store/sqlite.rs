@@ -135,7 +135,7 @@ pub fn tune_writer(conn: &Connection) -> rusqlite::Result<()> {
 }
 
 /// `cache_size` in KiB when negative (SQLite's convention): 64 MiB.
-const WRITER_CACHE_KIB: i64 = -65_536;
+const WRITER_CACHE_KIB: i64 = -16_384;
 /// Pages of WAL before an automatic checkpoint (at 4 KiB a page: 64 MiB).
 const WAL_CHECKPOINT_PAGES: i64 = 16_384;
 
