@@ -47,6 +47,7 @@ impl Holders {
     }
 
     /// The shared uuid string the index holds for `uuid`, if it holds one.
+    #[cfg(test)]
     fn key(&self, uuid: &str) -> Option<&Arc<str>> {
         self.sole
             .get_key_value(uuid)
@@ -110,7 +111,8 @@ pub struct Copies {
     /// shared ids (`Node::node_id`): the index allocates no string of its own.
     by_uuid: Holders,
     /// (uuid, node) of every row written or removed since the last check.
-    touched: BTreeSet<(String, String)>,
+    /// The row's own shared strings where an effect carries them (no allocation per write).
+    touched: BTreeSet<(Arc<str>, Arc<str>)>,
     /// Whether `by_uuid` has been built from the whole inventory (the first check does it).
     built: bool,
 }
@@ -120,8 +122,12 @@ impl Copies {
     pub fn note(&mut self, effects: &[Effect]) {
         for e in effects {
             match e {
-                Effect::UpsertVm(vm) => self.touch(&vm.node_id, &vm.uuid),
-                Effect::RemoveVm { node_id, uuid } => self.touch(node_id, uuid),
+                Effect::UpsertVm(vm) => self.touch(vm.node_id.clone(), vm.uuid.clone()),
+                Effect::RemoveVm { node_id, uuid } => {
+                    if self.built {
+                        self.touch(node_id.as_str().into(), uuid.as_str().into());
+                    }
+                }
                 Effect::UpsertNode(_)
                 | Effect::RemoveNode { .. }
                 | Effect::EnrollmentJournaled { .. }
@@ -131,9 +137,9 @@ impl Copies {
         }
     }
 
-    pub fn touch(&mut self, node_id: &str, uuid: &str) {
+    pub fn touch(&mut self, node_id: Arc<str>, uuid: Arc<str>) {
         if self.built {
-            self.touched.insert((uuid.to_owned(), node_id.to_owned()));
+            self.touched.insert((uuid, node_id));
         }
     }
 
@@ -162,26 +168,13 @@ impl Copies {
         }
         let mut uuids = BTreeSet::new();
         for (uuid, node_id) in std::mem::take(&mut self.touched) {
-            let row = vms.get(&node_id).and_then(|rows| rows.get(&uuid));
-            // The shared uuid: the row's, else the index's, else (a row removed and never
-            // indexed) a new one. Kept sorted: node order makes the journal order
-            // deterministic.
-            let key: Arc<str> = match row {
-                Some(vm) => {
-                    self.by_uuid.add(&vm.uuid, shared(&node_id));
-                    vm.uuid.clone()
-                }
-                None => {
-                    let key = self
-                        .by_uuid
-                        .key(&uuid)
-                        .cloned()
-                        .unwrap_or_else(|| uuid.as_str().into());
-                    self.by_uuid.remove(&uuid, &node_id);
-                    key
-                }
-            };
-            uuids.insert(key);
+            let row = vms.get(&*node_id).and_then(|rows| rows.get(&uuid));
+            // Kept sorted: node order makes the journal order deterministic.
+            match row {
+                Some(vm) => self.by_uuid.add(&vm.uuid, shared(&node_id)),
+                None => self.by_uuid.remove(&uuid, &node_id),
+            }
+            uuids.insert(uuid);
         }
         uuids
     }
@@ -267,7 +260,7 @@ mod tests {
             .and_then(|m| m.get(uuid))
             .map(|v| v.duplicate)
             .unwrap_or(false);
-        inv.copies.touch(node, uuid);
+        inv.copies.touch(node.into(), uuid.into());
         inv.vms.entry(node.into()).or_default().insert(Vm {
             duplicate: old,
             ..vm
@@ -376,7 +369,7 @@ mod tests {
         check(&mut inv, 0, 10);
         assert_eq!(events(&check(&mut inv, 11, 10)).len(), 2);
         inv.vms.get_mut("b").unwrap().remove("u");
-        inv.copies.touch("b", "u");
+        inv.copies.touch("b".into(), "u".into());
         assert_eq!(
             events(&check(&mut inv, 12, 10)),
             [("a".into(), "cleared".into())]

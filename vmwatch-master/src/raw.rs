@@ -5,7 +5,8 @@
 //!   key). `zmq::Message` hides its `zmq_msg_t`, so the frame is received through `zmq-sys`.
 //! - [`tcp_bytes_received`]: `tcpi_bytes_received` of a TCP socket (`TCP_INFO`), which the
 //!   `libc` crate's `tcp_info` does not have.
-//! - [`release_free_memory`]: glibc's `malloc_trim`, which no safe crate wraps.
+//! - [`release_free_memory`], [`tune_allocator`]: glibc's `malloc_trim` and `mallopt`, which no
+//!   safe crate wraps.
 #![allow(unsafe_code)]
 
 use std::ffi::CStr;
@@ -122,4 +123,19 @@ pub fn release_free_memory() -> std::time::Duration {
         libc::malloc_trim(0);
     }
     t0.elapsed()
+}
+
+/// Blocks of 4 MiB and more (a fleet's snapshots: up to 65,536 effects of 328 bytes in one
+/// batch) are mapped and unmapped whole, never carved from the heap. glibc raises this
+/// threshold by itself, up to 32 MiB, after such a block is freed; then those transient buffers
+/// were carved between long-lived VM rows and stayed resident. Measured at 10,000 nodes × 50
+/// VMs: 401-446 MiB resident with the moving threshold, 376-381 MiB with this one, the same
+/// steady CPU. At 1 MiB events were 7 % slower (every batch's buffers mapped anew); at 4 MiB the
+/// difference is within the runs' noise.
+pub fn tune_allocator() {
+    // SAFETY: mallopt takes two integers and only sets glibc's own parameters.
+    let ok = unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20) };
+    if ok != 1 {
+        tracing::warn!("mallopt(M_MMAP_THRESHOLD) refused; large buffers may stay resident");
+    }
 }

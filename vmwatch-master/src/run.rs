@@ -63,6 +63,7 @@ pub enum MasterError {
 /// `ha=yes` it first serves as a standby until it holds the leader lease, and a leader that
 /// loses the lease drains and executes itself again (`crate::ha`).
 pub fn run(config: MasterConfig, ctx: Context) -> Result<(), MasterError> {
+    crate::raw::tune_allocator();
     if config.disabled {
         tracing::info!("vmwatch-master is disabled (disabled=yes); exiting");
         // Type=notify: without READY=1 an exit 0 would be a start failure to systemd, and
