@@ -85,8 +85,12 @@ fn effects_survive_reopen_and_are_readable() {
         }
         let mut store = Store::open(&db).unwrap();
         let inv = store.load_inventory().unwrap();
-        assert_eq!(inv.vms["hv1"]["u1"], vm("hv1", "u1"), "{backend}");
-        assert_eq!(inv.vms["hv2"]["u2"], dup, "{backend}");
+        assert_eq!(
+            inv.vms["hv1"].get("u1"),
+            Some(&vm("hv1", "u1")),
+            "{backend}"
+        );
+        assert_eq!(inv.vms["hv2"].get("u2"), Some(&dup), "{backend}");
         let mut reader = Reader::open(&db).unwrap();
         assert_eq!(reader.vm("u1").unwrap(), vec![vm("hv1", "u1")], "{backend}");
         let f = EventFilter {

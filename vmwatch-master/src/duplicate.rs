@@ -107,7 +107,8 @@ impl Holders {
 /// (a scan of 500,000 rows a second was a third of an idle master's CPU).
 #[derive(Debug, Default, Clone)]
 pub struct Copies {
-    /// The keys are the rows' own shared uuids (`Vm::uuid`), the nodes the node rows' own
+    /// The keys are the rows' own shared uuids (`Vm::uuid`: the row that first indexed the
+    /// uuid; compared by text, so a later row's copy finds it), the nodes the node rows' own
     /// shared ids (`Node::node_id`): the index allocates no string of its own.
     by_uuid: Holders,
     /// (uuid, node) of every row written or removed since the last check.

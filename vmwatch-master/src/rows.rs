@@ -6,7 +6,9 @@
 //! the row, shared with the duplicate index.
 //!
 //! The rows are boxed so that inserting in order moves pointers, not rows: at
-//! `max_vms_per_node` (4,096) an insert moves at most 32 KiB, whatever a node sends.
+//! `max_vms_per_node` (4,096) an insert moves at most 32 KiB, whatever a node sends. A snapshot
+//! that brings k new uuids moves at most k × 32 KiB (64 MiB, some milliseconds, for a node that
+//! swaps 4,096 VMs for 4,096 others), less than writing its 2k journal entries and rows costs.
 
 use crate::rules::Vm;
 
@@ -83,6 +85,7 @@ impl VmRows {
     }
 }
 
+#[cfg(test)]
 impl std::ops::Index<&str> for VmRows {
     type Output = Vm;
 
