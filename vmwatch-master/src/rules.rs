@@ -479,7 +479,7 @@ pub fn handle(
 
 /// The value under `key`, made and inserted when missing. Looked up first, so that a known key
 /// (every message but a new node's first) allocates nothing: `entry` takes an owned key.
-fn get_or_insert<'a, V>(
+pub(crate) fn get_or_insert<'a, V>(
     map: &'a mut HashMap<String, V>,
     key: &str,
     make: impl FnOnce() -> V,
@@ -786,13 +786,13 @@ fn apply_snapshot(vms: &mut VmRows, node_id: &Arc<str>, s: Snapshot, now: u64, o
 fn apply_event(vms: &mut VmRows, node_id: &Arc<str>, e: DomainEvent, now: u64, out: &mut Outcome) {
     // Undefining a running domain only makes it transient: the row goes only when inactive.
     if e.event == "undefined" && e.state == "shutoff" {
-        let removed = vms.remove(&e.uuid).is_some();
+        let removed = vms.remove(&e.uuid).map(|vm| vm.uuid);
         out.effects
-            .push(Effect::Journal(event_entry(node_id, now, e.clone())));
-        if removed {
+            .push(Effect::Journal(event_entry(node_id, now, e)));
+        if let Some(uuid) = removed {
             out.effects.push(Effect::RemoveVm {
                 node_id: node_id.to_string(),
-                uuid: e.uuid,
+                uuid: uuid.to_string(),
             });
         }
         return;
@@ -1366,7 +1366,10 @@ mod tests {
             uuid: "b".into()
         }));
         let vms = &inv.vms["hv1"];
-        assert_eq!(vms.keys().collect::<Vec<_>>(), ["a", "c"]);
+        assert_eq!(
+            vms.values().map(|v| &*v.uuid).collect::<Vec<_>>(),
+            ["a", "c"]
+        );
         assert_eq!(vms["a"].state, "paused");
     }
 

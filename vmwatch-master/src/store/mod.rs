@@ -715,12 +715,8 @@ impl Store {
             if let Some(node) = inv.nodes.get(&*vm.node_id) {
                 vm.node_id = node.node_id.clone();
             }
-            match by_node.get_mut(&*vm.node_id) {
-                Some(rows) => rows.push(vm),
-                None => {
-                    by_node.insert(vm.node_id.to_string(), vec![vm]);
-                }
-            }
+            let node_id = vm.node_id.clone();
+            crate::rules::get_or_insert(&mut by_node, &node_id, Vec::new).push(vm);
         }
         inv.vms = by_node
             .into_iter()
