@@ -1284,7 +1284,10 @@ fn metrics_parse_with_a_real_parser_and_count_a_known_sequence() {
             && s.get("vmwatch_vms{state=paused}") == Some(&1.0)
             // The VM gauges are recomputed once a second: wait for the final states too.
             && s.get("vmwatch_vms{state=running}") == Some(&2.0)
-            && s.get("vmwatch_journal_size{}") == Some(&8.0))
+            && s.get("vmwatch_journal_size{}") == Some(&8.0)
+            // The heartbeat's agent counters reach their gauges on the same 1 s tick, which
+            // can come after the tick that showed the final states: wait for their series.
+            && s.contains_key("vmwatch_node_agent_events{node=metered}"))
         .then_some(s)
     });
     let expect = [
