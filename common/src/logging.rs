@@ -128,17 +128,20 @@ pub enum LogError {
     #[error("log_level `{level}`: {source}")]
     Level {
         level: String,
-        source: tracing_subscriber::filter::ParseError,
+        source: tracing::metadata::ParseLevelFilterError,
     },
     #[error("cannot install the logger: {0}")]
     Install(String),
 }
 
-/// Installs the global subscriber writing to `log` at `level` (`error` … `trace`, or a filter
-/// directive).
+/// Installs the global subscriber writing to `log` at `level` (`error` … `trace`).
+///
+/// A plain level filter, not `EnvFilter`: `log_level` is only ever a level ([`check_level`]),
+/// and `EnvFilter`'s directive engine (regex-automata) was a fifth of the node's code, which
+/// every hypervisor keeps resident.
 pub fn init(log: LogFile, level: &str) -> Result<(), LogError> {
-    let filter =
-        tracing_subscriber::EnvFilter::try_new(level).map_err(|source| LogError::Level {
+    let filter: tracing::level_filters::LevelFilter =
+        level.parse().map_err(|source| LogError::Level {
             level: level.to_owned(),
             source,
         })?;
@@ -146,7 +149,7 @@ pub fn init(log: LogFile, level: &str) -> Result<(), LogError> {
         .with_writer(log)
         .with_ansi(false)
         .with_target(false)
-        .with_env_filter(filter)
+        .with_max_level(filter)
         .try_init()
         .map_err(|e| LogError::Install(e.to_string()))
 }

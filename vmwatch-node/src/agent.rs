@@ -39,6 +39,7 @@ pub enum NodeError {
 
 /// Runs the node until the shutdown token fires, then says `bye` and drains (bounded).
 pub fn run(config: NodeConfig, ctx: Context) -> Result<(), NodeError> {
+    crate::allocator::one_arena();
     // The default event implementation must exist before the first connection is opened.
     libvirt::start_event_loop().map_err(NodeError::EventLoop)?;
     let socket = PushSocket::connect(&config.connect, config.send_queue, &config.curve)?;

@@ -3,13 +3,14 @@
 //!
 //! - [`core`]: every decision of the agent, with no I/O and time as an argument.
 //! - [`builder`] and [`facts`]: facts → signed messages (pure).
-//! - [`libvirt`]: the libvirt adapter, the one module allowed `unsafe`.
+//! - [`libvirt`]: the libvirt adapter, allowed `unsafe`, as is [`allocator`] (two glibc calls).
 //! - [`socket`]: the ZeroMQ PUSH socket (CURVE client).
 //! - [`agent`]: the shell that drives the core with libvirt, the socket and systemd.
 //! - [`config`]: `NodeConfig`, validated completely before anything starts.
 #![deny(unsafe_code)]
 
 pub mod agent;
+pub mod allocator;
 pub mod builder;
 pub mod config;
 pub mod core;

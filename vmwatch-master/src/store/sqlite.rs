@@ -134,7 +134,7 @@ pub fn tune_writer(conn: &Connection) -> rusqlite::Result<()> {
     conn.pragma_update(None, "wal_autocheckpoint", WAL_CHECKPOINT_PAGES)
 }
 
-/// `cache_size` in KiB when negative (SQLite's convention): 64 MiB.
+/// `cache_size` in KiB when negative (SQLite's convention): 16 MiB.
 const WRITER_CACHE_KIB: i64 = -16_384;
 /// Pages of WAL before an automatic checkpoint (at 4 KiB a page: 64 MiB).
 const WAL_CHECKPOINT_PAGES: i64 = 16_384;
