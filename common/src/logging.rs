@@ -137,7 +137,7 @@ pub enum LogError {
 /// Installs the global subscriber writing to `log` at `level` (`error` … `trace`).
 ///
 /// A plain level filter, not `EnvFilter`: `log_level` is only ever a level ([`check_level`]),
-/// and `EnvFilter`'s directive engine (regex-automata) was a fifth of the node's code, which
+/// and `EnvFilter`'s directive engine (regex-automata) was a third of the node's binary, which
 /// every hypervisor keeps resident.
 pub fn init(log: LogFile, level: &str) -> Result<(), LogError> {
     let filter: tracing::level_filters::LevelFilter =

@@ -3,7 +3,7 @@
 //!
 //! - [`core`]: every decision of the agent, with no I/O and time as an argument.
 //! - [`builder`] and [`facts`]: facts → signed messages (pure).
-//! - [`libvirt`]: the libvirt adapter, allowed `unsafe`, as is [`allocator`] (two glibc calls).
+//! - [`libvirt`]: the libvirt adapter, allowed `unsafe`, as is [`allocator`] (one glibc call).
 //! - [`socket`]: the ZeroMQ PUSH socket (CURVE client).
 //! - [`agent`]: the shell that drives the core with libvirt, the socket and systemd.
 //! - [`config`]: `NodeConfig`, validated completely before anything starts.

@@ -1,5 +1,5 @@
-//! The libvirt adapter: the only module of the workspace that calls `virt::sys`, and the only
-//! one of the node allowed `unsafe`.
+//! The libvirt adapter: the only module of the workspace that calls `virt::sys`, and, beside
+//! the one `mallopt` of `allocator.rs`, the only one of the node allowed `unsafe`.
 //!
 //! The safe `virt` crate lacks lifecycle-event registration, the close callback and a
 //! non-leaking stats call, so this module wraps those raw calls in a small safe API that speaks
