@@ -250,8 +250,10 @@ pub struct Heartbeat {
     pub agent: AgentCounters,
 }
 
-/// What a node agent reports about itself in every heartbeat.
+/// What a node agent reports about itself in every heartbeat. Each field is optional on the
+/// wire (docs/PROTOCOL.md: "absent fields are 0"), so an agent may report only what it counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default)]
 pub struct AgentCounters {
     /// Messages handed to ZeroMQ since the agent started.
     pub sent: u64,
@@ -677,6 +679,29 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&frames[2]).unwrap();
         assert_eq!(v["kind"], "event");
         assert_eq!(v["seq"], 1);
+    }
+
+    /// docs/PROTOCOL.md: the heartbeat's `agent` object is optional and so is each of its
+    /// counters; an absent one is 0 (a client reporting only what it counts is not `malformed`).
+    #[test]
+    fn absent_agent_counters_are_zero() {
+        let json = br#"{"boot":"b","boot_ts":1,"seq":1,"ts":2,"kind":"heartbeat","libvirt":"up","domains":3,"version":"v","uptime_s":4,"agent":{"sent":7,"libvirt_reconnects":2}}"#;
+        let Body::Heartbeat(h) = Payload::from_json(json).expect("accepted").body else {
+            panic!("not a heartbeat")
+        };
+        assert_eq!(
+            h.agent,
+            AgentCounters {
+                sent: 7,
+                libvirt_reconnects: 2,
+                ..AgentCounters::default()
+            }
+        );
+        let none = br#"{"boot":"b","boot_ts":1,"seq":1,"ts":2,"kind":"heartbeat","libvirt":"up","domains":3,"version":"v","uptime_s":4}"#;
+        let Body::Heartbeat(h) = Payload::from_json(none).expect("accepted").body else {
+            panic!("not a heartbeat")
+        };
+        assert_eq!(h.agent, AgentCounters::default());
     }
 
     /// `Payload::from_json` (the hot path) and the derived `Deserialize` agree on every kind,
