@@ -208,13 +208,13 @@ impl Metrics {
             zmq_connections_refused: reg(
                 &mut r,
                 "zmq_connections_refused",
-                "Connections on the node port closed at once because max_connections were held",
+                "Connections on the node port closed as they were accepted because max_connections were held, or max_connections_per_address from their address",
                 Counter::default(),
             ),
             zmq_connections_closed: reg(
                 &mut r,
                 "zmq_connections_closed",
-                "Node-port connections the master closed: unfinished_message (one connection held more than its bound of bytes not yet whole messages), memory_total (all connections together did), revoked (its node was revoked)",
+                "Node-port connections the master closed: unfinished_message (one connection held more than its bound of bytes not yet whole messages), memory_total (all connections together did), revoked (its node was revoked), max_connections and per_address (closed as accepted)",
                 Family::default(),
             ),
             zmq_pending_bytes: reg(
