@@ -461,74 +461,116 @@ fn pg(client: &mut postgres::Client, sql: &str) -> Result<postgres::Statement> {
     Ok(client.prepare(&store::postgres_placeholders(sql))?)
 }
 
-/// The master's writes of a node row, VM row and journal entry, prepared on a raw client.
+/// The master's writes of node rows, VM rows and journal entries on PostgreSQL, prepared on a
+/// raw client: its statements that write many rows at once, as many as it puts in one
+/// (`store::ROWS_PER_STATEMENT`).
 struct PgStatements {
-    node: postgres::Statement,
-    vm: postgres::Statement,
+    nodes: postgres::Statement,
+    vms: postgres::Statement,
     journal: postgres::Statement,
 }
+
+/// A VM row to write: node id, uuid, state, and the time it was seen.
+type VmWrite = (String, String, &'static str, i64);
 
 impl PgStatements {
     fn prepare(client: &mut postgres::Client) -> Result<PgStatements> {
         Ok(PgStatements {
-            node: pg(client, store::NODE_UPSERT)?,
-            vm: pg(client, store::VM_UPSERT)?,
-            journal: pg(client, store::JOURNAL_INSERT_RETURNING)?,
+            nodes: pg(client, store::NODE_UPSERT_MANY_PG)?,
+            vms: pg(client, store::VM_UPSERT_MANY_PG)?,
+            journal: pg(client, store::JOURNAL_INSERT_MANY_PG)?,
         })
     }
 
-    fn node(&self, tx: &mut postgres::Transaction<'_>, node_id: &str, seq: i64) -> Result<()> {
-        tx.execute(
-            &self.node,
-            &[
-                &node_id,
-                &1i64,
-                &1i64,
-                &1i64,
-                &seq,
-                &"b0b0b0b0-0000-4000-8000-000000000000",
-                &1i64,
-                &seq,
-                &"0.1.0",
-                &node_id,
-                &"9.0.0",
-                &50i64,
-                &0i64,
-                &0i64,
-                &0i64,
-                &"[]",
-            ],
-        )?;
+    /// Node rows, each `(node_id, seq)`.
+    fn nodes(&self, tx: &mut postgres::Transaction<'_>, rows: &[(String, i64)]) -> Result<()> {
+        for rows in rows.chunks(store::ROWS_PER_STATEMENT) {
+            let n = rows.len();
+            let ids: Vec<&str> = rows.iter().map(|(id, _)| id.as_str()).collect();
+            let seqs: Vec<i64> = rows.iter().map(|(_, seq)| *seq).collect();
+            let (ones, zeros, fifties) = (vec![1i64; n], vec![0i64; n], vec![50i64; n]);
+            tx.execute(
+                &self.nodes,
+                &[
+                    &ids,
+                    &ones,
+                    &ones,
+                    &ones,
+                    &seqs,
+                    &vec!["b0b0b0b0-0000-4000-8000-000000000000"; n],
+                    &ones,
+                    &seqs,
+                    &vec!["0.1.0"; n],
+                    &ids,
+                    &vec!["9.0.0"; n],
+                    &fifties,
+                    &zeros,
+                    &zeros,
+                    &zeros,
+                    &vec!["[]"; n],
+                ],
+            )?;
+        }
         Ok(())
     }
 
-    fn vm(
-        &self,
-        tx: &mut postgres::Transaction<'_>,
-        node_id: &str,
-        uuid: &str,
-        state: &str,
-        at: i64,
-    ) -> Result<()> {
-        tx.execute(
-            &self.vm,
-            &[
-                &node_id,
-                &uuid,
-                &format!("vm-{uuid}"),
-                &state,
-                &"user",
-                &at,
-                &at,
-                &0i64,
-                &0i64,
-                &0i64,
-                &USAGE,
-                &None::<String>,
-                &None::<i64>,
-                &None::<String>,
-            ],
-        )?;
+    fn vms(&self, tx: &mut postgres::Transaction<'_>, rows: &[VmWrite]) -> Result<()> {
+        for rows in rows.chunks(store::ROWS_PER_STATEMENT) {
+            let n = rows.len();
+            let nodes: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+            let uuids: Vec<&str> = rows.iter().map(|r| r.1.as_str()).collect();
+            let names: Vec<String> = rows.iter().map(|r| format!("vm-{}", r.1)).collect();
+            let states: Vec<&str> = rows.iter().map(|r| r.2).collect();
+            let at: Vec<i64> = rows.iter().map(|r| r.3).collect();
+            let zeros = vec![0i64; n];
+            tx.execute(
+                &self.vms,
+                &[
+                    &nodes,
+                    &uuids,
+                    &names,
+                    &states,
+                    &vec!["user"; n],
+                    &at,
+                    &at,
+                    &zeros,
+                    &zeros,
+                    &zeros,
+                    &vec![USAGE; n],
+                    &vec![None::<String>; n],
+                    &vec![None::<i64>; n],
+                    &vec![None::<String>; n],
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// A `suspended` entry per VM row written, received at its time.
+    fn journal(&self, tx: &mut postgres::Transaction<'_>, rows: &[VmWrite]) -> Result<()> {
+        for rows in rows.chunks(store::ROWS_PER_STATEMENT) {
+            let n = rows.len();
+            let at: Vec<i64> = rows.iter().map(|r| r.3).collect();
+            let nodes: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+            let uuids: Vec<&str> = rows.iter().map(|r| r.1.as_str()).collect();
+            let names: Vec<String> = rows.iter().map(|r| format!("vm-{}", r.1)).collect();
+            let states: Vec<&str> = rows.iter().map(|r| r.2).collect();
+            let ids = tx.query(
+                &self.journal,
+                &[
+                    &at,
+                    &at,
+                    &nodes,
+                    &uuids,
+                    &names,
+                    &vec!["lifecycle"; n],
+                    &vec!["suspended"; n],
+                    &vec!["paused"; n],
+                    &states,
+                ],
+            )?;
+            anyhow::ensure!(ids.len() == n, "one id per entry");
+        }
         Ok(())
     }
 }
@@ -544,18 +586,21 @@ fn postgres_inventory(nodes: usize, vms: usize) -> Result<(postgres::Client, PgS
     let mut client = postgres_client(&url, &cluster.password_file)?;
     let st = PgStatements::prepare(&mut client)?;
     let mut tx = client.transaction()?;
-    for n in 0..nodes {
-        st.node(&mut tx, &format!("load-{n:05}"), 1)?;
-        for v in 0..vms {
-            st.vm(
-                &mut tx,
-                &format!("load-{n:05}"),
-                &format!("{n:08x}-0000-4000-8000-{v:012x}"),
-                "running",
-                1,
-            )?;
-        }
-    }
+    let node_rows: Vec<(String, i64)> = (0..nodes).map(|n| (format!("load-{n:05}"), 1)).collect();
+    st.nodes(&mut tx, &node_rows)?;
+    let vm_rows: Vec<VmWrite> = (0..nodes)
+        .flat_map(|n| {
+            (0..vms).map(move |v| {
+                (
+                    format!("load-{n:05}"),
+                    format!("{n:08x}-0000-4000-8000-{v:012x}"),
+                    "running",
+                    1,
+                )
+            })
+        })
+        .collect();
+    st.vms(&mut tx, &vm_rows)?;
     tx.commit()?;
     Ok((client, st))
 }
@@ -572,29 +617,24 @@ pub fn postgres_events(nodes: usize, vms: usize, count: usize, batch: usize) -> 
         let end = (done + batch).min(count);
         let mut tx = client.transaction()?;
         let touched: std::collections::BTreeSet<usize> = (done..end).map(|i| i % nodes).collect();
-        for n in touched {
-            st.node(&mut tx, &node_id(n), end as i64)?;
-        }
+        let node_rows: Vec<(String, i64)> = touched
+            .into_iter()
+            .map(|n| (node_id(n), end as i64))
+            .collect();
+        st.nodes(&mut tx, &node_rows)?;
+        // One write per row in a batch, as the master's coalescing leaves it: the last.
+        let mut last = std::collections::BTreeMap::new();
+        let mut entries = Vec::with_capacity(end - done);
         for i in done..end {
             let (n, k) = (i % nodes, i / nodes);
             let state = if k % 2 == 0 { "paused" } else { "running" };
-            let (node, vm) = (node_id(n), uuid(n, k % vms));
-            st.vm(&mut tx, &node, &vm, state, i as i64)?;
-            tx.query_one(
-                &st.journal,
-                &[
-                    &(i as i64),
-                    &(i as i64),
-                    &node,
-                    &vm,
-                    &format!("vm-{vm}"),
-                    &"lifecycle",
-                    &"suspended",
-                    &"paused",
-                    &state,
-                ],
-            )?;
+            let row = (node_id(n), uuid(n, k % vms), state, i as i64);
+            last.insert((row.0.clone(), row.1.clone()), row.clone());
+            entries.push(row);
         }
+        let vm_rows: Vec<VmWrite> = last.into_values().collect();
+        st.vms(&mut tx, &vm_rows)?;
+        st.journal(&mut tx, &entries)?;
         tx.commit().context("commit")?;
         done = end;
     }
@@ -616,28 +656,28 @@ pub fn postgres_steady(
     while t0.elapsed() < std::time::Duration::from_secs(seconds) {
         let at = t0.elapsed().as_secs_f64();
         let mut tx = client.transaction()?;
+        let mut node_rows = std::collections::BTreeMap::new();
+        let mut vm_rows = Vec::new();
         while (beats as f64) < at * beats_per_s {
-            st.node(
-                &mut tx,
-                &format!("load-{:05}", beats % nodes),
-                beats as i64 + 2,
-            )?;
+            node_rows.insert(format!("load-{:05}", beats % nodes), beats as i64 + 2);
             beats += 1;
         }
         while (stats as f64) < at * stats_per_s {
             let n = (stats * 7) % nodes;
-            st.node(&mut tx, &format!("load-{n:05}"), stats as i64 + 2)?;
+            node_rows.insert(format!("load-{n:05}"), stats as i64 + 2);
             for v in 0..vms {
-                st.vm(
-                    &mut tx,
-                    &format!("load-{n:05}"),
-                    &format!("{n:08x}-0000-4000-8000-{v:012x}"),
+                vm_rows.push((
+                    format!("load-{n:05}"),
+                    format!("{n:08x}-0000-4000-8000-{v:012x}"),
                     "running",
                     stats as i64,
-                )?;
+                ));
             }
             stats += 1;
         }
+        let node_rows: Vec<(String, i64)> = node_rows.into_iter().collect();
+        st.nodes(&mut tx, &node_rows)?;
+        st.vms(&mut tx, &vm_rows)?;
         tx.commit()?;
         std::thread::sleep(std::time::Duration::from_millis(10));
     }

@@ -133,6 +133,7 @@ impl Pair {
             &self.rules,
             at,
             self.master_started,
+            vmwatch_master::core::MAX_BATCH,
         ));
         self.store.commit(&rules::coalesce(effects)).unwrap();
     }

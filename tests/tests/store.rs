@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use vmwatch_master::rules::{Effect, Entry, EntryType, Vm};
+use vmwatch_master::rules::{Effect, Entry, EntryType, Node, Vm};
 use vmwatch_master::store::{
     BusCursor, Conn, Database, EventFilter, Outbox, Purpose, Reader, Registry, Store, StoreError,
     VmFilter,
@@ -386,6 +386,129 @@ fn a_newer_schema_is_refused() {
             "{backend}: {err}"
         );
     }
+}
+
+fn node(node_id: &str, last_seen: u64) -> Node {
+    Node {
+        node_id: node_id.into(),
+        up: true,
+        libvirt_up: true,
+        first_seen: 1,
+        last_seen,
+        boot: "boot-1".into(),
+        boot_ts: 1,
+        last_seq: last_seen,
+        version: "0.1.0".into(),
+        hostname: format!("{node_id}.example").into(),
+        libvirt_version: "9.0.0".into(),
+        domains: 3,
+        gaps: 0,
+        lost: 0,
+        libvirt_down_since: 0,
+        superseded: vec![("boot-0".into(), 1)],
+    }
+}
+
+/// One commit of thousands of row writes (PostgreSQL sends them a thousand to a statement),
+/// with rows written twice, removed and written again in between, ends the same on both
+/// backends: each row's writes in their order, every journal entry in the outbox in order.
+#[test]
+fn a_large_commit_keeps_each_rows_order() {
+    let mut inventories = Vec::new();
+    for (backend, db) in backends("large-commit") {
+        let mut store = Store::open(&db).unwrap();
+        store.enable_outbox();
+        let mut effects = Vec::new();
+        for i in 0..2500u64 {
+            effects.push(Effect::UpsertVm(vm(
+                &format!("hv{}", i % 3),
+                &format!("u{i}"),
+            )));
+            if i % 2 == 0 {
+                effects.push(Effect::Journal(entry_at(i)));
+            }
+            if i % 500 == 0 {
+                effects.push(Effect::UpsertNode(node(&format!("hv{}", i % 3), i)));
+            }
+        }
+        // u7 written again, later: the second write wins.
+        let mut paused = vm("hv1", "u7");
+        paused.state = "paused".into();
+        effects.push(Effect::UpsertVm(paused));
+        // u8 removed, then written again: it exists, as written last.
+        effects.push(Effect::RemoveVm {
+            node_id: "hv2".into(),
+            uuid: "u8".into(),
+        });
+        let mut back = vm("hv2", "u8");
+        back.name = "back".into();
+        effects.push(Effect::UpsertVm(back));
+        // u10 written again, then removed: gone.
+        effects.push(Effect::UpsertVm(vm("hv1", "u10")));
+        effects.push(Effect::RemoveVm {
+            node_id: "hv1".into(),
+            uuid: "u10".into(),
+        });
+        // A node removed, then written again (its last_seen 9999).
+        effects.push(Effect::RemoveNode {
+            node_id: "hv0".into(),
+        });
+        effects.push(Effect::UpsertNode(node("hv0", 9999)));
+        effects.push(Effect::UpsertNode(node("hv1", 7777)));
+        let ids = store.commit(&effects).unwrap();
+        assert_eq!(ids, (1..=1250).collect::<Vec<i64>>(), "{backend}");
+        let inv = store.load_inventory().unwrap();
+        assert_eq!(inv.vm_count(), 2499, "{backend}");
+        assert_eq!(
+            inv.vms["hv1"].get("u7").unwrap().state,
+            "paused",
+            "{backend}"
+        );
+        assert_eq!(inv.vms["hv2"].get("u8").unwrap().name, "back", "{backend}");
+        assert!(inv.vms["hv1"].get("u10").is_none(), "{backend}");
+        assert_eq!(
+            inv.vms["hv0"].get("u2499"),
+            Some(&vm("hv0", "u2499")),
+            "{backend}"
+        );
+        assert_eq!(
+            inv.vms["hv1"].get("u2497"),
+            Some(&vm("hv1", "u2497")),
+            "{backend}"
+        );
+        assert_eq!(inv.nodes["hv0"], node("hv0", 9999), "{backend}");
+        assert_eq!(inv.nodes["hv1"], node("hv1", 7777), "{backend}");
+        assert_eq!(inv.nodes["hv2"], node("hv2", 2000), "{backend}");
+        // Each id is its entry's: entry k was received at 2k.
+        let mut reader = Reader::open(&db).unwrap();
+        let f = EventFilter {
+            after: 1100,
+            limit: 1000,
+            ..Default::default()
+        };
+        let journal: Vec<(i64, u64)> = reader
+            .events(&f)
+            .unwrap()
+            .iter()
+            .map(|e| (e.id, e.received_at))
+            .collect();
+        let want: Vec<(i64, u64)> = (1101..=1250).map(|id| (id, 2 * (id as u64 - 1))).collect();
+        assert_eq!(journal, want, "{backend}");
+        let mut outbox = Outbox::open(&db).unwrap();
+        assert_eq!(outbox.depth().unwrap(), 1250, "{backend}");
+        let pending: Vec<i64> = outbox.pending(100).unwrap().iter().map(|e| e.id).collect();
+        assert_eq!(pending, ids[..100], "{backend}");
+        let mut vms: Vec<Vm> = inv
+            .vms
+            .values()
+            .flat_map(|rows| rows.values().cloned())
+            .collect();
+        vms.sort_by(|a, b| a.uuid.cmp(&b.uuid));
+        let mut nodes: Vec<Node> = inv.nodes.into_values().collect();
+        nodes.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+        inventories.push((vms, nodes));
+    }
+    assert!(inventories[0] == inventories[1], "the two backends differ");
 }
 
 /// `migrate` copies every table of a populated SQLite database into PostgreSQL: the readers

@@ -307,7 +307,13 @@ impl Core {
         self.inventory.copies.note(&effects);
         if liveness {
             let started_at = self.started_at.load(Ordering::Relaxed);
-            let live = rules::check_liveness(&mut self.inventory, &self.rules, now, started_at);
+            let live = rules::check_liveness(
+                &mut self.inventory,
+                &self.rules,
+                now,
+                started_at,
+                MAX_BATCH_ROWS,
+            );
             self.inventory.copies.note(&live);
             effects.extend(live);
             effects.extend(crate::duplicate::check(

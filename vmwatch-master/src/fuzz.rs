@@ -249,7 +249,7 @@ proptest! {
             if !accepted {
                 prop_assert_eq!(&before, &snapshot(&inv), "a rejected message changed the inventory");
             }
-            let _ = rules::check_liveness(&mut inv, &rules, now, 1_800_000_000_000);
+            let _ = rules::check_liveness(&mut inv, &rules, now, 1_800_000_000_000, 64);
             let _ = crate::duplicate::check(&mut inv, now, rules.duplicate_grace_ms);
             check_bounds(&inv);
         }

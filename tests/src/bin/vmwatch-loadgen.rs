@@ -427,7 +427,10 @@ fn main() -> Result<()> {
             let nodes = arg(&args, "--nodes", 10_000)? as usize;
             let vms = arg(&args, "--vms", 50)? as usize;
             let seconds = arg(&args, "--seconds", 60)?;
-            let master = Master::start(&dir, &[("log_level", "warn")])?;
+            // The setup sends snapshots only: a node whose snapshot is applied early must not
+            // time out before the steady state's first heartbeat reaches it (a setup on
+            // PostgreSQL takes longer than the default 90 s; a real fleet heartbeats meanwhile).
+            let master = Master::start(&dir, &[("log_level", "warn"), ("node_timeout", "600")])?;
             let usage = Usage::start(&master)?;
             let mut sims = setup(&ctx, &master, nodes, vms)?;
             let total = master.get("/api/v1/vms?limit=1")?["total"].as_u64().unwrap_or(0);
@@ -470,10 +473,13 @@ fn main() -> Result<()> {
                 println!(
                     "steady on PostgreSQL: master CPU {product_cpu:.2} %, PostgreSQL server CPU {server_cpu:.2} % of one core"
                 );
+                // On SQLite the reference's CPU holds the database's own work; here that is the
+                // server's, so the like-for-like figure is the two together.
                 println!(
-                    "steady reference: raw PostgreSQL writing the same node and VM rows at the same rates, one transaction every 10 ms: client CPU {reference:.2} %, server CPU {reference_server:.2} % of one core; master/client = {:.1}, server product/reference = {:.2}",
+                    "steady reference: raw PostgreSQL writing the same node and VM rows at the same rates with the master's statements, one transaction every 10 ms: client CPU {reference:.2} %, server CPU {reference_server:.2} % of one core; master/client = {:.1}, server product/reference = {:.2}, (master + server)/(client + server) = {:.2}",
                     product_cpu / reference,
-                    server_cpu / reference_server
+                    server_cpu / reference_server,
+                    (product_cpu + server_cpu) / (reference + reference_server)
                 );
             } else {
                 // The floor in the same run: raw SQLite writing the same rows at the same rates.

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ::postgres::config::SslMode;
-use ::postgres::types::{IsNull, ToSql, Type};
+use ::postgres::types::{IsNull, Kind, ToSql, Type};
 use ::postgres::{Client, Statement};
 use bytes::BytesMut;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -687,6 +687,11 @@ impl ToSql for Value<'_> {
             }
             Value::Text(s) => s.to_sql(ty, out),
             Value::Bytes(b) => b.to_sql(ty, out),
+            // The slice's impl expects an array type (it panics on any other).
+            Value::List(items) => match ty.kind() {
+                Kind::Array(_) => items.to_sql(ty, out),
+                _ => Err(format!("a list given for a parameter of type {ty}").into()),
+            },
         }
     }
 

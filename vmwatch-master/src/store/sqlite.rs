@@ -280,6 +280,11 @@ impl rusqlite::ToSql for Value<'_> {
             Value::Int(v) => ValueRef::Integer(*v),
             Value::Text(s) => ValueRef::Text(s.as_bytes()),
             Value::Bytes(b) => ValueRef::Blob(b),
+            Value::List(_) => {
+                return Err(rusqlite::Error::ToSqlConversionFailure(
+                    "SQLite has no array parameters".into(),
+                ))
+            }
         }))
     }
 }
