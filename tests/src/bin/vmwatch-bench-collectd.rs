@@ -10,7 +10,8 @@
 //! costs libvirtd (its CPU with that client less its CPU with none), and at the end RSS, PSS
 //! and private memory of each. RSS counts every
 //! shared library page both programs map (both link the libvirt client stack), so PSS and
-//! private memory are printed beside it.
+//! private memory are printed beside it, private split into dirty (heap, stacks, relocated
+//! library data) and clean (file pages only this process maps: mostly its own binary).
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -101,7 +102,17 @@ fn main() -> Result<()> {
     for (what, n, c) in [
         ("RSS", node_mem.rss, collectd_mem.rss),
         ("PSS", node_mem.pss, collectd_mem.pss),
-        ("private", node_mem.private, collectd_mem.private),
+        ("private", node_mem.private(), collectd_mem.private()),
+        (
+            "  of it dirty",
+            node_mem.private_dirty,
+            collectd_mem.private_dirty,
+        ),
+        (
+            "  of it clean",
+            node_mem.private_clean,
+            collectd_mem.private_clean,
+        ),
     ] {
         println!(
             "  {what:<14} node {:.1} MiB   collectd {:.1} MiB   ratio {:.2}",
@@ -218,8 +229,11 @@ fn sched_ns(pid: u32) -> u64 {
 struct Memory {
     rss: u64,
     pss: u64,
-    /// Private clean and dirty: what the process holds that nothing else shares.
-    private: u64,
+    /// Private dirty: heap, stacks, relocated library data; the kernel can only swap it.
+    private_dirty: u64,
+    /// Private clean: file pages only this process maps (mostly its own binary's code and
+    /// read-only data); the kernel can drop them and read them again.
+    private_clean: u64,
 }
 
 impl Memory {
@@ -229,7 +243,13 @@ impl Memory {
         Ok(Memory {
             rss: field("Rss:")?,
             pss: field("Pss:")?,
-            private: field("Private_Clean:")? + field("Private_Dirty:")?,
+            private_dirty: field("Private_Dirty:")?,
+            private_clean: field("Private_Clean:")?,
         })
+    }
+
+    /// Private clean and dirty: what the process holds that nothing else shares.
+    fn private(&self) -> u64 {
+        self.private_dirty + self.private_clean
     }
 }
