@@ -528,7 +528,8 @@ fn migrate_moves_a_populated_sqlite_database_whole() {
         idle_disk: true,
     };
     let mut effects = vec![];
-    for i in 0..30 {
+    // More rows than one insert of the copy takes (500), and not a multiple of it.
+    for i in 0..1234 {
         effects.push(Effect::UpsertVm(vm("hv1", &format!("u{i}"))));
         effects.push(Effect::Journal(entry_at(i)));
         effects.push(Effect::Activity {
@@ -550,9 +551,9 @@ fn migrate_moves_a_populated_sqlite_database_whole() {
 
     let counts = vmwatch_master::store::migrate(&sqlite, &postgres).unwrap();
     let journal = counts.iter().find(|c| c.table == "journal").unwrap();
-    assert_eq!((journal.source, journal.target), (30, 30));
+    assert_eq!((journal.source, journal.target), (1234, 1234));
     let activity = counts.iter().find(|c| c.table == "activity").unwrap();
-    assert_eq!(activity.target, 30);
+    assert_eq!(activity.target, 1234);
 
     let mut a = Reader::open(&sqlite).unwrap();
     let mut b = Reader::open(&postgres).unwrap();
@@ -566,6 +567,15 @@ fn migrate_moves_a_populated_sqlite_database_whole() {
         ..Default::default()
     };
     assert_eq!(a.events(&events).unwrap(), b.events(&events).unwrap());
+    // The last insert of the copy, shorter than the others.
+    let tail = EventFilter {
+        after: 990,
+        limit: 1000,
+        ..Default::default()
+    };
+    let copied = b.events(&tail).unwrap();
+    assert_eq!(copied.len(), 244);
+    assert_eq!(a.events(&tail).unwrap(), copied);
     assert_eq!(a.dead_letters(10).unwrap(), b.dead_letters(10).unwrap());
     assert_eq!(a.nodes().unwrap(), b.nodes().unwrap());
     assert_eq!(
@@ -574,7 +584,7 @@ fn migrate_moves_a_populated_sqlite_database_whole() {
     );
     assert_eq!(
         Outbox::open(&postgres).unwrap().depth().unwrap(),
-        19,
+        1223,
         "the outbox came along"
     );
     assert_eq!(
@@ -591,7 +601,7 @@ fn migrate_moves_a_populated_sqlite_database_whole() {
         .unwrap()
         .commit(&[Effect::Journal(entry_at(99))])
         .unwrap();
-    assert_eq!(next, [ids[29] + 1], "ids continue after the source's");
+    assert_eq!(next, [ids[1233] + 1], "ids continue after the source's");
     let again = vmwatch_master::store::migrate(&sqlite, &postgres)
         .expect_err("a second migrate is refused");
     assert!(again.to_string().contains("empty database"), "{again}");

@@ -10,6 +10,7 @@
 //! vmwatch-loadgen inventory  [--nodes 10000] [--vms 50] [--seconds 60]   (then a steady state)
 //! vmwatch-loadgen webhook    [--count 10000] [--batch 1]   (batch = panel_batch_max)
 //! vmwatch-loadgen bus        [--count 100000]   (a private RabbitMQ broker; needs root)
+//! vmwatch-loadgen migrate    [--nodes 2000] [--vms 50]   (SQLite → the private PostgreSQL)
 //! ```
 //!
 //! Messages are built and signed before the clock starts, so the figures are the master's.
@@ -553,6 +554,34 @@ fn main() -> Result<()> {
                 body.len(),
                 (depth / secs) / reference
             );
+        }
+        "migrate" => {
+            // `vmwatch-master migrate` of the install a fleet's snapshots leave on SQLite (a node
+            // and a journal entry per VM row, rows per VM) into a database of the private
+            // PostgreSQL cluster.
+            if vmwatch_tests::pg::selected() {
+                bail!("migrate starts on SQLite: run it without VMWATCH_TEST_DATABASE");
+            }
+            let nodes = arg(&args, "--nodes", 2000)? as usize;
+            let vms = arg(&args, "--vms", 50)? as usize;
+            let mut master = Master::start(&dir, &[("log_level", "warn"), ("node_timeout", "600")])?;
+            setup(&ctx, &master, nodes, vms)?;
+            master.stop()?;
+            let cluster = vmwatch_tests::pg::cluster()?;
+            let url = cluster.create_database("migrate")?;
+            let pw = cluster.password_file.display().to_string();
+            let t0 = Instant::now();
+            let (code, out, err) = master.command(&["migrate", "--to", &url, "--password-file", &pw])?;
+            let secs = t0.elapsed().as_secs_f64();
+            if code != 0 {
+                bail!("migrate exited {code}: {err}");
+            }
+            print!("{out}");
+            let rows: u64 = out
+                .lines()
+                .filter_map(|l| l.split_whitespace().find_map(|w| w.parse::<u64>().ok()))
+                .sum();
+            println!("migrate: {nodes} nodes × {vms} VMs from SQLite to PostgreSQL in {secs:.1} s, {rows} rows = {:.0} rows/s", rows as f64 / secs);
         }
         "bus" => bus(&ctx, &dir, arg(&args, "--count", 100_000)? as usize)?,
         _ => bail!("usage: vmwatch-loadgen events|heartbeats|stats|latency|inventory|webhook|bus [--nodes N] [--vms V] [--count M]"),

@@ -85,22 +85,45 @@ pub fn migrate(from: &Database, to: &Database) -> Result<Vec<Copied>, StoreError
     copied
 }
 
+/// Rows per insert: one statement of many rows (`VALUES (…), (…)`) instead of a round trip to
+/// PostgreSQL per row. A page of [`PAGE`] rows is whole inserts of this many and one shorter,
+/// so each table prepares at most three statements.
+const ROWS_PER_INSERT: usize = 500;
+
+/// `INSERT INTO table (columns) VALUES (?1, …), …` for `rows` rows of `width` columns.
+fn insert_rows(table: &str, columns: &str, width: usize, rows: usize) -> String {
+    let values: Vec<String> = (0..rows)
+        .map(|r| {
+            let marks: Vec<String> = (1..=width).map(|c| format!("?{}", r * width + c)).collect();
+            format!("({})", marks.join(", "))
+        })
+        .collect();
+    format!(
+        "INSERT INTO {table} ({columns}) VALUES {}",
+        values.join(", ")
+    )
+}
+
 fn copy(source: &mut Conn, target: &mut Conn) -> Result<Vec<Copied>, StoreError> {
     for (table, columns, key) in TABLES {
         let width = columns.split(',').count();
-        let marks: Vec<String> = (1..=width).map(|i| format!("?{i}")).collect();
-        let insert = format!(
-            "INSERT INTO {table} ({columns}) VALUES ({})",
-            marks.join(", ")
-        );
+        let whole = insert_rows(table, columns, width, ROWS_PER_INSERT);
         let select = format!("SELECT {columns} FROM {table} ORDER BY {key} LIMIT ?1 OFFSET ?2");
         let mut offset = 0;
         loop {
             let rows = source
                 .query(&select, &[Value::Int(PAGE), Value::Int(offset)])
                 .map_err(ctx("read the source"))?;
-            for row in &rows {
-                let args: Vec<Value<'_>> = row.0.iter().map(|c| c.as_value()).collect();
+            for chunk in rows.chunks(ROWS_PER_INSERT) {
+                let args: Vec<Value<'_>> = chunk
+                    .iter()
+                    .flat_map(|row| row.0.iter().map(|c| c.as_value()))
+                    .collect();
+                let insert = if chunk.len() == ROWS_PER_INSERT {
+                    std::borrow::Cow::Borrowed(&whole)
+                } else {
+                    std::borrow::Cow::Owned(insert_rows(table, columns, width, chunk.len()))
+                };
                 target
                     .execute(&insert, &args)
                     .map_err(ctx("write the target"))?;
@@ -175,4 +198,15 @@ fn copy(source: &mut Conn, target: &mut Conn) -> Result<Vec<Copied>, StoreError>
         counts.push(copied);
     }
     Ok(counts)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn an_insert_numbers_every_rows_placeholders_in_turn() {
+        assert_eq!(
+            super::insert_rows("outbox", "journal_id, x", 2, 3),
+            "INSERT INTO outbox (journal_id, x) VALUES (?1, ?2), (?3, ?4), (?5, ?6)"
+        );
+    }
 }
