@@ -133,7 +133,7 @@ impl Pair {
             &self.rules,
             at,
             self.master_started,
-            vmwatch_master::core::MAX_BATCH,
+            vmwatch_master::core::MAX_BATCH_ROWS,
         ));
         self.store.commit(&rules::coalesce(effects)).unwrap();
     }

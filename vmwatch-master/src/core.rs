@@ -23,9 +23,12 @@ use crate::store::{Prepared, Store};
 
 /// Most messages applied in one transaction.
 pub const MAX_BATCH: usize = 4096;
-/// Most row writes and journal entries decided into one transaction (a snapshot is a row per
-/// VM: 4096 snapshots of 50 VMs would be 200,000).
-const MAX_BATCH_ROWS: usize = 65_536;
+/// Most row writes and journal entries decided from messages into one transaction (a snapshot
+/// is a row per VM: 4096 snapshots of 50 VMs would be 200,000), and the budget of each
+/// liveness check. A transaction can hold up to about twice this: what one turn's messages
+/// left (less than this), the liveness check's rows (this, plus the rest of one node's) and the
+/// duplicate check's.
+pub const MAX_BATCH_ROWS: usize = 65_536;
 
 /// Shared signals between the core and the HTTP side.
 pub struct Shared {

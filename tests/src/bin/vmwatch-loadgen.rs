@@ -584,7 +584,7 @@ fn main() -> Result<()> {
             println!("migrate: {nodes} nodes × {vms} VMs from SQLite to PostgreSQL in {secs:.1} s, {rows} rows = {:.0} rows/s", rows as f64 / secs);
         }
         "bus" => bus(&ctx, &dir, arg(&args, "--count", 100_000)? as usize)?,
-        _ => bail!("usage: vmwatch-loadgen events|heartbeats|stats|latency|inventory|webhook|bus [--nodes N] [--vms V] [--count M]"),
+        _ => bail!("usage: vmwatch-loadgen events|heartbeats|stats|latency|inventory|webhook|bus|migrate [--nodes N] [--vms V] [--count M]"),
     }
     Ok(())
 }

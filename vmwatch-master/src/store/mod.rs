@@ -3,8 +3,9 @@
 //! PostgreSQL (`postgres.rs`). The only module that contains SQL.
 //!
 //! Every statement is written once, in SQLite's `?N` placeholder form, and runs unchanged on
-//! both backends (the PostgreSQL module rewrites `?N` as `$N`); the one that cannot be shared
-//! (appending bytes to a blob) is chosen by [`Dialect`]. Booleans are stored as integers on both,
+//! both backends (the PostgreSQL module rewrites `?N` as `$N`); [`Dialect`] chooses the few that
+//! cannot be shared: appending bytes to a blob, and on PostgreSQL the commit's statements that
+//! write many rows at once (`*_MANY_PG`, a round trip to the server each). Booleans are stored as integers on both,
 //! so a row reads the same from either. The core thread owns the one writing [`Store`]; API
 //! handlers use [`Reader`]s on their own connections, which see every committed transaction and
 //! never block the writer.
@@ -511,9 +512,6 @@ pub const ACTIVITY_APPEND_PG: &str = "\
      ON CONFLICT (uuid, node_id, day) DO UPDATE SET \
      points = activity.points || excluded.points";
 
-/// The core's row writes, public so that the benchmark's raw references run the very same
-/// statements. Rows are upserts, not replaced: a row that exists is updated in place, so the
-/// indexes on columns that did not change are not rewritten.
 /// The `ON CONFLICT` clause of every node row write: a whole-row replacement.
 macro_rules! node_update {
     () => {
@@ -539,6 +537,9 @@ macro_rules! vm_update {
          unknown_reason = excluded.unknown_reason"
     };
 }
+/// The core's row writes, public so that the benchmark's raw references run the very same
+/// statements. Rows are upserts, not replaced: a row that exists is updated in place, so the
+/// indexes on columns that did not change are not rewritten.
 pub const NODE_UPSERT: &str = concat!(
     "INSERT INTO nodes (node_id, up, libvirt_up, first_seen, last_seen, boot, boot_ts, \
      last_seq, version, hostname, libvirt_version, domains, gaps, lost, libvirt_down_since, superseded) \
@@ -572,8 +573,8 @@ pub const VM_UPSERT_MANY_PG: &str = concat!(
      ?12::text[], ?13::bigint[], ?14::text[]) ",
     vm_update!()
 );
-/// The most rows one [`NODE_UPSERT_MANY_PG`] or [`VM_UPSERT_MANY_PG`] writes (about 300 KB of
-/// arguments).
+/// The most rows one [`NODE_UPSERT_MANY_PG`], [`VM_UPSERT_MANY_PG`] or
+/// [`JOURNAL_INSERT_MANY_PG`] writes (about 300 KB of arguments).
 pub const ROWS_PER_STATEMENT: usize = 1000;
 /// Appends a journal entry; on SQLite its id is then `last_insert_rowid()`. A `RETURNING`
 /// clause makes SQLite keep a statement journal, copying every page the insert touches
@@ -837,7 +838,9 @@ fn apply(conn: &mut Conn, effects: &[Effect], columns: &[String]) -> Result<Vec<
             Effect::UpsertVm(vm) if dialect == Dialect::Postgres => rows.vm(conn, vm, column)?,
             Effect::UpsertVm(vm) => write_vm(conn, vm, column)?,
             Effect::RemoveVm { node_id, uuid } => {
-                rows.flush_vms(conn)?;
+                if rows.vm_keys.contains(&(node_id.as_str(), uuid.as_str())) {
+                    rows.flush_vms(conn)?;
+                }
                 conn.execute(
                     "DELETE FROM vms WHERE node_id = ?1 AND uuid = ?2",
                     args![node_id, uuid],
@@ -846,7 +849,9 @@ fn apply(conn: &mut Conn, effects: &[Effect], columns: &[String]) -> Result<Vec<
                 .map_err(ctx("remove vm"))?
             }
             Effect::RemoveNode { node_id } => {
-                rows.flush_nodes(conn)?;
+                if rows.node_keys.contains(node_id.as_str()) {
+                    rows.flush_nodes(conn)?;
+                }
                 conn.execute("DELETE FROM nodes WHERE node_id = ?1", args![node_id])
                     .map(|_| ())
                     .map_err(ctx("remove node"))?
@@ -890,8 +895,7 @@ fn apply(conn: &mut Conn, effects: &[Effect], columns: &[String]) -> Result<Vec<
 /// ([`NODE_UPSERT_MANY_PG`], [`VM_UPSERT_MANY_PG`], [`JOURNAL_INSERT_MANY_PG`]).
 ///
 /// Each row's writes stay in their order: a row already waiting sends what waits before it is
-/// written again (one statement cannot write a row twice), and a removal sends every waiting
-/// write of its table first. Journal entries go in their order, so their ids do. Rows of
+/// written again (one statement cannot write a row twice) or removed. Journal entries go in their order, so their ids do. Rows of
 /// different keys, and the tables, are independent within the transaction, so the rest may go
 /// in any order.
 #[derive(Default)]
