@@ -198,9 +198,19 @@ impl Broker {
     }
 
     /// Freezes the broker (SIGSTOP): connections stay open, nothing is answered.
+    /// Returns once every thread of the VM is stopped: kill(2) returns before they are, and a
+    /// publish the caller makes next must not reach a broker still running.
     pub fn pause(&self) -> Result<()> {
+        let pid = self.vm_pid()?;
         // SAFETY: kill(2) on the broker's VM, our grandchild.
-        unsafe { libc::kill(self.vm_pid()?, libc::SIGSTOP) };
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !all_threads_stopped(pid) {
+            if std::time::Instant::now() > deadline {
+                bail!("the broker's VM (pid {pid}) did not stop within 5 s of SIGSTOP");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         Ok(())
     }
 
@@ -210,6 +220,19 @@ impl Broker {
         unsafe { libc::kill(self.vm_pid()?, libc::SIGCONT) };
         Ok(())
     }
+}
+
+/// Whether every thread of `pid` is stopped (state `T` in `/proc/PID/task/*/stat`).
+fn all_threads_stopped(pid: i32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|task| {
+        std::fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
+            stat.rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('T') || rest.starts_with('t'))
+        })
+    })
 }
 
 /// A CA named `ca_name` (`ca.pem`, `ca.key`) and a server certificate (`server.pem`,

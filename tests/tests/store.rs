@@ -418,6 +418,13 @@ fn a_large_commit_keeps_each_rows_order() {
     for (backend, db) in backends("large-commit") {
         let mut store = Store::open(&db).unwrap();
         store.enable_outbox();
+        let point = |i: u64| vmwatch_master::activity::Point {
+            ts: 20_000 * vmwatch_master::activity::DAY_MS + i * 1000,
+            window_ms: 600_000,
+            deltas: [Some(i); 9],
+            idle_net: false,
+            idle_disk: i.is_multiple_of(2),
+        };
         let mut effects = Vec::new();
         for i in 0..2500u64 {
             effects.push(Effect::UpsertVm(vm(
@@ -429,6 +436,13 @@ fn a_large_commit_keeps_each_rows_order() {
             }
             if i % 500 == 0 {
                 effects.push(Effect::UpsertNode(node(&format!("hv{}", i % 3), i)));
+            }
+            if i < 1200 {
+                effects.push(Effect::Activity {
+                    node_id: format!("hv{}", i % 3),
+                    uuid: format!("u{i}"),
+                    point: point(i),
+                });
             }
         }
         // u7 written again, later: the second write wins. A known row (no unknown fields: NULLs
@@ -498,6 +512,16 @@ fn a_large_commit_keeps_each_rows_order() {
             .collect();
         let want: Vec<(i64, u64)> = (1101..=1250).map(|id| (id, 2 * (id as u64 - 1))).collect();
         assert_eq!(journal, want, "{backend}");
+        // Activity points, more than one statement takes.
+        for i in [0u64, 999, 1000, 1199] {
+            let got = reader.activity(&format!("u{i}"), None, 0, 30_000).unwrap();
+            let want = vec![(format!("hv{}", i % 3), vec![point(i)])];
+            assert_eq!(got, want, "{backend}: u{i}'s activity");
+        }
+        assert!(reader
+            .activity("u1200", None, 0, 30_000)
+            .unwrap()
+            .is_empty());
         let mut outbox = Outbox::open(&db).unwrap();
         assert_eq!(outbox.depth().unwrap(), 1250, "{backend}");
         let pending: Vec<i64> = outbox.pending(100).unwrap().iter().map(|e| e.id).collect();

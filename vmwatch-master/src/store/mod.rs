@@ -4,8 +4,9 @@
 //!
 //! Every statement is written once, in SQLite's `?N` placeholder form, and runs unchanged on
 //! both backends (the PostgreSQL module rewrites `?N` as `$N`); [`Dialect`] chooses the few that
-//! cannot be shared: appending bytes to a blob, and on PostgreSQL the commit's statements that
-//! write many rows at once (`*_MANY_PG`, a round trip to the server each). Booleans are stored as integers on both,
+//! are not shared: on PostgreSQL the commit's statements that write many rows at once
+//! (`*_MANY_PG`: a statement per row would be a round trip to the server each), among them
+//! appending bytes to a blob, which the two say differently. Booleans are stored as integers on both,
 //! so a row reads the same from either. The core thread owns the one writing [`Store`]; API
 //! handlers use [`Reader`]s on their own connections, which see every committed transaction and
 //! never block the writer.
@@ -506,9 +507,11 @@ pub const ACTIVITY_APPEND: &str = "\
      INSERT INTO activity (uuid, node_id, day, points) VALUES (?1, ?2, ?3, ?4) \
      ON CONFLICT (uuid, node_id, day) DO UPDATE SET \
      points = CAST(points || excluded.points AS BLOB)";
-/// The same in PostgreSQL's (`bytea || bytea` is a bytea).
-pub const ACTIVITY_APPEND_PG: &str = "\
-     INSERT INTO activity (uuid, node_id, day, points) VALUES (?1, ?2, ?3, ?4) \
+/// The same in PostgreSQL's words (`bytea || bytea` is a bytea), for many points in one
+/// statement (see [`NODE_UPSERT_MANY_PG`]); no two of the same uuid, node and day.
+pub const ACTIVITY_APPEND_MANY_PG: &str = "\
+     INSERT INTO activity (uuid, node_id, day, points) \
+     SELECT * FROM unnest(?1::text[], ?2::text[], ?3::bigint[], ?4::bytea[]) \
      ON CONFLICT (uuid, node_id, day) DO UPDATE SET \
      points = activity.points || excluded.points";
 
@@ -573,8 +576,9 @@ pub const VM_UPSERT_MANY_PG: &str = concat!(
      ?12::text[], ?13::bigint[], ?14::text[]) ",
     vm_update!()
 );
-/// The most rows one [`NODE_UPSERT_MANY_PG`], [`VM_UPSERT_MANY_PG`] or
-/// [`JOURNAL_INSERT_MANY_PG`] writes (about 300 KB of arguments).
+/// The most rows one [`NODE_UPSERT_MANY_PG`], [`VM_UPSERT_MANY_PG`],
+/// [`JOURNAL_INSERT_MANY_PG`] or [`ACTIVITY_APPEND_MANY_PG`] writes (about 300 KB of
+/// arguments).
 pub const ROWS_PER_STATEMENT: usize = 1000;
 /// Appends a journal entry; on SQLite its id is then `last_insert_rowid()`. A `RETURNING`
 /// clause makes SQLite keep a statement journal, copying every page the insert touches
@@ -821,15 +825,11 @@ fn encode_columns(effects: &[Effect]) -> Vec<String> {
 }
 
 /// Writes effects inside a transaction; returns the ids given to journal entries. `columns`
-/// are [`encode_columns`] of `effects`. On PostgreSQL, node and VM row writes go many to a
-/// statement ([`RowWrites`]).
+/// are [`encode_columns`] of `effects`. On PostgreSQL, row writes, journal entries and
+/// activity points go many to a statement ([`RowWrites`]).
 fn apply(conn: &mut Conn, effects: &[Effect], columns: &[String]) -> Result<Vec<i64>, StoreError> {
     let mut ids = Vec::new();
     let dialect = conn.dialect();
-    let activity_append = match dialect {
-        Dialect::Sqlite => ACTIVITY_APPEND,
-        Dialect::Postgres => ACTIVITY_APPEND_PG,
-    };
     let mut rows = RowWrites::default();
     for (effect, column) in effects.iter().zip(columns) {
         match effect {
@@ -871,9 +871,14 @@ fn apply(conn: &mut Conn, effects: &[Effect], columns: &[String]) -> Result<Vec<
                 node_id,
                 uuid,
                 point,
+            } if dialect == Dialect::Postgres => rows.activity(conn, uuid, node_id, point)?,
+            Effect::Activity {
+                node_id,
+                uuid,
+                point,
             } => conn
                 .execute(
-                    activity_append,
+                    ACTIVITY_APPEND,
                     args![
                         uuid,
                         node_id,
@@ -888,11 +893,13 @@ fn apply(conn: &mut Conn, effects: &[Effect], columns: &[String]) -> Result<Vec<
     rows.flush_nodes(conn)?;
     rows.flush_vms(conn)?;
     rows.flush_journal(conn, &mut ids)?;
+    rows.flush_activity(conn)?;
     Ok(ids)
 }
 
-/// Node and VM row writes and journal entries waiting to go to PostgreSQL many to a statement
-/// ([`NODE_UPSERT_MANY_PG`], [`VM_UPSERT_MANY_PG`], [`JOURNAL_INSERT_MANY_PG`]).
+/// Node and VM row writes, journal entries and activity points waiting to go to PostgreSQL many
+/// to a statement ([`NODE_UPSERT_MANY_PG`], [`VM_UPSERT_MANY_PG`], [`JOURNAL_INSERT_MANY_PG`],
+/// [`ACTIVITY_APPEND_MANY_PG`]).
 ///
 /// Each row's writes stay in their order: a row already waiting sends what waits before it is
 /// written again (one statement cannot write a row twice) or removed. Journal entries go in their order, so their ids do. Rows of
@@ -905,9 +912,51 @@ struct RowWrites<'e> {
     vms: Vec<(&'e Vm, &'e str)>,
     vm_keys: std::collections::HashSet<(&'e str, &'e str)>,
     journal: Vec<&'e Entry>,
+    /// Activity points: uuid, node id, day, the encoded point.
+    activity: Vec<(&'e str, &'e str, i64, Vec<u8>)>,
+    activity_keys: std::collections::HashSet<(&'e str, &'e str, i64)>,
 }
 
 impl<'e> RowWrites<'e> {
+    /// Points of one row and day append in their order: a key already waiting is sent first.
+    fn activity(
+        &mut self,
+        conn: &mut Conn,
+        uuid: &'e str,
+        node_id: &'e str,
+        point: &crate::activity::Point,
+    ) -> Result<(), StoreError> {
+        let day = crate::activity::day_of(point.ts) as i64;
+        if !self.activity_keys.insert((uuid, node_id, day)) {
+            self.flush_activity(conn)?;
+            self.activity_keys.insert((uuid, node_id, day));
+        }
+        self.activity
+            .push((uuid, node_id, day, crate::activity::encode(point)));
+        if self.activity.len() >= ROWS_PER_STATEMENT {
+            self.flush_activity(conn)?;
+        }
+        Ok(())
+    }
+
+    fn flush_activity(&mut self, conn: &mut Conn) -> Result<(), StoreError> {
+        if self.activity.is_empty() {
+            return Ok(());
+        }
+        let rows = self.activity.iter().map(|(uuid, node_id, day, point)| {
+            [
+                Value::Text(uuid),
+                Value::Text(node_id),
+                Value::Int(*day),
+                Value::Bytes(point),
+            ]
+        });
+        execute_many(conn, ACTIVITY_APPEND_MANY_PG, rows).map_err(ctx("write activity"))?;
+        self.activity.clear();
+        self.activity_keys.clear();
+        Ok(())
+    }
+
     /// Appends the ids of the entries it sends to `ids`.
     fn journal(
         &mut self,
