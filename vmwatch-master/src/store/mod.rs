@@ -557,8 +557,7 @@ pub const VM_UPSERT: &str = concat!(
 );
 /// [`NODE_UPSERT`] of many rows in one statement, on PostgreSQL: each argument is one column
 /// as an array. Row by row, every upsert is a round trip to the server: a 10,000-node setup
-/// (500,000 VM rows) took 329 s that way, and the backlog it built held 1 GB of the master's
-/// memory.
+/// (500,000 VM rows and their journal entries) took 329 s that way, and 14 s this way.
 pub const NODE_UPSERT_MANY_PG: &str = concat!(
     "INSERT INTO nodes (node_id, up, libvirt_up, first_seen, last_seen, boot, boot_ts, \
      last_seq, version, hostname, libvirt_version, domains, gaps, lost, libvirt_down_since, superseded) \
