@@ -837,7 +837,7 @@ fn apply(conn: &mut Conn, effects: &[Effect], columns: &[String]) -> Result<Vec<
             Effect::UpsertVm(vm) if dialect == Dialect::Postgres => rows.vm(conn, vm, column)?,
             Effect::UpsertVm(vm) => write_vm(conn, vm, column)?,
             Effect::RemoveVm { node_id, uuid } => {
-                if rows.vm_keys.contains(&(node_id.as_str(), uuid.as_str())) {
+                if rows.vms.waits(&(node_id.as_str(), uuid.as_str())) {
                     rows.flush_vms(conn)?;
                 }
                 conn.execute(
@@ -848,7 +848,7 @@ fn apply(conn: &mut Conn, effects: &[Effect], columns: &[String]) -> Result<Vec<
                 .map_err(ctx("remove vm"))?
             }
             Effect::RemoveNode { node_id } => {
-                if rows.node_keys.contains(node_id.as_str()) {
+                if rows.nodes.waits(&node_id.as_str()) {
                     rows.flush_nodes(conn)?;
                 }
                 conn.execute("DELETE FROM nodes WHERE node_id = ?1", args![node_id])
@@ -906,18 +906,107 @@ fn apply(conn: &mut Conn, effects: &[Effect], columns: &[String]) -> Result<Vec<
 /// in any order.
 #[derive(Default)]
 struct RowWrites<'e> {
-    nodes: Vec<(&'e Node, &'e str)>,
-    node_keys: std::collections::HashSet<&'e str>,
-    vms: Vec<(&'e Vm, &'e str)>,
-    vm_keys: std::collections::HashSet<(&'e str, &'e str)>,
+    nodes: Keyed<&'e str, (&'e Node, &'e str)>,
+    vms: Keyed<VmKey<'e>, (&'e Vm, &'e str)>,
     journal: Vec<&'e Entry>,
-    /// Activity points: uuid, node id, day, the encoded point.
-    activity: Vec<(&'e str, &'e str, i64, Vec<u8>)>,
-    activity_keys: std::collections::HashSet<(&'e str, &'e str, i64)>,
+    /// Activity points by uuid, node id and day, each encoded.
+    activity: Keyed<ActivityKey<'e>, Vec<u8>>,
+}
+
+/// A VM row's key: node id, uuid.
+type VmKey<'e> = (&'e str, &'e str);
+/// An activity row's key: uuid, node id, day.
+type ActivityKey<'e> = (&'e str, &'e str, i64);
+
+/// Rows waiting for one statement, at most one of each key (one statement cannot write a row
+/// twice, nor append to one twice in order).
+struct Keyed<K, R> {
+    rows: Vec<(K, R)>,
+    keys: std::collections::HashSet<K>,
+}
+
+impl<K, R> Default for Keyed<K, R> {
+    fn default() -> Self {
+        Keyed {
+            rows: Vec::new(),
+            keys: std::collections::HashSet::new(),
+        }
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Copy, R> Keyed<K, R> {
+    /// Adds a row, sending what waits first if its key already does, and after it once a
+    /// statement's worth waits.
+    fn push(
+        &mut self,
+        key: K,
+        row: R,
+        mut send: impl FnMut(&[(K, R)]) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        if self.waits(&key) {
+            self.flush(&mut send)?;
+        }
+        self.keys.insert(key);
+        self.rows.push((key, row));
+        if self.rows.len() >= ROWS_PER_STATEMENT {
+            self.flush(send)?;
+        }
+        Ok(())
+    }
+
+    fn waits(&self, key: &K) -> bool {
+        self.keys.contains(key)
+    }
+
+    fn flush(
+        &mut self,
+        send: impl FnOnce(&[(K, R)]) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        if self.rows.is_empty() {
+            return Ok(());
+        }
+        send(&self.rows)?;
+        self.rows.clear();
+        self.keys.clear();
+        Ok(())
+    }
+}
+
+fn send_nodes(conn: &mut Conn, rows: &[(&str, (&Node, &str))]) -> Result<(), StoreError> {
+    let rows = rows.iter().map(|(_, (n, column))| node_args(n, column));
+    execute_many(conn, NODE_UPSERT_MANY_PG, rows).map_err(ctx("write nodes"))
+}
+
+fn send_vms(conn: &mut Conn, rows: &[(VmKey<'_>, (&Vm, &str))]) -> Result<(), StoreError> {
+    let rows = rows.iter().map(|(_, (vm, column))| vm_args(vm, column));
+    execute_many(conn, VM_UPSERT_MANY_PG, rows).map_err(ctx("write vms"))
+}
+
+fn send_activity(conn: &mut Conn, rows: &[(ActivityKey<'_>, Vec<u8>)]) -> Result<(), StoreError> {
+    let rows = rows.iter().map(|((uuid, node_id, day), point)| {
+        [
+            Value::Text(uuid),
+            Value::Text(node_id),
+            Value::Int(*day),
+            Value::Bytes(point),
+        ]
+    });
+    execute_many(conn, ACTIVITY_APPEND_MANY_PG, rows).map_err(ctx("write activity"))
 }
 
 impl<'e> RowWrites<'e> {
-    /// Points of one row and day append in their order: a key already waiting is sent first.
+    fn node(&mut self, conn: &mut Conn, n: &'e Node, column: &'e str) -> Result<(), StoreError> {
+        self.nodes
+            .push(&n.node_id, (n, column), |rows| send_nodes(conn, rows))
+    }
+
+    fn vm(&mut self, conn: &mut Conn, vm: &'e Vm, column: &'e str) -> Result<(), StoreError> {
+        let key = (&*vm.node_id, &*vm.uuid);
+        self.vms
+            .push(key, (vm, column), |rows| send_vms(conn, rows))
+    }
+
+    /// Points of one row and day append in their order.
     fn activity(
         &mut self,
         conn: &mut Conn,
@@ -925,35 +1014,22 @@ impl<'e> RowWrites<'e> {
         node_id: &'e str,
         point: &crate::activity::Point,
     ) -> Result<(), StoreError> {
-        let day = crate::activity::day_of(point.ts) as i64;
-        if !self.activity_keys.insert((uuid, node_id, day)) {
-            self.flush_activity(conn)?;
-            self.activity_keys.insert((uuid, node_id, day));
-        }
+        let key = (uuid, node_id, crate::activity::day_of(point.ts) as i64);
+        let point = crate::activity::encode(point);
         self.activity
-            .push((uuid, node_id, day, crate::activity::encode(point)));
-        if self.activity.len() >= ROWS_PER_STATEMENT {
-            self.flush_activity(conn)?;
-        }
-        Ok(())
+            .push(key, point, |rows| send_activity(conn, rows))
+    }
+
+    fn flush_nodes(&mut self, conn: &mut Conn) -> Result<(), StoreError> {
+        self.nodes.flush(|rows| send_nodes(conn, rows))
+    }
+
+    fn flush_vms(&mut self, conn: &mut Conn) -> Result<(), StoreError> {
+        self.vms.flush(|rows| send_vms(conn, rows))
     }
 
     fn flush_activity(&mut self, conn: &mut Conn) -> Result<(), StoreError> {
-        if self.activity.is_empty() {
-            return Ok(());
-        }
-        let rows = self.activity.iter().map(|(uuid, node_id, day, point)| {
-            [
-                Value::Text(uuid),
-                Value::Text(node_id),
-                Value::Int(*day),
-                Value::Bytes(point),
-            ]
-        });
-        execute_many(conn, ACTIVITY_APPEND_MANY_PG, rows).map_err(ctx("write activity"))?;
-        self.activity.clear();
-        self.activity_keys.clear();
-        Ok(())
+        self.activity.flush(|rows| send_activity(conn, rows))
     }
 
     /// Appends the ids of the entries it sends to `ids`.
@@ -994,52 +1070,6 @@ impl<'e> RowWrites<'e> {
         self.journal.clear();
         Ok(())
     }
-
-    fn node(&mut self, conn: &mut Conn, n: &'e Node, column: &'e str) -> Result<(), StoreError> {
-        if !self.node_keys.insert(&n.node_id) {
-            self.flush_nodes(conn)?;
-            self.node_keys.insert(&n.node_id);
-        }
-        self.nodes.push((n, column));
-        if self.nodes.len() >= ROWS_PER_STATEMENT {
-            self.flush_nodes(conn)?;
-        }
-        Ok(())
-    }
-
-    fn vm(&mut self, conn: &mut Conn, vm: &'e Vm, column: &'e str) -> Result<(), StoreError> {
-        if !self.vm_keys.insert((&vm.node_id, &vm.uuid)) {
-            self.flush_vms(conn)?;
-            self.vm_keys.insert((&vm.node_id, &vm.uuid));
-        }
-        self.vms.push((vm, column));
-        if self.vms.len() >= ROWS_PER_STATEMENT {
-            self.flush_vms(conn)?;
-        }
-        Ok(())
-    }
-
-    fn flush_nodes(&mut self, conn: &mut Conn) -> Result<(), StoreError> {
-        if self.nodes.is_empty() {
-            return Ok(());
-        }
-        let rows = self.nodes.iter().map(|(n, column)| node_args(n, column));
-        execute_many(conn, NODE_UPSERT_MANY_PG, rows).map_err(ctx("write nodes"))?;
-        self.nodes.clear();
-        self.node_keys.clear();
-        Ok(())
-    }
-
-    fn flush_vms(&mut self, conn: &mut Conn) -> Result<(), StoreError> {
-        if self.vms.is_empty() {
-            return Ok(());
-        }
-        let rows = self.vms.iter().map(|(vm, column)| vm_args(vm, column));
-        execute_many(conn, VM_UPSERT_MANY_PG, rows).map_err(ctx("write vms"))?;
-        self.vms.clear();
-        self.vm_keys.clear();
-        Ok(())
-    }
 }
 
 /// Runs a statement whose arguments are columns as arrays (`unnest`), given its rows.
@@ -1047,9 +1077,9 @@ fn execute_many<'a, const N: usize>(
     conn: &mut Conn,
     sql: &str,
     rows: impl ExactSizeIterator<Item = [Value<'a>; N]>,
-) -> Result<u64, DbError> {
+) -> Result<(), DbError> {
     let columns = columns(rows);
-    conn.execute(sql, &as_lists(&columns))
+    conn.execute(sql, &as_lists(&columns)).map(|_| ())
 }
 
 /// Rows of arguments as columns.
