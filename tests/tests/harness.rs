@@ -42,6 +42,17 @@ fn poll_until<T>(
     }
 }
 
+/// The filesystem type mounted on `path`, from /proc/self/mounts (None: not a mount point).
+fn mounted_fs(path: &std::path::Path) -> Option<String> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").expect("/proc/self/mounts");
+    let path = path.to_str().expect("utf-8 path");
+    mounts.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        let (_source, target, fstype) = (f.next()?, f.next()?, f.next()?);
+        (target == path).then(|| fstype.to_string())
+    })
+}
+
 fn counter(stats: &BTreeMap<String, String>, key: &str) -> anyhow::Result<u64> {
     stats
         .get(key)
@@ -95,6 +106,12 @@ impl Footprint {
             "netns {} survived Drop",
             self.netns
         );
+        assert_eq!(
+            mounted_fs(&self.dir.join("run")),
+            None,
+            "the tmpfs on {}/run survived Drop",
+            self.dir.display()
+        );
         if std::env::var("VMWATCH_KEEP_TEST_DIRS").as_deref() != Ok("1") {
             assert!(!self.dir.exists(), "{} survived Drop", self.dir.display());
         }
@@ -109,6 +126,8 @@ fn private_libvirtd_guests_counters_and_restart() {
     let _serial = serial();
     let mut lv = PrivateLibvirtd::start("harness").expect("start private libvirtd");
     assert!(lv.is_running());
+    // libvirtd's /run/libvirt is a tmpfs, as on a real host (see the harness's module doc).
+    assert_eq!(mounted_fs(&lv.dir().join("run")).as_deref(), Some("tmpfs"));
     assert!(lv.list_all().expect("list_all").is_empty());
 
     let idle = lv.start_guest("h-idle", GuestKind::Idle).expect("idle");
@@ -292,6 +311,15 @@ fn stale_leftovers_are_reaped() {
     let netns = format!("vmwt{pid}-4000000000");
     let dir = std::env::temp_dir().join(format!("vmwatch-lv-leftover-{pid}-4000000000"));
     std::fs::create_dir_all(dir.join("images")).expect("leftover dir");
+    // With its tmpfs still mounted on run/, as a SIGKILLed owner leaves it.
+    std::fs::create_dir_all(dir.join("run")).expect("leftover run dir");
+    let ok = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "vmwatch-lv-run"])
+        .arg(dir.join("run"))
+        .status()
+        .expect("mount");
+    assert!(ok.success());
+    std::fs::write(dir.join("run/libvirtd.pid"), "1").expect("a file in the leftover tmpfs");
     let ok = std::process::Command::new("ip")
         .args(["netns", "add", &netns])
         .status()
@@ -322,6 +350,11 @@ fn stale_leftovers_are_reaped() {
     assert!(
         !std::path::Path::new("/run/netns").join(&netns).exists(),
         "leftover netns {netns} not reaped"
+    );
+    assert_eq!(
+        mounted_fs(&dir.join("run")),
+        None,
+        "leftover tmpfs not unmounted"
     );
     assert!(!dir.exists(), "leftover dir {} not reaped", dir.display());
     let status = sleeper.wait().expect("wait sleeper");
