@@ -15,16 +15,19 @@ command -v cargo-generate-rpm >/dev/null || cargo install --locked cargo-generat
 # zig (scripts/zigbuild.sh), and checked: no GLIBC_ or LIBVIRT_ symbol newer than the README's.
 bash scripts/zigbuild.sh
 target=x86_64-unknown-linux-gnu
-bash scripts/check-symbols.sh "target/$target/release"
+bash scripts/check-symbols.sh "target/$target/release-node" "target/$target/release"
 out=target/packages
 mkdir -p "$out"
 for pkg in vmwatch-node vmwatch-master; do
+  # The node ships from its own profile (Cargo.toml's release-node), the master from release.
+  profile=release
+  [ "$pkg" = vmwatch-node ] && profile=release-node
   if [ -n "$version" ]; then
-    cargo deb --no-build --target "$target" -p "$pkg" --deb-version "$version" -o "$out/"
-    cargo generate-rpm --target "$target" -p "$pkg" -o "$out/" -s "version = \"$version\""
+    cargo deb --no-build --target "$target" --profile "$profile" -p "$pkg" --deb-version "$version" -o "$out/"
+    cargo generate-rpm --target "$target" --profile "$profile" -p "$pkg" -o "$out/" -s "version = \"$version\""
   else
-    cargo deb --no-build --target "$target" -p "$pkg" -o "$out/"
-    cargo generate-rpm --target "$target" -p "$pkg" -o "$out/"
+    cargo deb --no-build --target "$target" --profile "$profile" -p "$pkg" -o "$out/"
+    cargo generate-rpm --target "$target" --profile "$profile" -p "$pkg" -o "$out/"
   fi
 done
 ls -1 "$out"

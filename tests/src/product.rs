@@ -13,8 +13,14 @@ use serde_json::Value;
 pub const SECRET: &str = "test-secret-$HOME#=0123456789";
 
 /// Where the workspace's binaries are: `VMWATCH_BIN_DIR`, else next to the test executable's
-/// `deps/` directory (`target/<profile>/`).
+/// `deps/` directory (`target/<profile>/`). `VMWATCH_NODE_BIN`, when set, is the node's path
+/// (the benchmarks measure the node the packages ship, built with the `release-node` profile).
 pub fn bin(name: &str) -> PathBuf {
+    if name == "vmwatch-node" {
+        if let Some(path) = std::env::var_os("VMWATCH_NODE_BIN") {
+            return PathBuf::from(path);
+        }
+    }
     if let Ok(dir) = std::env::var("VMWATCH_BIN_DIR") {
         return Path::new(&dir).join(name);
     }

@@ -12,6 +12,10 @@
 //! shared library page both programs map (both link the libvirt client stack), so PSS and
 //! private memory are printed beside it, private split into dirty (heap, stacks, relocated
 //! library data) and clean (file pages only this process maps: mostly its own binary).
+//!
+//! The node measured is the one the packages ship, built with the `release-node` profile
+//! (`cargo build --profile release-node -p vmwatch-node`, next to `target/release/`), when it
+//! has been built; `VMWATCH_NODE_BIN` names another. The first line says which.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -20,7 +24,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use vmwatch_tests::guests::GuestKind;
 use vmwatch_tests::libvirtd::PrivateLibvirtd;
-use vmwatch_tests::product::{proc_kib, temp_dir, wait_for, Master, Node};
+use vmwatch_tests::product::{bin, proc_kib, temp_dir, wait_for, Master, Node};
 
 const WARM_UP: Duration = Duration::from_secs(30);
 
@@ -33,6 +37,23 @@ fn main() -> Result<()> {
     let guests = arg(0, "GUESTS", 20)? as usize;
     let seconds = arg(1, "SECONDS", 120)?;
     install_collectd()?;
+    // The node the packages ship: built with the `release-node` profile (Cargo.toml), sized for
+    // this comparison. Taken when built (`cargo build --profile release-node -p vmwatch-node`),
+    // unless VMWATCH_NODE_BIN names another.
+    if std::env::var_os("VMWATCH_NODE_BIN").is_none() {
+        let shipped = bin("vmwatch-node")
+            .parent()
+            .and_then(Path::parent)
+            .map(|target| target.join("release-node").join("vmwatch-node"));
+        if let Some(shipped) = shipped.filter(|p| p.exists()) {
+            std::env::set_var("VMWATCH_NODE_BIN", shipped);
+        }
+    }
+    let node_bin = bin("vmwatch-node");
+    let size = std::fs::metadata(&node_bin)
+        .with_context(|| format!("{}", node_bin.display()))?
+        .len();
+    println!("node binary: {} ({size} bytes)", node_bin.display());
     let lv = PrivateLibvirtd::start("benchcollectd")?;
     for i in 0..guests {
         lv.start_guest(&format!("bench-{i:03}"), GuestKind::Idle)?;
