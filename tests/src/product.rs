@@ -17,7 +17,7 @@ pub const SECRET: &str = "test-secret-$HOME#=0123456789";
 /// (the benchmarks measure the node the packages ship, built with the `release-node` profile).
 pub fn bin(name: &str) -> PathBuf {
     if name == "vmwatch-node" {
-        if let Some(path) = std::env::var_os("VMWATCH_NODE_BIN") {
+        if let Some(path) = std::env::var_os("VMWATCH_NODE_BIN").filter(|p| !p.is_empty()) {
             return PathBuf::from(path);
         }
     }

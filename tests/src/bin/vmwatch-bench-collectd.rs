@@ -40,7 +40,7 @@ fn main() -> Result<()> {
     // The node the packages ship: built with the `release-node` profile (Cargo.toml), sized for
     // this comparison. Taken when built (`cargo build --profile release-node -p vmwatch-node`),
     // unless VMWATCH_NODE_BIN names another.
-    if std::env::var_os("VMWATCH_NODE_BIN").is_none() {
+    if std::env::var_os("VMWATCH_NODE_BIN").is_none_or(|p| p.is_empty()) {
         let shipped = bin("vmwatch-node")
             .parent()
             .and_then(Path::parent)
