@@ -870,23 +870,17 @@ fn apply(conn: &mut Conn, effects: &[Effect], columns: &[String]) -> Result<Vec<
                 node_id,
                 uuid,
                 point,
-            } if dialect == Dialect::Postgres => rows.activity(conn, uuid, node_id, point)?,
-            Effect::Activity {
-                node_id,
-                uuid,
-                point,
-            } => conn
-                .execute(
-                    ACTIVITY_APPEND,
-                    args![
-                        uuid,
-                        node_id,
-                        crate::activity::day_of(point.ts) as i64,
-                        &crate::activity::encode(point)
-                    ],
-                )
-                .map(|_| ())
-                .map_err(ctx("write activity"))?,
+            } => {
+                let day = crate::activity::day_of(point.ts) as i64;
+                let point = crate::activity::encode(point);
+                match dialect {
+                    Dialect::Postgres => rows.activity(conn, (uuid, node_id, day), point)?,
+                    Dialect::Sqlite => conn
+                        .execute(ACTIVITY_APPEND, args![uuid, node_id, day, &point])
+                        .map(|_| ())
+                        .map_err(ctx("write activity"))?,
+                }
+            }
         }
     }
     rows.flush_nodes(conn)?;
@@ -901,9 +895,9 @@ fn apply(conn: &mut Conn, effects: &[Effect], columns: &[String]) -> Result<Vec<
 /// [`ACTIVITY_APPEND_MANY_PG`]).
 ///
 /// Each row's writes stay in their order: a row already waiting sends what waits before it is
-/// written again (one statement cannot write a row twice) or removed. Journal entries go in their order, so their ids do. Rows of
-/// different keys, and the tables, are independent within the transaction, so the rest may go
-/// in any order.
+/// written again (one statement cannot write a row twice) or removed. Journal entries go in
+/// their order, so their ids do. Rows of different keys, and the tables, are independent within
+/// the transaction, so the rest may go in any order.
 #[derive(Default)]
 struct RowWrites<'e> {
     nodes: Keyed<&'e str, (&'e Node, &'e str)>,
@@ -1006,16 +1000,13 @@ impl<'e> RowWrites<'e> {
             .push(key, (vm, column), |rows| send_vms(conn, rows))
     }
 
-    /// Points of one row and day append in their order.
+    /// An encoded point; points of one row and day append in their order.
     fn activity(
         &mut self,
         conn: &mut Conn,
-        uuid: &'e str,
-        node_id: &'e str,
-        point: &crate::activity::Point,
+        key: ActivityKey<'e>,
+        point: Vec<u8>,
     ) -> Result<(), StoreError> {
-        let key = (uuid, node_id, crate::activity::day_of(point.ts) as i64);
-        let point = crate::activity::encode(point);
         self.activity
             .push(key, point, |rows| send_activity(conn, rows))
     }
