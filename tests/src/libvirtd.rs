@@ -180,8 +180,7 @@ impl PrivateLibvirtd {
             reap_stale_instances(&base);
         }
         if dir.exists() {
-            unmount_run(&dir);
-            fs::remove_dir_all(&dir)
+            remove_instance_dir(&dir)
                 .with_context(|| format!("removing stale {}", dir.display()))?;
         }
         fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -653,10 +652,7 @@ impl PrivateLibvirtd {
                 self.name,
                 self.dir.display()
             );
-        } else if let Err(e) = {
-            unmount_run(&self.dir);
-            fs::remove_dir_all(&self.dir)
-        } {
+        } else if let Err(e) = remove_instance_dir(&self.dir) {
             if self.dir.exists() {
                 eprintln!(
                     "PrivateLibvirtd {:?}: removing {}: {e}",
@@ -778,6 +774,13 @@ fn unmount_run(dir: &Path) {
             eprintln!("PrivateLibvirtd: unmounting {}: {e}", run.display());
         }
     }
+}
+
+/// Removes an instance directory, its `run/` tmpfs first: `remove_dir_all` would empty the
+/// mount and then fail on it (EBUSY), leaving both behind.
+fn remove_instance_dir(dir: &Path) -> std::io::Result<()> {
+    unmount_run(dir);
+    fs::remove_dir_all(dir)
 }
 
 fn keep_dirs() -> bool {
@@ -991,8 +994,7 @@ fn reap_stale_instances(base: &Path) {
                 continue;
             }
             eprintln!("PrivateLibvirtd: removing stale {}", entry.path().display());
-            unmount_run(&entry.path());
-            let _ = fs::remove_dir_all(entry.path());
+            let _ = remove_instance_dir(&entry.path());
         }
     }
 }
