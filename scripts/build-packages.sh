@@ -18,16 +18,17 @@ target=x86_64-unknown-linux-gnu
 bash scripts/check-symbols.sh "target/$target/release-node" "target/$target/release"
 out=target/packages
 mkdir -p "$out"
+# With VERSION, both tools are told it; without, they take Cargo.toml's.
+deb_version=() rpm_version=()
+if [ -n "$version" ]; then
+  deb_version=(--deb-version "$version")
+  rpm_version=(-s "version = \"$version\"")
+fi
 for pkg in vmwatch-node vmwatch-master; do
   # The node ships from its own profile (Cargo.toml's release-node), the master from release.
   profile=release
   [ "$pkg" = vmwatch-node ] && profile=release-node
-  if [ -n "$version" ]; then
-    cargo deb --no-build --target "$target" --profile "$profile" -p "$pkg" --deb-version "$version" -o "$out/"
-    cargo generate-rpm --target "$target" --profile "$profile" -p "$pkg" -o "$out/" -s "version = \"$version\""
-  else
-    cargo deb --no-build --target "$target" --profile "$profile" -p "$pkg" -o "$out/"
-    cargo generate-rpm --target "$target" --profile "$profile" -p "$pkg" -o "$out/"
-  fi
+  cargo deb --no-build --target "$target" --profile "$profile" -p "$pkg" "${deb_version[@]}" -o "$out/"
+  cargo generate-rpm --target "$target" --profile "$profile" -p "$pkg" -o "$out/" "${rpm_version[@]}"
 done
 ls -1 "$out"
