@@ -70,7 +70,9 @@ check "... with a message naming the key" grep -q "key \`connect\`" "$tmp/node.e
 
 # Upgrade keeps an edited config; purge removes it.
 echo "# edited by the operator" >>/etc/vmwatch/vmwatch-node.conf
-cargo deb --no-build -p vmwatch-node --deb-version 0.1.1-1 -o "$pkgs/" >/dev/null
+# The same binary as the package it upgrades (build-packages.sh: glibc 2.28, release-node).
+cargo deb --no-build --target x86_64-unknown-linux-gnu --profile release-node -p vmwatch-node \
+  --deb-version 0.1.1-1 -o "$pkgs/" >/dev/null
 apt-get install -y -qq "./$pkgs/vmwatch-node_0.1.1-1_amd64.deb" >/dev/null
 check "upgraded to 0.1.1" sh -c "dpkg-query -W -f='\${Version}' vmwatch-node | grep -qx 0.1.1-1"
 check "upgrade kept the edited config" grep -q "edited by the operator" /etc/vmwatch/vmwatch-node.conf
